@@ -1,0 +1,44 @@
+# Two commands from a fresh clone:  `make demo` (the main job) and `make test`.
+# Both create or reuse .venv with the CUDA build of torch 2.13.0 and build the package into it.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+VENV_STAMP := $(VENV)/.installed
+BUILD_STAMP := .build-stamp
+SOURCES := $(shell find csrc -type f 2>/dev/null) setup.py pyproject.toml
+PYTEST_ARGS ?=
+
+.PHONY: venv build test test-gpu demo bench lint report clean
+
+$(VENV_STAMP): requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV_STAMP)
+
+$(BUILD_STAMP): $(VENV_STAMP) $(SOURCES)
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(BUILD_STAMP)
+
+report: build
+	$(PY) -m sfron_ops.report
+
+test: build
+	$(PY) -m sfron_ops.report
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-gpu: build
+	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
+
+demo: build
+	$(PY) -m sfron_ops.demo
+
+lint: venv
+	$(PY) -m ruff check sfron_ops tests benchmarks
+
+clean:
+	rm -rf build *.egg-info $(BUILD_STAMP) sfron_ops/_C*.so

@@ -1,0 +1,103 @@
+"""Build sfron_ops: the Python package plus, when possible, the compiled kernels ``sfron_ops._C``.
+
+Switches (environment variables):
+  SFRON_OPS_NO_EXT=1        build no compiled extension (the package still works: reference/foreach/triton)
+  SFRON_OPS_BUILD_CUDA=0|1  leave out / require the CUDA kernels (default: built when torch has CUDA and nvcc exists)
+  TORCH_CUDA_ARCH_LIST      CUDA architectures (default here: "8.0;9.0")
+  MAX_JOBS                  parallel compile jobs (honoured by torch's BuildExtension)
+  DEBUG=1                   -O0 -g
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0"
+
+
+def _flag(name: str) -> str | None:
+    value = os.environ.get(name)
+    return None if value is None or value == "" else value
+
+
+def _sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _cuda_include_dirs() -> list[str]:
+    """cuBLAS/cuSPARSE headers come with torch's nvidia-* wheels when no full toolkit is installed."""
+    dirs = []
+    for site in sys.path:
+        for sub in ("nvidia/cu13/include", "nvidia/cuda_runtime/include", "nvidia/cublas/include",
+                    "nvidia/cusparse/include"):
+            path = os.path.join(site, sub)
+            if os.path.isdir(path) and path not in dirs:
+                dirs.append(path)
+    return dirs
+
+
+def extensions():
+    if _flag("SFRON_OPS_NO_EXT") == "1":
+        print("sfron_ops: SFRON_OPS_NO_EXT=1, building no compiled extension")
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("sfron_ops: torch is not importable at build time (use --no-build-isolation); "
+              "building no compiled extension")
+        return [], {}
+
+    cpu_sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
+    if not cpu_sources:
+        return [], {}
+
+    want_cuda = _flag("SFRON_OPS_BUILD_CUDA")
+    if want_cuda is None:
+        have_nvcc = cpp_extension.CUDA_HOME is not None and (
+            shutil.which("nvcc") is not None or os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")))
+        build_cuda = torch.version.cuda is not None and have_nvcc and bool(cuda_sources)
+    else:
+        build_cuda = want_cuda == "1"
+        if build_cuda and torch.version.cuda is None:
+            raise RuntimeError("SFRON_OPS_BUILD_CUDA=1 but the installed torch has no CUDA")
+
+    debug = _flag("DEBUG") == "1"
+    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    cxx += ["-std=c++17", "-fopenmp", "-DSFRON_OPS_PY_MODULE"]
+    nvcc = ["-O0", "-g", "-G"] if debug else ["-O3"]
+    nvcc += ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    kwargs = dict(
+        name="sfron_ops._C",
+        include_dirs=include_dirs,
+        extra_link_args=["-fopenmp"],
+    )
+    if build_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+        ext = cpp_extension.CUDAExtension(
+            sources=cpu_sources + cuda_sources,
+            extra_compile_args={"cxx": cxx + ["-DSFRON_OPS_WITH_CUDA"], "nvcc": nvcc + ["-DSFRON_OPS_WITH_CUDA"]},
+            **{**kwargs, "include_dirs": include_dirs + _cuda_include_dirs()},
+        )
+        print(f"sfron_ops: building CPU and CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+    else:
+        ext = cpp_extension.CppExtension(sources=cpu_sources, extra_compile_args={"cxx": cxx}, **kwargs)
+        print("sfron_ops: building CPU kernels only")
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    packages=find_packages(include=["sfron_ops", "sfron_ops.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,26 @@
+"""sfron_ops: saliency-based machine unlearning (SFR-on) as a PyTorch optimizer with fused kernels."""
+
+from . import _ops, reference  # noqa: F401  (schemas first, then their default kernels)
+from ._impl import IMPLS, available_impls, default_impl, extension_available, extension_error
+from .fisher import fisher_diagonal
+from .loss import AdaptiveLoss, adaptive_cross_entropy, adaptive_weights
+from .mask import SaliencyMask, canonical_name, saliency_mask
+from .optim import SFRon
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SFRon",
+    "AdaptiveLoss",
+    "adaptive_weights",
+    "adaptive_cross_entropy",
+    "fisher_diagonal",
+    "saliency_mask",
+    "SaliencyMask",
+    "canonical_name",
+    "available_impls",
+    "default_impl",
+    "extension_available",
+    "extension_error",
+    "IMPLS",
+]

@@ -1,0 +1,97 @@
+"""(S) forget-remain balanced weight saliency: masks from two Fisher diagonals."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from . import functional as F
+from .reference import saliency_ratio
+
+# wrappers that prefix parameter names: DDP/DataParallel, torch.compile, FSDP1, activation checkpointing
+_WRAPPER_PARTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def canonical_name(name: str) -> str:
+    """A parameter name without the prefixes that wrappers add (``module.``, ``_orig_mod.``, ...)."""
+    parts = name.split(".")
+    while len(parts) > 1 and parts[0] == "module":
+        parts = parts[1:]
+    return ".".join(p for p in parts if p not in _WRAPPER_PARTS)
+
+
+class SaliencyMask(NamedTuple):
+    """Masks in the structure they were asked for, and how many elements they keep."""
+
+    masks: list | dict
+    kept: int
+    total: int
+
+
+def density_cutoff(forget_fishers, remain_fishers, density: float) -> float:
+    """The ratio at which keeping every ratio ``>=`` it keeps the ``ceil(density * N)`` largest.
+
+    Ratios equal to the cut-off are kept too, so ties can keep a few more.
+    """
+    ratios = [saliency_ratio(f, r).flatten() for f, r in zip(forget_fishers, remain_fishers)]
+    home = ratios[0].device if ratios else torch.device("cpu")
+    flat = torch.cat([r.to(home) for r in ratios]) if ratios else torch.empty(0)
+    n = flat.numel()
+    k = math.ceil(density * n)
+    if k == 0:
+        return math.inf
+    return float(torch.kthvalue(flat.cpu(), n - k + 1).values)
+
+
+def saliency_mask(forget_fisher, remain_fisher, gamma: float = 1.0, density: float | None = None, *,
+                  dtype: torch.dtype = torch.bool, impl=None) -> SaliencyMask:
+    r"""Saliency masks from forget and remain Fisher diagonals.
+
+    .. math::
+       m = \big[(F_f + \varepsilon) / (F_r + \varepsilon) \ge \gamma\big], \quad \varepsilon = 10^{-15}
+
+    With ``density`` (SalUn-style) the ``ceil(density * N)`` largest ratios over
+    all tensors together are kept instead, plus every ratio equal to the cut-off.
+
+    Args:
+        forget_fisher, remain_fisher: aligned lists, or dicts with the same keys, of Fisher diagonals.
+        gamma: the ratio threshold (ignored when ``density`` is given).
+        density: the share of elements to keep, in ``[0, 1]``.
+        dtype: ``torch.bool`` or ``torch.uint8``.
+
+    Returns:
+        ``SaliencyMask(masks, kept, total)``, ``masks`` shaped like the inputs.
+    """
+    keys = None
+    if isinstance(forget_fisher, dict):
+        if not isinstance(remain_fisher, dict) or set(forget_fisher) != set(remain_fisher):
+            raise ValueError("forget_fisher and remain_fisher must be dicts with the same keys")
+        keys = list(forget_fisher)
+        forget, remain = [forget_fisher[k] for k in keys], [remain_fisher[k] for k in keys]
+    else:
+        forget, remain = list(forget_fisher), list(remain_fisher)
+        if len(forget) != len(remain):
+            raise ValueError(f"forget_fisher has {len(forget)} tensors but remain_fisher has {len(remain)}")
+    for i, (f, r) in enumerate(zip(forget, remain)):
+        label = keys[i] if keys else i
+        if f.shape != r.shape:
+            raise ValueError(f"Fisher shapes differ for {label!r}: {tuple(f.shape)} and {tuple(r.shape)}")
+        if f.device != r.device:
+            raise ValueError(f"Fisher devices differ for {label!r}: {f.device} and {r.device}")
+    if dtype not in (torch.bool, torch.uint8):
+        raise ValueError(f"Invalid dtype: {dtype}; expected torch.bool or torch.uint8")
+    if density is not None:
+        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 <= density <= 1:
+            raise ValueError(f"Invalid density: {density!r}; expected a number in [0, 1]")
+    elif isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or math.isnan(gamma):
+        raise ValueError(f"Invalid gamma: {gamma!r}")
+
+    forget = [f.to(torch.float32) for f in forget]
+    remain = [r.to(torch.float32) for r in remain]
+    threshold = gamma if density is None else density_cutoff(forget, remain, density)
+    masks = [torch.empty(f.shape, dtype=dtype, device=f.device) for f in forget]
+    kept = F.saliency_mask_(forget, remain, masks, gamma=threshold, impl=impl) if masks else 0
+    total = sum(m.numel() for m in masks)
+    return SaliencyMask(dict(zip(keys, masks)) if keys is not None else masks, kept, total)

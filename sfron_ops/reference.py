@@ -1,0 +1,167 @@
+"""Reference kernels: plain PyTorch, one tensor at a time, float32 math.
+
+These functions are the ground truth for every backend. They are registered
+as the default (``CompositeExplicitAutograd``) kernel of each op in
+:mod:`sfron_ops._ops`, so the ops run anywhere, and compiled kernels override
+them per device. Tests and benchmarks import them directly.
+
+The formulas follow ``SPEC.md`` literally; skipping a step on a non-finite
+direction is done with ``torch.where`` so that nothing here needs the host to
+look at device values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _ops
+
+CLIP_EPS = 1e-6
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32)
+
+
+def _direction(g: torch.Tensor, m: torch.Tensor | None, coef) -> torch.Tensor:
+    """u = (g * m) * coef in float32. ``g`` itself is never modified."""
+    u = _f32(g)
+    if m is not None:
+        u = u * _f32(m)
+    return u * coef
+
+
+def clip_and_skip(norm_state, scale: float, max_norm: float, device):
+    """The direction coefficient ``scale * c`` and the skip flag, both on the device.
+
+    c = min(1, max_norm / (sqrt(norm_state[0]) + 1e-6)) when ``max_norm > 0``,
+    as ``torch.nn.utils.clip_grad_norm_`` computes it.
+    """
+    coef = torch.tensor(scale, dtype=torch.float32, device=device)
+    if norm_state is None:
+        return coef, None
+    if max_norm > 0:
+        clip = (max_norm / (norm_state[0].sqrt() + CLIP_EPS)).clamp(max=1.0)
+        coef = coef * clip
+    return coef, norm_state[1] > 0
+
+
+def _commit(dst: torch.Tensor, new: torch.Tensor, skip) -> None:
+    if skip is None:
+        dst.copy_(new)
+    else:
+        dst.copy_(torch.where(skip, dst, new))
+
+
+def _advance(step: torch.Tensor, skip) -> None:
+    step.add_(1.0 if skip is None else 1.0 - skip.float())
+
+
+def _mask_at(masks, i):
+    return masks[i] if len(masks) else None
+
+
+def masked_sq_norm_(grads, masks, norm_state, *, alpha):
+    r"""norm_state[0] += \sum (alpha * m * g)^2;  norm_state[1] = 1 if any element is not finite."""
+    _ops.check_masked_sq_norm(grads, masks, norm_state, alpha=alpha)
+    for i, g in enumerate(grads):
+        u = _direction(g, _mask_at(masks, i), alpha)
+        norm_state[0] += (u * u).sum()
+        norm_state[1] = torch.maximum(norm_state[1], (~torch.isfinite(u)).any().float())
+
+
+def sgd_update_(params, grads, masks, momentum_buffers, steps, norm_state, *, lr, scale, momentum, dampening,
+                weight_decay, nesterov, max_norm):
+    r"""SGD with u = scale * c * m * g in place of the gradient (torch.optim.SGD's rule)."""
+    _ops.check_sgd_update(params, grads, masks, momentum_buffers, steps, norm_state, lr=lr, scale=scale,
+                          momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                          max_norm=max_norm)
+    if not params:
+        return
+    coef, skip = clip_and_skip(norm_state, scale, max_norm, params[0].device)
+    for i, p in enumerate(params):
+        p32 = _f32(p)
+        d = _direction(grads[i], _mask_at(masks, i), coef)
+        if weight_decay != 0:
+            d = d + weight_decay * p32
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            # the buffer starts as d itself (torch.optim.SGD clones the first gradient)
+            new_buf = torch.where(steps[i] == 0, d, momentum * _f32(buf) + (1 - dampening) * d)
+            d = d + momentum * new_buf if nesterov else new_buf
+            _commit(buf, new_buf, skip)
+        _commit(p, p32 - lr * d, skip)
+        _advance(steps[i], skip)
+
+
+def adamw_update_(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state, *, lr, scale, beta1, beta2, eps,
+                  weight_decay, max_norm):
+    r"""AdamW with u = scale * c * m * g in place of the gradient (torch.optim.AdamW's rule)."""
+    _ops.check_adamw_update(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state, lr=lr, scale=scale,
+                            beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, max_norm=max_norm)
+    if not params:
+        return
+    coef, skip = clip_and_skip(norm_state, scale, max_norm, params[0].device)
+    for i, p in enumerate(params):
+        u = _direction(grads[i], _mask_at(masks, i), coef)
+        t = steps[i] + 1
+        m1 = beta1 * _f32(exp_avgs[i]) + (1 - beta1) * u
+        m2 = beta2 * _f32(exp_avg_sqs[i]) + (1 - beta2) * u * u
+        bias1 = 1 - torch.pow(beta1, t)
+        bias2 = 1 - torch.pow(beta2, t)
+        denom = (m2 / bias2).sqrt() + eps
+        new_p = _f32(p) * (1 - lr * weight_decay) - lr * (m1 / bias1) / denom
+        _commit(exp_avgs[i], m1, skip)
+        _commit(exp_avg_sqs[i], m2, skip)
+        _commit(p, new_p, skip)
+        _advance(steps[i], skip)
+
+
+def fisher_accumulate_(fishers, grads, *, scale):
+    r"""F \leftarrow F + s \cdot g^2 (F float32)."""
+    _ops.check_fisher_accumulate(fishers, grads, scale=scale)
+    for f, g in zip(fishers, grads):
+        g32 = _f32(g)
+        f.add_(g32 * g32, alpha=scale)
+
+
+def saliency_ratio(forget_fisher: torch.Tensor, remain_fisher: torch.Tensor) -> torch.Tensor:
+    """(F_f + eps) / (F_r + eps) in float32, eps = 1e-15: the quantity the mask thresholds."""
+    return (_f32(forget_fisher) + _ops.RATIO_EPS) / (_f32(remain_fisher) + _ops.RATIO_EPS)
+
+
+def saliency_mask_(forget_fishers, remain_fishers, masks, kept, *, gamma):
+    r"""m = [(F_f + eps) / (F_r + eps) >= gamma];  kept += number of ones."""
+    _ops.check_saliency_mask(forget_fishers, remain_fishers, masks, kept, gamma=gamma)
+    threshold = torch.tensor(gamma, dtype=torch.float32)
+    for ff, fr, m in zip(forget_fishers, remain_fishers, masks):
+        keep = saliency_ratio(ff, fr) >= threshold.to(ff.device)
+        m.copy_(keep)
+        kept += keep.sum()
+
+
+def slow_sync_(slow_params, params, *, alpha, reset_fast):
+    r"""slow \leftarrow slow + a (p - slow), exact at a = 0 and a = 1;  p \leftarrow slow if reset_fast."""
+    _ops.check_slow_sync(slow_params, params, alpha=alpha, reset_fast=reset_fast)
+    for s, p in zip(slow_params, params):
+        s32, p32 = _f32(s), _f32(p)
+        diff = p32 - s32
+        # two-sided form (torch.lerp's): exact at both ends
+        new = s32 + alpha * diff if alpha < 0.5 else p32 - diff * (1 - alpha)
+        s.copy_(new)
+        if reset_fast:
+            p.copy_(s)
+
+
+#: family stem -> reference function; the same table shape every backend provides
+KERNELS = {
+    "masked_norm": masked_sq_norm_,
+    "sgd_update": sgd_update_,
+    "adamw_update": adamw_update_,
+    "fisher_accumulate": fisher_accumulate_,
+    "saliency_mask": saliency_mask_,
+    "slow_sync": slow_sync_,
+}
+
+for _stem, _fn in KERNELS.items():
+    _ops._lib.impl(_ops.OP_NAMES[_stem], _fn, "CompositeExplicitAutograd")
