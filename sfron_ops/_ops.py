@@ -11,7 +11,10 @@ Conventions shared by all ops (see ``SPEC.md``):
 * arithmetic is float32 whatever the tensor dtype; results are rounded once
   to the dtype of the tensor they are stored in;
 * ``masks`` is either empty (no mask: all ones) or aligned with the other
-  lists; a mask is bool, uint8 or floating point and multiplies the gradient;
+  lists; a mask is bool, uint8 or floating point and multiplies the gradient.
+  With ``packed_masks=True`` each mask is instead a contiguous uint8 tensor of
+  ``ceil(numel / 8)`` bytes, one bit per element: element ``i`` is bit
+  ``i % 8`` (least significant first) of byte ``i // 8``;
 * ``norm_state`` is a float32 tensor of two elements on the tensors' device:
   ``[sum of squares of the direction, non-finite flag]``. ``masked_sq_norm_``
   adds to it; the update ops read it to clip (``max_norm > 0``) and to skip
@@ -34,17 +37,17 @@ NAMESPACE = "sfron_ops"
 #: family stem -> schema (without the namespace). The op name is ``stem + "_"``.
 SCHEMAS = {
     "masked_norm": (
-        "masked_sq_norm_(Tensor[] grads, Tensor[] masks, Tensor(a!) norm_state, *, float alpha) -> ()"
+        "masked_sq_norm_(Tensor[] grads, Tensor[] masks, Tensor(a!) norm_state, *, float alpha, bool packed_masks=False) -> ()"
     ),
     "sgd_update": (
         "sgd_update_(Tensor(a!)[] params, Tensor[] grads, Tensor[] masks, Tensor(b!)[] momentum_buffers, "
         "Tensor(c!)[] steps, Tensor? norm_state, *, float lr, float scale, float momentum, float dampening, "
-        "float weight_decay, bool nesterov, float max_norm) -> ()"
+        "float weight_decay, bool nesterov, float max_norm, bool packed_masks=False) -> ()"
     ),
     "adamw_update": (
         "adamw_update_(Tensor(a!)[] params, Tensor[] grads, Tensor[] masks, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor? norm_state, *, float lr, float scale, "
-        "float beta1, float beta2, float eps, float weight_decay, float max_norm) -> ()"
+        "float beta1, float beta2, float eps, float weight_decay, float max_norm, bool packed_masks=False) -> ()"
     ),
     "fisher_accumulate": "fisher_accumulate_(Tensor(a!)[] fishers, Tensor[] grads, *, float scale) -> ()",
     "saliency_mask": (
@@ -99,10 +102,20 @@ def _check_aligned(name: str, lists: dict[str, list[torch.Tensor]], like: list[t
             )
 
 
-def _check_masks(name: str, masks, like):
-    _check_aligned(name, {"masks": masks}, like, optional=("masks",))
-    for i, m in enumerate(masks):
-        torch._check(m.dtype in _MASK_DTYPES, lambda: f"{name}: masks[{i}] has unsupported dtype {m.dtype}")
+def _check_masks(name: str, masks, like, packed=False):
+    if not packed:
+        _check_aligned(name, {"masks": masks}, like, optional=("masks",))
+        for i, m in enumerate(masks):
+            torch._check(m.dtype in _MASK_DTYPES, lambda: f"{name}: masks[{i}] has unsupported dtype {m.dtype}")
+        return
+    torch._check(len(masks) == len(like), lambda: f"{name}: packed_masks needs one mask per tensor")
+    for i, (m, t) in enumerate(zip(masks, like)):
+        torch._check(
+            m.dtype == torch.uint8 and m.numel() == (t.numel() + 7) // 8 and m.is_contiguous(),
+            lambda: f"{name}: packed masks[{i}] must be contiguous uint8 with {(t.numel() + 7) // 8} bytes, "
+            f"got {m.dtype} with {m.numel()}",
+        )
+        torch._check(m.device == t.device, lambda: f"{name}: masks[{i}] is on {m.device}, expected {t.device}")
 
 
 def _check_same_dtype(name: str, key: str, tensors, dtype):
@@ -135,16 +148,16 @@ def _check_steps(name: str, steps, like):
         torch._check(s.device == p.device, lambda: f"{name}: steps[{i}] is on {s.device}, expected {p.device}")
 
 
-def check_masked_sq_norm(grads, masks, norm_state, *, alpha):
+def check_masked_sq_norm(grads, masks, norm_state, *, alpha, packed_masks=False):
     name = OP_NAMES["masked_norm"]
-    _check_masks(name, masks, grads)
+    _check_masks(name, masks, grads, packed_masks)
     _check_norm_state(name, norm_state, grads)
     for i, g in enumerate(grads):
         torch._check(g.dtype in _FLOAT_DTYPES, lambda: f"{name}: grads[{i}] has non-floating dtype {g.dtype}")
 
 
 def check_sgd_update(params, grads, masks, momentum_buffers, steps, norm_state, *, lr, scale, momentum,
-                     dampening, weight_decay, nesterov, max_norm):
+                     dampening, weight_decay, nesterov, max_norm, packed_masks=False):
     name = OP_NAMES["sgd_update"]
     _check_aligned(name, {"grads": grads, "momentum_buffers": momentum_buffers}, params,
                    optional=("momentum_buffers",))
@@ -152,7 +165,7 @@ def check_sgd_update(params, grads, masks, momentum_buffers, steps, norm_state, 
         momentum == 0 or len(momentum_buffers) == len(params),
         lambda: f"{name}: momentum={momentum} needs one momentum buffer per parameter",
     )
-    _check_masks(name, masks, params)
+    _check_masks(name, masks, params, packed_masks)
     _check_steps(name, steps, params)
     _check_norm_state(name, norm_state, params)
     for key, tensors in (("grads", grads), ("momentum_buffers", momentum_buffers)):
@@ -161,10 +174,10 @@ def check_sgd_update(params, grads, masks, momentum_buffers, steps, norm_state, 
 
 
 def check_adamw_update(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state, *, lr, scale, beta1,
-                       beta2, eps, weight_decay, max_norm):
+                       beta2, eps, weight_decay, max_norm, packed_masks=False):
     name = OP_NAMES["adamw_update"]
     _check_aligned(name, {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}, params)
-    _check_masks(name, masks, params)
+    _check_masks(name, masks, params, packed_masks)
     _check_steps(name, steps, params)
     _check_norm_state(name, norm_state, params)
     for key, tensors in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import _ops
-from .reference import clip_and_skip
+from .reference import clip_and_skip, unpack_mask
 
 _INF = float("inf")
 
@@ -27,6 +27,10 @@ def _nonempty(*lists):
     """Drop the zero-size entries (foreach reductions reject them; they cannot change anything)."""
     keep = [i for i, t in enumerate(lists[0]) if t.numel() > 0]
     return [[lst[i] for i in keep] for lst in lists]
+
+
+def _unpacked(masks, like, packed):
+    return [unpack_mask(m, t) for m, t in zip(masks, like)] if packed and masks else masks
 
 
 def _direction(grads, masks, coef):
@@ -53,8 +57,9 @@ def _advance(steps, skip):
         torch._foreach_add_(steps, 1.0 if skip is None else 1.0 - skip.float())
 
 
-def masked_sq_norm_(grads, masks, norm_state, *, alpha):
-    _ops.check_masked_sq_norm(grads, masks, norm_state, alpha=alpha)
+def masked_sq_norm_(grads, masks, norm_state, *, alpha, packed_masks=False):
+    _ops.check_masked_sq_norm(grads, masks, norm_state, alpha=alpha, packed_masks=packed_masks)
+    masks = _unpacked(masks, grads, packed_masks)
     grads, masks = _nonempty(grads, masks) if masks else (_nonempty(grads)[0], [])
     if not grads:
         return
@@ -75,10 +80,11 @@ def _first_step_coef(steps, dampening):
 
 
 def sgd_update_(params, grads, masks, momentum_buffers, steps, norm_state, *, lr, scale, momentum, dampening,
-                weight_decay, nesterov, max_norm):
+                weight_decay, nesterov, max_norm, packed_masks=False):
     _ops.check_sgd_update(params, grads, masks, momentum_buffers, steps, norm_state, lr=lr, scale=scale,
                           momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                          max_norm=max_norm)
+                          max_norm=max_norm, packed_masks=packed_masks)
+    masks = _unpacked(masks, params, packed_masks)
     if not params:
         return
     coef, skip = clip_and_skip(norm_state, scale, max_norm, params[0].device)
@@ -100,9 +106,11 @@ def sgd_update_(params, grads, masks, momentum_buffers, steps, norm_state, *, lr
 
 
 def adamw_update_(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state, *, lr, scale, beta1, beta2, eps,
-                  weight_decay, max_norm):
+                  weight_decay, max_norm, packed_masks=False):
     _ops.check_adamw_update(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state, lr=lr, scale=scale,
-                            beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, max_norm=max_norm)
+                            beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, max_norm=max_norm,
+                            packed_masks=packed_masks)
+    masks = _unpacked(masks, params, packed_masks)
     if not params:
         return
     coef, skip = clip_and_skip(norm_state, scale, max_norm, params[0].device)

@@ -57,31 +57,48 @@ def _advance(step: torch.Tensor, skip) -> None:
     step.add_(1.0 if skip is None else 1.0 - skip.float())
 
 
-def _mask_at(masks, i):
-    return masks[i] if len(masks) else None
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A mask as contiguous uint8 bits, 8 elements a byte, least significant bit first."""
+    bits = (mask.reshape(-1) != 0).to(torch.uint8)
+    bits = torch.nn.functional.pad(bits, (0, (-bits.numel()) % 8)).view(-1, 8)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
+    return (bits * weights).sum(dim=1, dtype=torch.uint8)
 
 
-def masked_sq_norm_(grads, masks, norm_state, *, alpha):
+def unpack_mask(packed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The bool mask shaped like ``like`` that :func:`pack_mask` packed."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.reshape(-1, 1) >> shifts) & 1
+    return bits.reshape(-1)[: like.numel()].view(like.shape).bool()
+
+
+def _mask_at(masks, i, like=None, packed=False):
+    if not len(masks):
+        return None
+    return unpack_mask(masks[i], like) if packed else masks[i]
+
+
+def masked_sq_norm_(grads, masks, norm_state, *, alpha, packed_masks=False):
     r"""norm_state[0] += \sum (alpha * m * g)^2;  norm_state[1] = 1 if any element is not finite."""
-    _ops.check_masked_sq_norm(grads, masks, norm_state, alpha=alpha)
+    _ops.check_masked_sq_norm(grads, masks, norm_state, alpha=alpha, packed_masks=packed_masks)
     for i, g in enumerate(grads):
-        u = _direction(g, _mask_at(masks, i), alpha)
+        u = _direction(g, _mask_at(masks, i, g, packed_masks), alpha)
         norm_state[0] += (u * u).sum()
         norm_state[1] = torch.maximum(norm_state[1], (~torch.isfinite(u)).any().float())
 
 
 def sgd_update_(params, grads, masks, momentum_buffers, steps, norm_state, *, lr, scale, momentum, dampening,
-                weight_decay, nesterov, max_norm):
+                weight_decay, nesterov, max_norm, packed_masks=False):
     r"""SGD with u = scale * c * m * g in place of the gradient (torch.optim.SGD's rule)."""
     _ops.check_sgd_update(params, grads, masks, momentum_buffers, steps, norm_state, lr=lr, scale=scale,
                           momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                          max_norm=max_norm)
+                          max_norm=max_norm, packed_masks=packed_masks)
     if not params:
         return
     coef, skip = clip_and_skip(norm_state, scale, max_norm, params[0].device)
     for i, p in enumerate(params):
         p32 = _f32(p)
-        d = _direction(grads[i], _mask_at(masks, i), coef)
+        d = _direction(grads[i], _mask_at(masks, i, p, packed_masks), coef)
         if weight_decay != 0:
             d = d + weight_decay * p32
         if momentum != 0:
@@ -95,15 +112,16 @@ def sgd_update_(params, grads, masks, momentum_buffers, steps, norm_state, *, lr
 
 
 def adamw_update_(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state, *, lr, scale, beta1, beta2, eps,
-                  weight_decay, max_norm):
+                  weight_decay, max_norm, packed_masks=False):
     r"""AdamW with u = scale * c * m * g in place of the gradient (torch.optim.AdamW's rule)."""
     _ops.check_adamw_update(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state, lr=lr, scale=scale,
-                            beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, max_norm=max_norm)
+                            beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, max_norm=max_norm,
+                            packed_masks=packed_masks)
     if not params:
         return
     coef, skip = clip_and_skip(norm_state, scale, max_norm, params[0].device)
     for i, p in enumerate(params):
-        u = _direction(grads[i], _mask_at(masks, i), coef)
+        u = _direction(grads[i], _mask_at(masks, i, p, packed_masks), coef)
         t = steps[i] + 1
         m1 = beta1 * _f32(exp_avgs[i]) + (1 - beta1) * u
         m2 = beta2 * _f32(exp_avg_sqs[i]) + (1 - beta2) * u * u
