@@ -25,8 +25,13 @@ def buckets(tensors, masks=None):
     return out
 
 
+def _local(t):
+    # a DTensor (FSDP2) runs its kernels on the local shard, which shares its storage under no_grad
+    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "device_mesh") else t
+
+
 def _pick(lst, idx):
-    return [lst[i] for i in idx]
+    return [_local(lst[i]) for i in idx]
 
 
 def kernels_for(impl, device):
