@@ -9,6 +9,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import _impl
+from . import distributed as _dist
 from . import functional as F
 from .mask import canonical_name, density_cutoff
 
@@ -240,7 +241,7 @@ class SFRon(Optimizer):
                 raise ValueError(f"mask for parameter {label} is on the meta device (no data); "
                                  f"the parameter is on {p.device}")
             m = m.to(p.device)  # a copy on the parameter's device; the caller's tensor is untouched
-        return m
+        return _dist.shard_like(m, p)  # placed like a DTensor (FSDP2) parameter
 
     def masks(self) -> list:
         """The masks aligned with the parameters (``None`` where a parameter has none)."""
@@ -323,10 +324,17 @@ class SFRon(Optimizer):
         norm_states = None
         if devices and (self.check_finite or any(g[clip_key] is not None for g in self.param_groups)):
             norm_states = self._norm_states(devices)
+            # FSDP2: each rank adds its shards once and the norm state is summed over the ranks
+            reduce_group = _dist.norm_reduce_group([grads for _, grads, _, _ in gathered])
             for group, (params, grads, masks, _) in zip(self.param_groups, gathered):
-                F.masked_sq_norm_(grads, masks if forget else [None] * len(grads), norm_states,
+                masks = masks if forget else [None] * len(grads)
+                if reduce_group is not None:
+                    grads, masks = _dist.norm_share(grads, masks, reduce_group)
+                F.masked_sq_norm_(grads, masks, norm_states,
                                   alpha=group["forget_alpha"] if forget else 1.0, impl=self._impl_for)
             F.reduce_norm_states(norm_states)
+            if reduce_group is not None:
+                _dist.all_reduce_norm_states(norm_states, reduce_group)
             if self.check_finite:
                 self._count_skip(norm_states[devices[0]])
             else:
@@ -404,8 +412,8 @@ class SFRon(Optimizer):
     @contextmanager
     def use_slow_weights(self):
         """Swap the slow weights into the parameters (for evaluation) and back afterwards."""
-        pairs = [(p, s) for (_, p, _), s in zip(self._named_params(), self.slow_weights()) if s is not p.detach()
-                 and s.data_ptr() != p.data_ptr()]
+        pairs = [(p, self.state[p]["slow_param"]) for _, p, _ in self._named_params()
+                 if p in self.state and "slow_param" in self.state[p]]
         backups = []
         with torch.no_grad():
             for p, s in pairs:
@@ -461,7 +469,11 @@ class SFRon(Optimizer):
         params = [p for _, p, _ in self._named_params()]
         forget = [self._fisher_or_zero(p, "forget") for p in params]
         remain = [self._fisher_or_zero(p, "remain") for p in params]
-        result = saliency_mask(forget, remain, gamma=gamma, density=density, impl=self._impl_for)
+        if any(_dist.is_dtensor(p) for p in params):  # FSDP2: each rank computes its shards
+            result = _dist.sharded_saliency_mask(params, forget, remain, gamma=gamma, density=density,
+                                                 impl=self._impl_for)
+        else:
+            result = saliency_mask(forget, remain, gamma=gamma, density=density, impl=self._impl_for)
         for p, m in zip(params, result.masks):
             self.state[p]["mask"] = m
         return result.kept, result.total
