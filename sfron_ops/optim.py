@@ -11,6 +11,7 @@ from torch.optim import Optimizer
 from . import _impl
 from . import distributed as _dist
 from . import functional as F
+from . import packing as _packing
 from .mask import canonical_name, density_cutoff
 
 PHASES = ("forget", "remain")
@@ -18,8 +19,8 @@ BASES = ("sgd", "adamw")
 FISHER_KEYS = {"forget": "fisher_forget", "remain": "fisher_remain"}
 
 # State entries the torch loader must not cast to the parameter's dtype:
-# Fisher accumulators stay float32, masks keep the dtype they were given.
-_KEEP_DTYPE = ("mask", "fisher_forget", "fisher_remain")
+# Fisher accumulators stay float32, masks keep the dtype they were given (packed ones uint8).
+_KEEP_DTYPE = ("mask", "packed_mask", "fisher_forget", "fisher_remain")
 
 
 def _check_number(name, value, low=None, high=None, low_open=False, high_open=False):
@@ -119,13 +120,19 @@ class SFRon(Optimizer):
             synchronisation (``skipped_steps`` counts them).
         impl: ``None`` (fastest available per device, or ``$SFRON_OPS_IMPL``),
             ``"reference"``, ``"foreach"``, ``"fused"`` or ``"triton"``.
+        mask_format: ``"dense"`` keeps masks as given; ``"packed"`` stores binary
+            masks with one bit per weight (8x less than bool) and the kernels read
+            the bits directly (:mod:`sfron_ops.packing`).
     """
 
     def __init__(self, params, mask=None, lr=1e-3, base="sgd", momentum=0.0, dampening=0.0, nesterov=False,
                  weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, forget_alpha=1.0, max_grad_norm=None,
                  remain_max_grad_norm=None, slow_alpha=1.0, sync_period=1, reset_fast=True, check_finite=True,
-                 impl=None):
+                 impl=None, mask_format="dense"):
         _impl.validate_impl(impl)
+        if mask_format not in _packing.FORMATS:
+            raise ValueError(f"Invalid mask_format: {mask_format!r}; expected one of {_packing.FORMATS}")
+        self.mask_format = mask_format
         if not isinstance(check_finite, bool):
             raise ValueError(f"Invalid check_finite: {check_finite!r}")
         defaults = dict(lr=lr, base=base, momentum=momentum, dampening=dampening, nesterov=nesterov,
@@ -168,6 +175,7 @@ class SFRon(Optimizer):
         self.__dict__.setdefault("_skip_counter", None)
         self.__dict__.setdefault("_skip_offset", 0)
         self.__dict__.setdefault("_impls", {})
+        self.__dict__.setdefault("mask_format", "dense")
         for group in self.param_groups:
             group.setdefault("remain_steps", 0)
 
@@ -225,8 +233,13 @@ class SFRon(Optimizer):
         else:
             raise TypeError(f"mask must be None, a list or a dict, got {type(mask).__name__}")
         checked = [(p, self._checked_mask(p, label, m)) for p, label, m in assigned]
+        if self.mask_format == "packed":
+            for p, label, m in assigned:
+                if m.is_floating_point():
+                    raise ValueError(f"mask for parameter {label} is floating point (soft saliency); "
+                                     "mask_format='packed' stores binary masks only")
         for p, m in checked:
-            self.state[p]["mask"] = m
+            self._store_mask(p, m)
 
     @staticmethod
     def _checked_mask(p, label, m):
@@ -244,8 +257,40 @@ class SFRon(Optimizer):
         return _dist.shard_like(m, p)  # placed like a DTensor (FSDP2) parameter
 
     def masks(self) -> list:
-        """The masks aligned with the parameters (``None`` where a parameter has none)."""
-        return [self.state[p].get("mask") if p in self.state else None for _, p, _ in self._named_params()]
+        """The masks aligned with the parameters (``None`` where a parameter has none); packed ones unpacked to bool."""
+        out = []
+        for _, p, _ in self._named_params():
+            state = self.state.get(p, {})
+            packed = state.get("packed_mask")
+            out.append(state.get("mask") if packed is None else _packing.unpack_like(packed, p))
+        return out
+
+    def _store_mask(self, p, m) -> None:
+        # a parameter holds one of "mask" (as given) or "packed_mask" (one bit per element)
+        state = self.state[p]
+        state.pop("mask", None)
+        state.pop("packed_mask", None)
+        if self.mask_format == "packed":
+            state["packed_mask"] = _packing.pack_like(m, p)
+        else:
+            state["mask"] = m
+
+    @staticmethod
+    def _kernel_mask(p, state):
+        packed = state.get("packed_mask")
+        return state.get("mask") if packed is None else _packing.kernel_view(packed, p)
+
+    def _convert_masks(self) -> None:
+        """Bring loaded masks to this optimizer's ``mask_format``."""
+        for _, p, label in self._named_params():
+            state = self.state.get(p, {})
+            if self.mask_format == "packed" and "mask" in state:
+                if state["mask"].is_floating_point():
+                    raise ValueError(f"the loaded mask for parameter {label} is floating point (soft saliency); "
+                                     "mask_format='packed' stores binary masks only")
+                self._store_mask(p, state["mask"])
+            elif self.mask_format == "dense" and "packed_mask" in state:
+                self._store_mask(p, _packing.unpack_like(state["packed_mask"], p))
 
     # ------------------------------------------------------------------ phases
     @property
@@ -281,7 +326,7 @@ class SFRon(Optimizer):
                 self._init_state(group, p, state)
             params.append(p)
             grads.append(p.grad)
-            masks.append(state.get("mask"))
+            masks.append(self._kernel_mask(p, state))
             steps.append(state["step"])
         return params, grads, masks, steps
 
@@ -475,7 +520,7 @@ class SFRon(Optimizer):
         else:
             result = saliency_mask(forget, remain, gamma=gamma, density=density, impl=self._impl_for)
         for p, m in zip(params, result.masks):
-            self.state[p]["mask"] = m
+            self._store_mask(p, m)
         return result.kept, result.total
 
     def _fisher_or_zero(self, p, which):
@@ -504,6 +549,7 @@ class SFRon(Optimizer):
             for k, v in entries.items():
                 dtype = torch.float32 if k == "step" else v.dtype
                 self.state[p][k] = v.to(device=p.device, dtype=dtype, copy=True)
+        self._convert_masks()
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
