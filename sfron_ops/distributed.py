@@ -59,10 +59,16 @@ __all__ = [
 ]
 
 
-def _dtensor_cls():
-    from torch.distributed.tensor import DTensor
+_DTENSOR = None
 
-    return DTensor
+
+def _dtensor_cls():
+    global _DTENSOR
+    if _DTENSOR is None:
+        from torch.distributed.tensor import DTensor
+
+        _DTENSOR = DTensor
+    return _DTENSOR
 
 
 def is_dtensor(t) -> bool:
