@@ -376,7 +376,16 @@ def prepare_checkpoint_load(model, optimizer, checkpoint_id=None, *, storage_rea
                                                                                            TensorStorageMetadata):
                 continue
             dtype = meta.properties.dtype
-            if tuple(meta.size) == tuple(p.shape):
+            if entry == "packed_mask":
+                from .packing import pack_like
+
+                packed = pack_like(torch.zeros(p.shape, dtype=torch.bool, device=p.device), p)
+                if tuple(packed.shape) != tuple(meta.size):
+                    raise ValueError(f"the packed mask of {fqn!r} was saved with {tuple(meta.size)[0]} bytes but "
+                                     f"this layout holds {packed.shape[0]}: packed masks of sharded parameters "
+                                     "reload only at the mesh shape they were saved with")
+                optimizer.state[p][entry] = packed
+            elif tuple(meta.size) == tuple(p.shape):
                 optimizer.state[p][entry] = torch.zeros_like(p, dtype=dtype)
             else:
                 local = p.to_local() if is_dtensor(p) else p

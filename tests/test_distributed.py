@@ -25,6 +25,7 @@ from torch import nn
 
 import sfron_ops
 from sfron_ops import distributed as sdist
+from sfron_ops.packing import mask_bytes
 
 WORLD = 2
 ITERS = 12
@@ -37,7 +38,7 @@ CONFIGS = {
 }
 COMMON = dict(forget_alpha=FORGET_ALPHA, max_grad_norm=0.5, remain_max_grad_norm=1.0, slow_alpha=0.5,
               sync_period=3, impl="foreach")
-SCENARIOS = [(mode, base) for mode in ("ddp", "fsdp2") for base in CONFIGS]
+SCENARIOS = [(mode, base) for mode in ("ddp", "fsdp2") for base in CONFIGS] + [("fsdp2_packed", "adamw")]
 
 
 # --------------------------------------------------------------------------- the run, shared by both sides
@@ -63,8 +64,8 @@ def rows(batch, part):
     return (x, y) if part is None else (x[part], y[part])
 
 
-def make_optimizer(model, base):
-    opt = sfron_ops.SFRon(model.named_parameters(), **CONFIGS[base], **COMMON)
+def make_optimizer(model, base, mask_format="dense"):
+    opt = sfron_ops.SFRon(model.named_parameters(), **CONFIGS[base], **COMMON, mask_format=mask_format)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=ITERS)
     return opt, sched
 
@@ -147,12 +148,15 @@ def _rank_run(mode, base, data, part, mesh, ckpt_dir):
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
 
+    fmt = "packed" if mode.endswith("_packed") else "dense"
     model = _wrap(mode, make_model(), mesh)
-    opt, sched = make_optimizer(model, base)
+    opt, sched = make_optimizer(model, base, fmt)
     density, density_masks, ratio = fisher_pass(model, opt, data, part)
     out = dict(density=density, density_masks=[_full(m) for m in density_masks], ratio=ratio)
     out["local_types"] = sorted({type(opt.state[p][k]).__name__ for p in opt.state for k in opt.state[p]
-                                 if k in ("mask", "fisher_forget", "momentum_buffer", "exp_avg", "slow_param")})
+                                 if k in ("mask", "packed_mask", "fisher_forget", "momentum_buffer", "exp_avg",
+                                          "slow_param")})
+    out["mask_bytes"] = mask_bytes(opt.state[p].get("packed_mask", opt.state[p].get("mask")) for p in opt.state)
     train(model, opt, sched, data, part, 0, RESUME_AT)
     dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt),
               "sched": sched.state_dict()}, checkpoint_id=ckpt_dir)
@@ -164,7 +168,7 @@ def _rank_run(mode, base, data, part, mesh, ckpt_dir):
 
     # resume from the checkpoint in a fresh model and optimizer
     model2 = _wrap(mode, make_model(), mesh)
-    opt2, sched2 = make_optimizer(model2, base)
+    opt2, sched2 = make_optimizer(model2, base, fmt)
     out["allocated"] = sdist.prepare_checkpoint_load(model2, opt2, ckpt_dir)
     state = {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2),
              "sched": sched2.state_dict()}
@@ -181,7 +185,7 @@ def _rank_run(mode, base, data, part, mesh, ckpt_dir):
     name = next(n for n in named if n.endswith("2.weight"))
     full_mask = torch.arange(named[name].numel()).reshape(named[name].shape) % 3 == 0
     opt.set_masks({name: full_mask})
-    stored = opt.state[named[name]]["mask"]
+    stored = opt.masks()[list(named).index(name)]
     out["set_mask_local"] = (stored.to_local() if sdist.is_dtensor(stored) else stored).clone()
     out["set_mask_full"] = _full(stored)
     return out
@@ -273,7 +277,7 @@ def test_ranks_hold_the_same_parameters(ranks, mode, base):
     first, second = ranks[0][(mode, base)], ranks[1][(mode, base)]
     for a, b in zip(first["params"], second["params"]):
         assert torch.equal(a, b)
-    if mode == "fsdp2":
+    if mode != "ddp":
         # each rank holds its own shard: rows [0, 3) and [3, 5) of the 5-row layer
         shapes = [[tuple(t.shape) for t in r[(mode, base)]["local_params"]] for r in ranks]
         assert shapes[0] == [(5, 6), (5,), (3, 10), (3,)] and shapes[1] == [(5, 6), (5,), (2, 10), (2,)]
@@ -283,7 +287,7 @@ def test_ranks_hold_the_same_parameters(ranks, mode, base):
 @pytest.mark.parametrize("mode,base", SCENARIOS)
 def test_state_is_placed_like_the_parameters(ranks, mode, base):
     kinds = ranks[0][(mode, base)]["local_types"]
-    assert kinds == (["DTensor"] if mode == "fsdp2" else ["Tensor"])
+    assert kinds == (["Tensor"] if mode == "ddp" else ["DTensor"])
 
 
 @pytest.mark.slow
@@ -296,6 +300,15 @@ def test_checkpoint_resume_is_bitwise(ranks, mode, base):
             assert torch.equal(a, b)
         for a, b in zip(got["resumed_slow"], got["slow"]):
             assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_packed_masks_are_sharded_bits(ranks):
+    # local elements: layer 0 weight 5x6 and bias 5 on each rank; layer 2 weight 3x10 / 2x10 and bias 3 / 2.
+    # Packed, each is padded to its largest shard: ceil(30/8) + ceil(5/8) + ceil(30/8) + ceil(3/8) = 10 bytes
+    for rank, dense_bytes in zip(range(WORLD), (30 + 5 + 30 + 3, 30 + 5 + 20 + 2)):
+        assert ranks[rank][("fsdp2", "adamw")]["mask_bytes"] == dense_bytes
+        assert ranks[rank][("fsdp2_packed", "adamw")]["mask_bytes"] == 10
 
 
 @pytest.mark.slow
