@@ -37,7 +37,7 @@ def clip_and_skip(norm_state, scale: float, max_norm: float, device):
     c = min(1, max_norm / (sqrt(norm_state[0]) + 1e-6)) when ``max_norm > 0``,
     as ``torch.nn.utils.clip_grad_norm_`` computes it.
     """
-    coef = torch.tensor(scale, dtype=torch.float32, device=device)
+    coef = torch.as_tensor(scale, dtype=torch.float32, device=device)  # scale may be a tensor (tensor forget_alpha)
     if norm_state is None:
         return coef, None
     if max_norm > 0:
