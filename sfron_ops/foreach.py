@@ -63,10 +63,18 @@ def masked_sq_norm_(grads, masks, norm_state, *, alpha, packed_masks=False):
     grads, masks = _nonempty(grads, masks) if masks else (_nonempty(grads)[0], [])
     if not grads:
         return
-    u = _direction(grads, masks, torch.tensor(alpha, dtype=torch.float32, device=grads[0].device))
+    u = _direction(grads, masks, torch.as_tensor(alpha, dtype=torch.float32, device=grads[0].device))
     norm_state[0] += torch.stack(torch._foreach_norm(u, 2)).square().sum()
     largest = torch.stack(torch._foreach_norm(u, _INF))
     norm_state[1] = torch.maximum(norm_state[1], (~torch.isfinite(largest)).any().float())
+
+
+def _add_scaled(xs, ys, coef, inplace=False):
+    """xs + coef * ys; ``coef`` may be a 0-dim tensor (a tensor lr), which foreach ``alpha=`` does not take."""
+    add = torch._foreach_add_ if inplace else torch._foreach_add
+    if torch.is_tensor(coef):
+        return add(xs, torch._foreach_mul(ys, coef))
+    return add(xs, ys, alpha=coef)
 
 
 def _first_step_coef(steps, dampening):
@@ -101,7 +109,7 @@ def sgd_update_(params, grads, masks, momentum_buffers, steps, norm_state, *, lr
         else:
             d = new_buf
         _commit(momentum_buffers, new_buf, skip)
-    _commit(params, torch._foreach_add(p32, d, alpha=-lr), skip)
+    _commit(params, _add_scaled(p32, d, -lr), skip)
     _advance(steps, skip)
 
 
@@ -132,7 +140,7 @@ def adamw_update_(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state
     update = torch._foreach_div(m1, bias1)
     torch._foreach_div_(update, denom)
     new_p = torch._foreach_mul(_f32(params), 1 - lr * weight_decay)
-    torch._foreach_add_(new_p, update, alpha=-lr)
+    _add_scaled(new_p, update, -lr, inplace=True)
     _commit(exp_avgs, m1, skip)
     _commit(exp_avg_sqs, m2, skip)
     _commit(params, new_p, skip)
