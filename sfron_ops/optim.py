@@ -38,7 +38,8 @@ def _validate_group(group: dict) -> None:
     if group["base"] not in BASES:
         raise ValueError(f"Invalid base: {group['base']!r}; expected one of {BASES}")
     _check_number("lr", float(group["lr"]) if torch.is_tensor(group["lr"]) else group["lr"], low=0.0)
-    _check_number("forget_alpha", group["forget_alpha"], low=0.0)
+    alpha = group["forget_alpha"]
+    _check_number("forget_alpha", float(alpha) if torch.is_tensor(alpha) else alpha, low=0.0)
     _check_number("momentum", group["momentum"], low=0.0)
     _check_number("dampening", group["dampening"], low=0.0, high=1.0)
     _check_number("weight_decay", group["weight_decay"], low=0.0)
@@ -376,7 +377,8 @@ class SFRon(Optimizer):
                 if reduce_group is not None:
                     grads, masks = _dist.norm_share(grads, masks, reduce_group)
                 F.masked_sq_norm_(grads, masks, norm_states,
-                                  alpha=group["forget_alpha"] if forget else 1.0, impl=self._impl_for)
+                                  alpha=self._scalar(group["forget_alpha"], grads) if forget else 1.0,
+                                  impl=self._impl_for)
             F.reduce_norm_states(norm_states)
             if reduce_group is not None:
                 _dist.all_reduce_norm_states(norm_states, reduce_group)
@@ -390,19 +392,32 @@ class SFRon(Optimizer):
             if not params:
                 continue
             self._update(group, params, grads, masks if forget else [None] * len(params), steps, norm_states,
-                         scale=-group["forget_alpha"] if forget else 1.0, max_norm=group[clip_key] or 0.0)
+                         scale=-self._scalar(group["forget_alpha"], params) if forget else 1.0,
+                         max_norm=group[clip_key] or 0.0)
 
         if not forget:
             for group in self.param_groups:
                 if _slow_active(group):
-                    group["remain_steps"] += 1
-                    if group["remain_steps"] % group["sync_period"] == 0:
+                    # remain steps since the last sync, kept below sync_period: a compiled step then sees
+                    # at most sync_period values of it, so a long run does not recompile
+                    group["remain_steps"] = (group["remain_steps"] + 1) % group["sync_period"]
+                    if group["remain_steps"] == 0:
                         self._sync_slow(group)
         return loss
 
+    def _scalar(self, value, tensors):
+        """``lr`` or ``forget_alpha`` for the kernels: tensors stay tensors on the Python backends.
+
+        A compiled step (or a captured CUDA graph) then reads their current value,
+        so a schedule that updates them in place causes no recompilation; the
+        compiled ops' schemas take floats.
+        """
+        if torch.is_tensor(value) and tensors and self._impl_for(tensors[0].device) not in ("reference", "foreach"):
+            return float(value)
+        return value
+
     def _update(self, group, params, grads, masks, steps, norm_states, *, scale, max_norm):
-        lr = group["lr"]
-        lr = float(lr) if torch.is_tensor(lr) else lr
+        lr = self._scalar(group["lr"], params)
         impl = self._impl_for
         if group["base"] == "sgd":
             if group["momentum"] != 0:
