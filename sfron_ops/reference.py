@@ -31,13 +31,24 @@ def _direction(g: torch.Tensor, m: torch.Tensor | None, coef) -> torch.Tensor:
     return u * coef
 
 
+def device_scalar(value, device) -> torch.Tensor:
+    """A float32 0-dim tensor on ``device`` from a number or a tensor (a tensor lr or alpha).
+
+    A number is written by a fill on the device rather than copied from the host,
+    so a step stays capturable in a CUDA graph.
+    """
+    if torch.is_tensor(value):
+        return value.to(device=device, dtype=torch.float32)
+    return torch.full((), value, dtype=torch.float32, device=device)
+
+
 def clip_and_skip(norm_state, scale: float, max_norm: float, device):
     """The direction coefficient ``scale * c`` and the skip flag, both on the device.
 
     c = min(1, max_norm / (sqrt(norm_state[0]) + 1e-6)) when ``max_norm > 0``,
     as ``torch.nn.utils.clip_grad_norm_`` computes it.
     """
-    coef = torch.as_tensor(scale, dtype=torch.float32, device=device)  # scale may be a tensor (tensor forget_alpha)
+    coef = device_scalar(scale, device)
     if norm_state is None:
         return coef, None
     if max_norm > 0:
