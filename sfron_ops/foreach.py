@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import _ops
-from .reference import clip_and_skip, unpack_mask
+from .reference import clip_and_skip, device_scalar, unpack_mask
 
 _INF = float("inf")
 
@@ -63,7 +63,7 @@ def masked_sq_norm_(grads, masks, norm_state, *, alpha, packed_masks=False):
     grads, masks = _nonempty(grads, masks) if masks else (_nonempty(grads)[0], [])
     if not grads:
         return
-    u = _direction(grads, masks, torch.as_tensor(alpha, dtype=torch.float32, device=grads[0].device))
+    u = _direction(grads, masks, device_scalar(alpha, grads[0].device))
     norm_state[0] += torch.stack(torch._foreach_norm(u, 2)).square().sum()
     largest = torch.stack(torch._foreach_norm(u, _INF))
     norm_state[1] = torch.maximum(norm_state[1], (~torch.isfinite(largest)).any().float())
