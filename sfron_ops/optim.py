@@ -487,15 +487,22 @@ class SFRon(Optimizer):
                     p.copy_(b)
 
     # ------------------------------------------------------------------ saliency
-    def accumulate_fisher(self, which: str, scale: float = 1.0) -> None:
+    def accumulate_fisher(self, which: str, scale: float = 1.0, grad_scaler=None) -> bool:
         """``F_which += scale * grad^2`` (float32) for every parameter with a gradient; call after a backward.
 
-        With a GradScaler, call ``scaler.unscale_(opt)`` first: squares of scaled
-        gradients carry the scale squared.
+        Squares of scaled gradients would carry the scale squared: with a
+        ``torch.amp.GradScaler`` pass it as ``grad_scaler`` and the gradients are
+        unscaled first, and a batch whose gradients overflowed is left out (call
+        ``grad_scaler.update()`` after each batch). Returns whether the batch was added.
         """
         if which not in FISHER_KEYS:
             raise ValueError(f"Invalid which: {which!r}; expected 'forget' or 'remain'")
         _check_number("scale", scale, low=0.0)
+        if grad_scaler is not None:
+            from .integrations.amp import unscale_for_fisher  # local: integrations imports this module
+
+            if not unscale_for_fisher(grad_scaler, self):
+                return False
         key = FISHER_KEYS[which]
         fishers, grads = [], []
         for p in (p for g in self.param_groups for p in g["params"]):
@@ -508,6 +515,7 @@ class SFRon(Optimizer):
             grads.append(p.grad)
         with torch.no_grad():
             F.fisher_accumulate_(fishers, grads, scale=scale, impl=self._impl_for)
+        return True
 
     def fisher(self, which: str) -> list:
         """The accumulated Fisher diagonals aligned with the parameters (``None`` where none)."""
