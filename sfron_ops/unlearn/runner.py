@@ -298,7 +298,9 @@ def run(method, model: nn.Module, forget_loader=None, remain_loader=None, *, los
         _save_atomic({"version": CHECKPOINT_VERSION, "method_name": method.name,
                       "hparams": method.hparams_for_checkpoint(), "iteration": iteration, "finished": finished,
                       "model": model.state_dict(), "method": method.state_dict(), "data": data.state_dict(),
-                      "rng": rng_state(), "history": history, "seconds": elapsed}, checkpoint)
+                      "rng": rng_state(), "history": history, "seconds": elapsed,
+                      # the record being accumulated, so that a resumed history matches an uninterrupted one
+                      "window": {k: (float(v), counts[k]) for k, v in sums.items()}}, checkpoint)
 
     bar = None
     if progress:
@@ -307,6 +309,9 @@ def run(method, model: nn.Module, forget_loader=None, remain_loader=None, *, los
         bar = tqdm(total=n, initial=start, desc=desc or method.name, leave=False, dynamic_ncols=True)
     sums: dict = {}
     counts: dict = {}
+    if saved is not None:
+        for k, (total, count) in saved.get("window", {}).items():
+            sums[k], counts[k] = total, count
     end = n if stop_after is None else min(n, stop_after)
     i = start
     try:
