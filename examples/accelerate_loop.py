@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
-from toy import batches, fisher_and_mask, pretrained, report, toy_task  # noqa: E402
+from toy import batches, pretrained, report, toy_task  # noqa: E402
 
 import sfron_ops  # noqa: E402
 from sfron_ops.integrations import accelerate as sfron_accelerate  # noqa: E402

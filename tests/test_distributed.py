@@ -116,7 +116,7 @@ def forget_norm(opt):
 
 
 # --------------------------------------------------------------------------- single process
-def single_process(base, resume=False):
+def single_process(base):
     data = make_data()
     model = make_model()
     opt, sched = make_optimizer(model, base)
