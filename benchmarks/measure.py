@@ -29,6 +29,8 @@ import numpy as np
 import torch
 
 GPU_FLUSH_BYTES = 256 << 20
+SLOW_BUDGET_FACTOR = 5
+SLOW_MIN_REPS = 3
 CPU_FLUSH_MAX_BYTES = 512 << 20
 
 
@@ -71,12 +73,19 @@ class Timer:
             torch.cuda.synchronize(self.device)
 
     def __call__(self, fn) -> dict:
-        start = time.perf_counter()
+        per_call = None
         for _ in range(max(self.warmup, 1)):
+            start = time.perf_counter()
             fn()
-        self._sync()
-        per_call = (time.perf_counter() - start) / max(self.warmup, 1)
-        reps = int(min(self.max_reps, max(self.min_reps, math.ceil(self.budget_s / max(per_call, 1e-7)))))
+            self._sync()
+            per_call = time.perf_counter() - start
+            if per_call > self.budget_s:  # a slow call: one warm-up is enough
+                break
+        reps = min(self.max_reps, max(self.min_reps, math.ceil(self.budget_s / max(per_call, 1e-7))))
+        if per_call * reps > SLOW_BUDGET_FACTOR * self.budget_s:
+            # slow calls get fewer repetitions (at least SLOW_MIN_REPS), so that they cannot eat a run's time
+            floor = min(self.min_reps, SLOW_MIN_REPS)
+            reps = min(reps, max(floor, math.ceil(SLOW_BUDGET_FACTOR * self.budget_s / per_call)))
         host, device = [], []
         if self.cuda:
             events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]

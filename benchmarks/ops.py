@@ -85,10 +85,11 @@ def _ours_masked_norm(st, impl):
     return Runner(step, lambda: [st.norm_state[:1]])
 
 
-def _ours_sgd(*, forget: bool, clip: bool, momentum: float, weight_decay: float, check_finite: bool):
+def _ours_sgd(*, forget: bool, clip: bool, momentum: float, weight_decay: float, check_finite: bool,
+              packed: bool = False):
     def build(st, impl):
         n = len(st.params)
-        masks = st.masks if forget else [None] * n
+        masks = (st.packed_masks if packed else st.masks) if forget else [None] * n
         bufs = st.momentum_buffers if momentum else []
         alpha = FORGET_ALPHA if forget else 1.0
         norm_states = _norm_states(st) if (clip or check_finite) else None
@@ -167,6 +168,12 @@ OPS = {
                _SGD_NEEDS + ("momentum_buffers",), "6P + 2", lambda p: 6 * p + 2,
                _ours_sgd(forget=True, clip=True, momentum=SGD_MOMENTUM, weight_decay=SGD_WEIGHT_DECAY,
                          check_finite=True)),
+        OpSpec("forget_full_packed", "sgd_update", "forget_full with bit-packed masks (one bit per weight)",
+               _SGD_NEEDS + ("momentum_buffers", "packed_masks"), "6P + 2/8", lambda p: 6 * p + 0.25,
+               _ours_sgd(forget=True, clip=True, momentum=SGD_MOMENTUM, weight_decay=SGD_WEIGHT_DECAY,
+                         check_finite=True, packed=True),
+               notes="our backends read the packed masks (SFRon(mask_format='packed')); the baselines have no "
+                     "packed form and use their dense masks, as in forget_full"),
         OpSpec("remain", "sgd_update", "remain step: SGD momentum 0.9 + weight decay 5e-4, no mask",
                ("params", "grads", "momentum_buffers"), "6P", lambda p: 6 * p,
                _ours_sgd(forget=False, clip=False, momentum=SGD_MOMENTUM, weight_decay=SGD_WEIGHT_DECAY,

@@ -83,7 +83,7 @@ def headline(results, case=HEADLINE_CASE, dtype="fp32") -> list[dict]:
     return out
 
 
-def markdown(results, chart_name=None) -> str:
+def _header(results, chart_name) -> list[str]:
     meta, roofs = results["meta"], results["roofs"]
     lines = [f"# sfron_ops benchmarks: {meta['device_name']} ({meta['device']})", ""]
     commit = (meta.get("commit") or "unknown")[:10]
@@ -93,14 +93,13 @@ def markdown(results, chart_name=None) -> str:
         f"in {meta.get('wall_s', 0):.0f} s. "
         f"torch {meta['torch']}, torchvision {meta.get('torchvision')}, triton {meta.get('triton')}, "
         f"Python {meta['python']}; {meta['cpu_count']} CPUs ({meta['cpu']}), {meta['torch_threads']} torch threads"
-        + (f"; {meta.get('capability') and 'compute capability ' + meta['capability']}, CUDA {meta.get('cuda')}"
-           if meta.get("cuda") else "") + ".")
+        + (f"; compute capability {meta.get('capability')}, CUDA {meta.get('cuda')}" if meta.get("cuda") else "")
+        + ".")
     la0 = ", ".join(f"{x:.2f}" for x in meta["loadavg_start"])
     la1 = ", ".join(f"{x:.2f}" for x in meta.get("loadavg_end") or ())
-    busy = _busy(meta)
     lines += ["", f"Load average (1, 5, 15 min) at the start: {la0}; at the end: {la1}."
               + (" **The machine was shared with other work during this run: expect noisier and slower numbers "
-                 "than on an idle machine.**" if busy else "")]
+                 "than on an idle machine.**" if _busy(meta) else "")]
     measured = [c for c in results["contenders"] if c not in BASELINES]
     lines += ["", f"Our backends measured: {', '.join(measured)}. Baselines: `torch` (best stock-PyTorch composition) "
               "and `official` (the authors' per-parameter loop)."]
@@ -117,40 +116,125 @@ def markdown(results, chart_name=None) -> str:
               "baseline's time over this row's time (above 1: faster than that baseline)."]
     if chart_name:
         lines += ["", f"![benchmark chart]({chart_name})"]
+    return lines
 
+
+def _find(results, op, case, dtype, contender):
+    return next((r for r in results["rows"] if (r["op"], r["case"], r["dtype"], r["contender"])
+                 == (op, case, dtype, contender) and r.get("median_s")), None)
+
+
+def targets(results) -> list[list[str]]:
+    """The kernel issues' targets that this run can check: ``[target, measured, goal, status]`` rows."""
+    meta, roofs = results["meta"], results["roofs"]
+    cuda = meta["device"].startswith("cuda")
+    missing = results.get("unavailable", {})
+    ops_ = list(dict.fromkeys(r["op"] for r in results["rows"]))
+    out = []
+
+    def status(ok):
+        return "met" if ok else "**not met**"
+
+    def absent(backend, what):
+        out.append([what, f"`{backend}` not measured ({missing.get(backend, 'not in this run')})", "", "—"])
+
+    flat = [r for r in results["rows"] if r["case"] == "flat"]
+    flat_size = f"flat {flat[0]['numel']:,}" if flat else "flat"
+    if not cuda:
+        if not _find(results, "forget_full", "flat", "fp32", "fused"):
+            absent("fused", f"C++ ≥ 80 % of the in-place bandwidth ({flat_size}, every op, fp32)")
+            return out
+        for op in ops_:
+            r = _find(results, op, "flat", "fp32", "fused")
+            if r:
+                out.append([f"C++ `{op}` bandwidth, {flat_size}, fp32", f"{100 * r['roof_share']:.0f} % of in-place",
+                            "≥ 80 %", status(r["roof_share"] >= 0.8)])
+        fused, foreach = (_find(results, "forget_full", "flat", "fp32", c) for c in ("fused", "foreach"))
+        if fused and foreach:
+            ratio = foreach["median_s"] / fused["median_s"]
+            out.append([f"C++ forget step (clip + momentum + wd) vs `foreach`, {flat_size}, fp32", f"{ratio:.2f}×",
+                        "≥ 1.5×", status(ratio >= 1.5)])
+        return out
+    for backend, goal in (("fused", 0.9), ("triton", 0.85)):
+        if not _find(results, "forget_full", "flat", "fp32", backend):
+            absent(backend, f"`{backend}` ≥ {100 * goal:.0f} % of the copy bandwidth ({flat_size}, every op)")
+            continue
+        for op in ops_:
+            r = _find(results, op, "flat", "fp32", backend)
+            if r:
+                out.append([f"`{backend}` `{op}` bandwidth, {flat_size}, fp32",
+                            f"{100 * r['roof_share']:.0f} % of copy", f"≥ {100 * goal:.0f} %",
+                            status(r["roof_share"] >= goal)])
+    for op in ops_:
+        fused, triton = (_find(results, op, "flat", "fp32", c) for c in ("fused", "triton"))
+        if fused and triton:
+            ratio = triton["median_s"] / fused["median_s"]
+            out.append([f"`triton` vs `fused` `{op}`, {flat_size}, fp32", f"{ratio:.2f}× the time", "≤ 1.10×",
+                        status(ratio <= 1.10)])
+    fused = _find(results, "forget_full", HEADLINE_CASE, "fp32", "fused")
+    if fused:
+        floor = fused["modelled_bytes"] / (roofs["copy_gbs"] * 1e9)
+        out.append([f"`fused` forget step, {HEADLINE_CASE}, fp32, against its byte-model floor ({fmt_time(floor)})",
+                    f"{fused['median_s'] / floor:.2f}×", "≤ 1.5×", status(fused["median_s"] <= 1.5 * floor)])
+        for name, goal in (("torch", 1.6), ("official", 3.0)):
+            if fused.get(f"vs_{name}"):
+                out.append([f"`fused` forget step vs `{name}`, {HEADLINE_CASE}, fp32", fmt_ratio(fused[f"vs_{name}"]),
+                            f"≥ {goal}×", status(fused[f"vs_{name}"] >= goal)])
+    else:
+        absent("fused", f"`fused` forget step on {HEADLINE_CASE}: floor, ×torch, ×official")
+    return out
+
+
+def _targets_section(results) -> list[str]:
+    rows = targets(results)
+    if not rows:
+        return []
+    return ["", "## Targets of the kernel issues", ""] + _table(["target", "measured", "goal", ""], rows)
+
+
+def _headline_section(results) -> list[str]:
     heads = headline(results)
-    if heads:
-        lines += ["", f"## Headline: {HEADLINE_CASE} parameters, fp32", ""]
-        rows = []
-        for h in heads:
-            best = h["best"]
-            rows.append([f"`{h['op']}`", f"{best['contender']}", fmt_time(best["median_s"]),
-                         fmt_time(h["torch"]["median_s"]) if h["torch"] else "—",
-                         fmt_time(h["official"]["median_s"]) if h["official"] else "—",
-                         fmt_ratio(best.get("vs_torch")), fmt_ratio(best.get("vs_official")),
-                         f"{100 * best['roof_share']:.0f}%", fmt_bytes(_peak(best))])
-        lines += _table(["op", "our best", "time", "torch", "official", "×torch", "×official", "% roof", "peak"],
-                        rows)
+    if not heads:
+        return []
+    lines = ["", f"## Headline: {HEADLINE_CASE} parameters, fp32", ""]
+    rows = []
+    for h in heads:
+        best = h["best"]
+        rows.append([f"`{h['op']}`", f"{best['contender']}", fmt_time(best["median_s"]),
+                     fmt_time(h["torch"]["median_s"]) if h["torch"] else "—",
+                     fmt_time(h["official"]["median_s"]) if h["official"] else "—",
+                     fmt_ratio(best.get("vs_torch")), fmt_ratio(best.get("vs_official")),
+                     f"{100 * best['roof_share']:.0f}%", fmt_bytes(_peak(best))])
+    return lines + _table(["op", "our best", "time", "torch", "official", "×torch", "×official", "% roof", "peak"],
+                          rows)
 
-    if results.get("e2e"):
-        batch = results["e2e"][0]["batch"]
-        lines += ["", f"## End to end: one SFR-on iteration (forget + remain step), ResNet-18, batch {batch}", "",
-                  "Forward and backward included; `fwd_bwd` is the two passes without any optimizer work.", ""]
-        rows = [[r["contender"], fmt_time(r["median_s"]), f"{fmt_time(r['p20_s'])} – {fmt_time(r['p80_s'])}",
-                 fmt_ratio(r.get("vs_torch")), fmt_ratio(r.get("vs_official")), r["reps"]] for r in results["e2e"]]
-        lines += _table(["contender", "time", "p20 – p80", "×torch", "×official", "reps"], rows)
 
-    if results.get("verification"):
-        names = [c for c in results["contenders"] if c != "reference"]
-        lines += ["", "## Same math", "",
-                  "Before timing, every contender made one call from the same state on the small ragged case (fp32); "
-                  "the worst relative difference from the reference backend (bool outputs: mismatching elements), "
-                  f"checked against {results.get('verification_tolerance')}:", ""]
-        rows = [[f"`{op}`"] + [("—" if errs.get(n) is None else f"{errs[n]:.1e}") for n in names]
-                for op, errs in results["verification"].items()]
-        lines += _table(["op"] + names, rows)
+def _e2e_section(results) -> list[str]:
+    if not results.get("e2e"):
+        return []
+    batch = results["e2e"][0]["batch"]
+    lines = ["", f"## End to end: one SFR-on iteration (forget + remain step), ResNet-18, batch {batch}", "",
+             "Forward and backward included; `fwd_bwd` is the two passes without any optimizer work.", ""]
+    rows = [[r["contender"], fmt_time(r["median_s"]), f"{fmt_time(r['p20_s'])} – {fmt_time(r['p80_s'])}",
+             fmt_ratio(r.get("vs_torch")), fmt_ratio(r.get("vs_official")), r["reps"]] for r in results["e2e"]]
+    return lines + _table(["contender", "time", "p20 – p80", "×torch", "×official", "reps"], rows)
 
-    lines += ["", "## Per op and case"]
+
+def _verification_section(results) -> list[str]:
+    if not results.get("verification"):
+        return []
+    names = [c for c in results["contenders"] if c != "reference"]
+    lines = ["", "## Same math", "",
+             "Before timing, every contender made one call from the same state on the small ragged case (fp32); "
+             "the worst relative difference from the reference backend (bool outputs: mismatching elements), "
+             f"checked against {results.get('verification_tolerance')}:", ""]
+    rows = [[f"`{op}`"] + [("—" if errs.get(n) is None else f"{errs[n]:.1e}") for n in names]
+            for op, errs in results["verification"].items()]
+    return lines + _table(["op"] + names, rows)
+
+
+def _per_op_section(results) -> list[str]:
+    lines = ["", "## Per op and case"]
     by_op = defaultdict(lambda: defaultdict(list))
     for r in results["rows"]:
         by_op[r["op"]][r["case"]].append(r)
@@ -165,7 +249,9 @@ def markdown(results, chart_name=None) -> str:
                   + "".join(f" `{k}`: {v}." for k, v in compositions.items())]
         for case, rows_ in per_case.items():
             first = rows_[0]
-            lines += ["", f"**{case}** ({first['tensors']:,} tensors, {first['numel']:,} elements)", ""]
+            masks = (f"; the masks our backends read: {fmt_bytes(first['mask_bytes'])}"
+                     if first.get("mask_bytes") else "")
+            lines += ["", f"**{case}** ({first['tensors']:,} tensors, {first['numel']:,} elements{masks})", ""]
             rows = []
             for r in rows_:
                 if "error" in r:
@@ -183,6 +269,18 @@ def markdown(results, chart_name=None) -> str:
     mem = next((r["memory"]["method"] for r in results["rows"] if r.get("memory")), None)
     if mem:
         lines += ["", f"Peak memory: {mem}."]
+    return lines
+
+
+def markdown(results, chart_name=None, summary=False) -> str:
+    """The report: header, targets, headline and end to end; unless ``summary``, also the checks and every table."""
+    lines = _header(results, chart_name) + _targets_section(results) + _headline_section(results)
+    lines += _e2e_section(results)
+    if summary:
+        lines += ["", "Every op and case, the baselines' exact compositions and the correctness check: "
+                  "see the full report next to this file."]
+    else:
+        lines += _verification_section(results) + _per_op_section(results)
     return "\n".join(lines) + "\n"
 
 

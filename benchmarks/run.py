@@ -4,8 +4,10 @@
 
 ``--quick`` runs smaller CPU cases with fewer repetitions (a few minutes on two
 cores); ``--smoke`` is the test suite's check that the whole pipeline works (seconds).
-Files are named after the device and mode: ``cpu.json``, ``cpu.md``,
-``cpu.png``; ``cuda-quick.json`` and so on (``--tag`` overrides).
+Files are named after the device and mode: ``cpu.json`` (every number),
+``cpu.md`` (every table), ``cpu-summary.md`` (targets, headline and end to
+end, for the README), ``cpu.png``; ``cuda-quick.json`` and so on (``--tag``
+overrides).
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ from . import cases, e2e, report, suite
 from .measure import Timer, bandwidth_roofs, environment
 from .ops import OPS
 
-#: per mode: budget seconds per measurement, min and max repetitions, warmup calls
+#: per mode and device type: budget seconds per measurement, min and max repetitions, warmup calls
 SETTINGS = {
-    "full": dict(budget_s=0.6, min_reps=5, max_reps=100, warmup=2),
-    "quick": dict(budget_s=0.2, min_reps=3, max_reps=30, warmup=1),
-    "smoke": dict(budget_s=0.0, min_reps=1, max_reps=1, warmup=1),
+    ("full", "cpu"): dict(budget_s=0.6, min_reps=5, max_reps=50, warmup=2),
+    ("full", "cuda"): dict(budget_s=0.2, min_reps=10, max_reps=100, warmup=2),
+    ("quick", "cpu"): dict(budget_s=0.2, min_reps=3, max_reps=30, warmup=1),
+    ("quick", "cuda"): dict(budget_s=0.1, min_reps=5, max_reps=50, warmup=2),
+    ("smoke", "cpu"): dict(budget_s=0.0, min_reps=1, max_reps=1, warmup=1),
+    ("smoke", "cuda"): dict(budget_s=0.0, min_reps=1, max_reps=1, warmup=1),
 }
 E2E_BATCH = {"full": 128, "quick": 128, "smoke": 2}
 E2E_BATCH_CPU_QUICK = 16
@@ -115,7 +120,7 @@ def _run(args, mode, device) -> dict:
     roofs = bandwidth_roofs(device, mode)
     log(f"  bandwidth: in-place a += s*b*b {roofs['inplace_gbs']:.1f} GB/s, copy {roofs['copy_gbs']:.1f} GB/s")
 
-    settings = dict(SETTINGS[mode])
+    settings = dict(SETTINGS[mode, device.type])
     if args.budget is not None:
         settings["budget_s"] = args.budget
     timer = Timer(device, flush=not args.no_flush and mode != "smoke", **settings)
@@ -161,6 +166,9 @@ def _run(args, mode, device) -> dict:
                 dtype = cases.DTYPES[dtype_name]
                 template = cases.make_state(case, dtype, device, spec.needs, args.seed)
                 modelled = spec.modelled_bytes(case.numel, dtype)
+                # the bytes of the masks our backends read (packed: one bit per element)
+                mask_key = next((k for k in ("packed_masks", "masks") if k in spec.needs), None)
+                mask_bytes = sum(m.nbytes for m in template.tensors[mask_key]) if mask_key else 0
                 group = []
                 for contender in the_contenders:
                     try:
@@ -170,7 +178,7 @@ def _run(args, mode, device) -> dict:
                                "error": f"{type(exc).__name__}: {exc}"}
                         suite.release(device, case.numel)
                     row.update(case=case_name, op=op, dtype=dtype_name, numel=case.numel, tensors=case.n_tensors,
-                               modelled_bytes=modelled)
+                               modelled_bytes=modelled, mask_bytes=mask_bytes)
                     if row.get("median_s"):
                         row["gbs"] = modelled / row["median_s"] / 1e9
                         row["roof_share"] = row["gbs"] / roofs["roof_gbs"]
@@ -189,11 +197,15 @@ def _run(args, mode, device) -> dict:
     os.makedirs(args.out, exist_ok=True)
     tag = args.tag or device.type + ("" if mode == "full" else f"-{mode}")
     paths = {ext: os.path.join(args.out, f"{tag}.{ext}") for ext in ("json", "md", "png")}
+    paths["summary"] = os.path.join(args.out, f"{tag}-summary.md")
     with open(paths["json"], "w") as f:
         json.dump(results, f, indent=1)
-    markdown = report.markdown(results, chart_name=os.path.basename(paths["png"]))
+    chart_name = os.path.basename(paths["png"])
+    markdown = report.markdown(results, chart_name=chart_name)
     with open(paths["md"], "w") as f:
         f.write(markdown)
+    with open(paths["summary"], "w") as f:
+        f.write(report.markdown(results, chart_name=chart_name, summary=True))
     report.chart(results, paths["png"])
     log("")
     log(markdown)

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import cases, run, suite
+from benchmarks import cases, report, run, suite
 from benchmarks.ops import OPS
 
 
@@ -91,4 +91,44 @@ def test_smoke_run_writes_json_markdown_and_chart(tmp_path, capsys):
         assert f"### `{op}`" in markdown
     assert "## End to end" in markdown and "## Same math" in markdown
     assert (tmp_path / "cpu-smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (tmp_path / "cpu-smoke-summary.md").read_text()
+    assert "## End to end" in summary and "### `" not in summary
     assert "wrote" in capsys.readouterr().out
+
+
+def _fake_results(device, rows):
+    roofs = {"copy_gbs": 100.0, "inplace_gbs": 50.0, "roof_gbs": 100.0 if device == "cuda" else 50.0}
+    return {"meta": {"device": device}, "roofs": roofs, "unavailable": {}, "rows": rows}
+
+
+def _fake_row(op, case, contender, seconds, roof_share, **extra):
+    return {"op": op, "case": case, "dtype": "fp32", "contender": contender, "median_s": seconds, "numel": 1 << 24,
+            "roof_share": roof_share, **extra}
+
+
+def test_cpu_targets_are_judged_from_the_measured_rows():
+    results = _fake_results("cpu", [
+        _fake_row("forget_full", "flat", "fused", 0.010, 0.85),
+        _fake_row("forget_full", "flat", "foreach", 0.014, 0.6),
+        _fake_row("fisher", "flat", "fused", 0.010, 0.70),
+    ])
+    rows = {r[0]: r for r in report.targets(results)}
+    assert rows["C++ `forget_full` bandwidth, flat 16,777,216, fp32"][3] == "met"
+    assert rows["C++ `fisher` bandwidth, flat 16,777,216, fp32"][3] == "**not met**"
+    speedup = rows["C++ forget step (clip + momentum + wd) vs `foreach`, flat 16,777,216, fp32"]
+    assert speedup[1] == "1.40×" and speedup[3] == "**not met**"
+
+
+def test_cuda_targets_include_the_floor_and_the_baseline_ratios():
+    results = _fake_results("cuda", [
+        _fake_row("forget_full", "flat", "fused", 0.010, 0.92),
+        _fake_row("forget_full", "flat", "triton", 0.0105, 0.88),
+        _fake_row("forget_full", "resnet18_cifar", "fused", 0.004, 0.5, modelled_bytes=2.6e8, vs_torch=2.0,
+                  vs_official=2.5),
+    ])
+    rows = {r[0]: r for r in report.targets(results)}
+    assert rows["`triton` vs `fused` `forget_full`, flat 16,777,216, fp32"][3] == "met"
+    floor = next(r for name, r in rows.items() if "byte-model floor" in name)
+    assert floor[1] == "1.54×" and floor[3] == "**not met**"  # 4 ms against 2.6e8 B / 100 GB/s = 2.6 ms
+    assert rows["`fused` forget step vs `torch`, resnet18_cifar, fp32"][3] == "met"
+    assert rows["`fused` forget step vs `official`, resnet18_cifar, fp32"][3] == "**not met**"
