@@ -473,20 +473,22 @@ def test_bad_input_names_the_tensor_and_changes_nothing(device):
 
 
 # ------------------------------------------------------------------------------------------------- SFRon
-def sfron_trajectory(impl, base, dtype, device, iterations=8):
+def sfron_trajectory(impl, base, dtype, device, iterations=8, mask_format="dense"):
     """8 SFR-on iterations (forget steps on even iterations, clipped; remain steps, slow weights synced every
-    2nd), with bool, float and no masks, two param groups and one non-finite forget gradient."""
+    2nd), with bool, float (dense format only) and no masks, two param groups and one non-finite forget
+    gradient."""
     g = torch.Generator().manual_seed(11)
     shapes = [(0,), (1,), (7,), (33, 5), (4099,), (2, 3, 3)]
     params = [torch.nn.Parameter((torch.rand(s, generator=g) * 2 - 1).to(device, dtype)) for s in shapes]
+    soft = torch.rand(33, 5, generator=g)
     masks = [None, torch.ones(1, dtype=torch.bool), torch.rand(7, generator=g) < 0.5,
-             torch.rand(33, 5, generator=g).to(dtype), torch.rand(4099, generator=g) < 0.3, None]
+             soft.to(dtype) if mask_format == "dense" else soft < 0.5, torch.rand(4099, generator=g) < 0.3, None]
     hyper = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-3) if base == "sgd" else \
         dict(lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.05)
     opt = SFRon([{"params": params[:3]}, {"params": params[3:], "lr": hyper["lr"] / 2}],
                 mask=[None if m is None else m.to(device) for m in masks], base=base, forget_alpha=4.0,
                 max_grad_norm=3.0, remain_max_grad_norm=20.0, slow_alpha=0.5, sync_period=2,
-                reset_fast=base == "sgd", impl=impl, **hyper)
+                reset_fast=base == "sgd", impl=impl, mask_format=mask_format, **hyper)
     for i in range(iterations):
         phases = ["forget", "remain"] if i % 2 == 0 else ["remain"]
         for phase in phases:
@@ -498,11 +500,13 @@ def sfron_trajectory(impl, base, dtype, device, iterations=8):
     return params, opt
 
 
-@pytest.mark.parametrize("base", ["sgd", "adamw"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
-def test_sfron_trajectory_matches_the_reference(device, base, dtype):
-    ours, opt = sfron_trajectory("triton", base, dtype, device)
-    theirs, ref = sfron_trajectory("reference", base, dtype, device)
+@pytest.mark.parametrize("base,dtype,mask_format", [
+    ("sgd", torch.float32, "dense"), ("adamw", torch.float32, "dense"), ("sgd", torch.bfloat16, "dense"),
+    ("adamw", torch.bfloat16, "dense"), ("adamw", torch.float32, "packed")],
+    ids=lambda v: dtype_id(v) if isinstance(v, torch.dtype) else v)
+def test_sfron_trajectory_matches_the_reference(device, base, dtype, mask_format):
+    ours, opt = sfron_trajectory("triton", base, dtype, device, mask_format=mask_format)
+    theirs, ref = sfron_trajectory("reference", base, dtype, device, mask_format=mask_format)
     assert_lists([p.detach() for p in ours], [p.detach() for p in theirs], "params")
     assert opt.skipped_steps == ref.skipped_steps == 1
     for i, (p, q) in enumerate(zip(ours, theirs)):
@@ -511,7 +515,7 @@ def test_sfron_trajectory_matches_the_reference(device, base, dtype):
         assert "slow_param" in state
         for key in expected:
             if torch.is_tensor(expected[key]):
-                exact = key == "step" or key == "mask"
+                exact = key in ("step", "mask", "packed_mask")
                 assert_lists([state[key]], [expected[key]], f"state[{i}][{key!r}]", exact=exact)
 
 
@@ -523,6 +527,27 @@ def test_impl_selection(device):
         assert _impl.default_impl(device) == "triton"
     if device.type == "cpu":
         assert _impl.default_impl(device) != "triton"  # the interpreter is never picked on its own
+
+
+def test_signatures_match_the_op_schemas():
+    """KERNELS take the ops' arguments; each triton_op has the op's schema under its own name."""
+    import inspect
+
+    from sfron_ops import _ops
+
+    for stem, kernel in KERNELS.items():
+        ours = [(p.name, p.kind, p.default) for p in inspect.signature(kernel).parameters.values()]
+        theirs = [(p.name, p.kind, p.default) for p in inspect.signature(reference.KERNELS[stem]).parameters.values()]
+        assert ours == theirs, stem
+        op_schema = torch._C.parse_schema(f"sfron_ops::{_ops.SCHEMAS[stem]}")
+        triton_schema = TRITON_OPS[stem]._opoverload._schema
+        assert triton_schema.name == f"sfron_ops::{_ops.OP_NAMES[stem]}triton_"
+
+        def described(schema):
+            return [(a.name, str(a.type), a.kwarg_only, a.default_value,
+                     a.alias_info is not None and a.alias_info.is_write) for a in schema.arguments]
+
+        assert described(triton_schema) == described(op_schema), stem
 
 
 def compiled_step(grads, masks, params, bufs, steps, norm_state, slow):

@@ -112,7 +112,7 @@ def chunk_of(table, num_chunks, NCOLS: tl.constexpr, CHUNK: tl.constexpr):
     entry = tl.load(table + tl.program_id(0))
     tensor = entry >> 32
     row = table + num_chunks + tensor * NCOLS
-    start = (entry & 0xFFFFFFFF) * CHUNK
+    start = (entry - (tensor << 32)) * CHUNK
     numel = tl.load(row + (NCOLS - 1))
     return row, start, numel
 
