@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 from helpers import dtype_id  # noqa: E402
 
-from sfron_ops import SFRon, _impl, mask, reference  # noqa: E402
+from sfron_ops import SFRon, _impl, _ops, mask, reference  # noqa: E402
 from sfron_ops.reference import pack_mask  # noqa: E402
 
 TRITON_ON_CPU = os.environ.get("TRITON_INTERPRET") == "1"
@@ -530,10 +530,9 @@ def test_impl_selection(device):
 
 
 def test_signatures_match_the_op_schemas():
-    """KERNELS take the ops' arguments; each triton_op has the op's schema under its own name."""
+    """KERNELS take the ops' arguments; each triton_op has the op's schema under its own name and names
+    its kernel (torch hashes the kernel sources into its compile caches)."""
     import inspect
-
-    from sfron_ops import _ops
 
     for stem, kernel in KERNELS.items():
         ours = [(p.name, p.kind, p.default) for p in inspect.signature(kernel).parameters.values()]
@@ -548,6 +547,9 @@ def test_signatures_match_the_op_schemas():
                      a.alias_info is not None and a.alias_info.is_write) for a in schema.arguments]
 
         assert described(triton_schema) == described(op_schema), stem
+        if not TRITON_ON_CPU:  # interpreted kernels are not JIT functions; the CPU check is in _compile_check
+            kernels = torch._library.triton.get_triton_kernels_for_op(triton_schema.name)
+            assert [k.__name__ for k in kernels] == [f"_{stem}_kernel"], stem
 
 
 def compiled_step(grads, masks, params, bufs, steps, norm_state, slow):
@@ -608,15 +610,35 @@ def test_triton_ops_under_opcheck(device):
         torch.library.opcheck(TRITON_OPS[stem], args, kwargs, test_utils=utils)
 
 
-def test_kernels_compile_to_vectorised_sm90_code():
+def test_kernels_compile_to_vectorised_sm90_code_and_trace_with_exact_writes():
     """Triton's compiler and ptxas (shipped with Triton) build every launched variant for an H100/H200
-    without a GPU: valid code, no register spills, 16-byte vector accesses."""
+    without a GPU: valid code, no register spills, 16-byte vector accesses. torch.compile records one
+    kernel launch per tensor, and torch's analysis of each kernel finds exactly the arguments it writes."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-m", "sfron_ops.triton._compile_check", "--arch", "90"], env=env,
                             capture_output=True, text=True, timeout=900,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "0 without vector loads or with spills" in result.stdout
+    writes = {}
+    for line in result.stdout.splitlines():
+        if line.startswith("graph "):
+            _, name, listed = line.split()
+            writes.setdefault(name, []).append(set(listed.removeprefix("writes=").split(",")))
+    expected = {
+        "_masked_norm_kernel": {"norm_state", "partials", "counter"},
+        "_sgd_update_kernel": {"params", "momentum_buffers", "steps", "counter"},
+        "_adamw_update_kernel": {"params", "exp_avgs", "exp_avg_sqs", "steps", "counter"},
+        "_slow_sync_kernel": {"slow_params", "params"},
+        "_fisher_accumulate_kernel": {"fishers"},
+        "_saliency_mask_kernel": {"masks", "kept"},
+    }
+    assert writes.keys() == expected.keys()
+    for name, found in writes.items():
+        assert found == [expected[name]] * 2, name  # one launch for each of the two tensors
+    # each triton_op names its kernel (torch hashes kernel sources into its compile caches)
+    registered = dict(line.split()[1:] for line in result.stdout.splitlines() if line.startswith("registry "))
+    assert registered == {f"sfron_ops::{_ops.OP_NAMES[stem]}triton_": f"_{stem}_kernel" for stem in KERNELS}
 
 
 # ------------------------------------------------------------------------------------------------- GPU only

@@ -49,9 +49,9 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from torch._higher_order_ops.triton_kernel_wrap import TraceableTritonKernelWrapper
 from torch._subclasses.fake_tensor import is_fake
 from torch._subclasses.functional_tensor import FunctionalTensor
-from torch.library import wrap_triton
 
 #: elements per inner iteration of a program; Triton's default 4 warps give each thread 8 elements
 #: (two 16-byte vectors of float32, one of bfloat16)
@@ -281,17 +281,19 @@ def traced(t: torch.Tensor) -> bool:
 
 
 def launch(kernel, grid: int, args: tuple, *, trace: bool, **constexprs) -> None:
-    """Launch ``kernel`` on a 1-D grid; through ``wrap_triton`` while tracing so torch.compile records it."""
+    """Launch ``kernel`` on a 1-D grid.
+
+    While tracing, ``kernel`` is the family's ``wrap_triton(kernel)``, so that torch.compile records
+    the launch (and ``triton_op`` finds the kernel in the family's source).
+    """
     execute = True
     for records, run in _recorders:
-        records.append(LaunchRecord(kernel, grid, args, constexprs))
+        raw = kernel.kernel if isinstance(kernel, TraceableTritonKernelWrapper) else kernel
+        records.append(LaunchRecord(raw, grid, args, constexprs))
         execute = execute and run
     if not execute:
         return
-    if not trace:
-        kernel[(grid,)](*args, **constexprs)
-        return
-    if interpreted():
+    if trace and interpreted():
         # wrap_triton cannot trace interpreted kernels: fake-tensor propagation has nothing to
         # compute for an op that returns nothing, but a graph without the kernels would be wrong
         if any(isinstance(a, FunctionalTensor) for a in args):
@@ -299,7 +301,7 @@ def launch(kernel, grid: int, args: tuple, *, trace: bool, **constexprs) -> None
                 "sfron_ops Triton kernels under TRITON_INTERPRET=1 cannot be traced into an AOT graph; "
                 "use torch.compile(backend='eager') on CPU, or a CUDA device for Inductor")
         return
-    wrap_triton(kernel)[(grid,)](*args, **constexprs)
+    kernel[(grid,)](*args, **constexprs)
 
 
 # --------------------------------------------------------------------------- host: workspaces

@@ -5,9 +5,12 @@ small CPU tensors with launches recorded but not executed, compiles each
 recorded variant with Triton's own compiler and ``ptxas`` for ``sm_<arch>``,
 and prints what the PTX does: global loads and stores (``v4`` = 16-byte
 vectors), IEEE division and square root, atomics. It fails if a variant does
-not compile, spills registers, or has no 16-byte vector access. The
-interpreter (``TRITON_INTERPRET=1``) checks semantics on CPU; this checks that
-the same source is valid, vectorised GPU code.
+not compile, spills registers, or has no 16-byte vector access. It then lets
+torch.compile record one SFR-on step and prints, for every recorded kernel
+launch, the arguments torch's analysis of the kernel finds written (what
+Inductor copies back). The interpreter (``TRITON_INTERPRET=1``) checks
+semantics on CPU; this checks that the same source is valid, vectorised GPU
+code, and traceable.
 """
 
 import argparse
@@ -113,6 +116,71 @@ def summarize(ptx: str, ptxas_log: str) -> dict:
     }
 
 
+def traced_writes() -> list[tuple[str, list[str]]]:
+    """(kernel, arguments it writes) for every kernel launch that torch.compile records for one SFR-on step.
+
+    AOTAutograd functionalizes the step; torch analyses each recorded kernel's TTIR to find the arguments
+    it writes, which decides what Inductor copies back. Nothing runs: the compiled function is replaced by
+    a stub. Without a GPU, a stand-in driver tells the analysis which target to compile for.
+    """
+    import triton
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from triton.backends.compiler import GPUTarget
+
+    from . import KERNELS
+
+    try:
+        triton.runtime.driver.active.get_current_target()
+    except RuntimeError:  # no GPU driver here
+
+        class TargetOnly:
+            def get_current_target(self):
+                return GPUTarget("cuda", 90, 32)
+
+        triton.runtime.driver.set_active(TargetOnly())
+
+    graphs = []
+
+    class Captured(Exception):
+        pass
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+
+        def stub(*args):
+            raise Captured()
+
+        return stub
+
+    def step(grads, masks, params, bufs, steps, norm_state, slow, exp_avgs, exp_avg_sqs, fishers, kept):
+        KERNELS["masked_norm"](grads, masks, norm_state, alpha=2.0)
+        KERNELS["sgd_update"](params, grads, masks, bufs, steps, norm_state, lr=0.1, scale=-2.0, momentum=0.9,
+                              dampening=0.0, weight_decay=1e-2, nesterov=True, max_norm=0.5)
+        KERNELS["adamw_update"](params, grads, [], exp_avgs, exp_avg_sqs, steps, None, lr=0.1, scale=1.0, beta1=0.9,
+                                beta2=0.99, eps=1e-8, weight_decay=0.0, max_norm=0.0)
+        KERNELS["slow_sync"](slow, params, alpha=0.5, reset_fast=True)
+        KERNELS["fisher_accumulate"](fishers, grads, scale=0.5)
+        KERNELS["saliency_mask"](fishers, slow, masks, kept, gamma=1.0)
+
+    shapes = [(7,), (3, 5)]
+    params = [torch.rand(s) for s in shapes]
+    args = ([torch.rand(s) for s in shapes], [torch.rand(s) < 0.5 for s in shapes], params,
+            [torch.zeros(s) for s in shapes], [torch.zeros(()) for _ in shapes], torch.zeros(2),
+            [p.clone() for p in params], [torch.zeros(s) for s in shapes], [torch.zeros(s) for s in shapes],
+            [torch.zeros(s) for s in shapes], torch.zeros((), dtype=torch.int64))
+    try:
+        torch.compile(step, fullgraph=True, backend=aot_autograd(fw_compiler=capture))(*args)
+    except Captured:
+        pass
+    out = []
+    for node in graphs[0].graph.nodes:
+        if node.op == "call_function" and "kernel_idx" in node.kwargs:
+            kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+            out.append((kernel.__name__, list(node.kwargs["tensors_to_clone"])))
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
@@ -136,6 +204,15 @@ def main(argv=None) -> int:
         consts = ",".join(f"{k}={v}" for k, v in record.constexprs.items() if k not in ("BLOCK", "CHUNK"))
         print(f"{'ok ' if ok else 'BAD'} {name:27s} {mode:6s} {consts}\n    {info}")
     print(f"{len(seen)} variants compiled for sm_{args.arch}, {failures} without vector loads or with spills")
+    for name, writes in traced_writes():
+        print(f"graph {name} writes={','.join(sorted(writes))}")
+    from torch._library.triton import get_triton_kernels_for_op
+
+    from . import TRITON_OPS
+
+    for op in TRITON_OPS.values():
+        name = op._opoverload._schema.name
+        print(f"registry {name} {','.join(k.__name__ for k in get_triton_kernels_for_op(name))}")
     return 1 if failures else 0
 
 

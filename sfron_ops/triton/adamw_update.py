@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
+from torch.library import triton_op, wrap_triton
 
 from .. import _ops
 from ._common import (
@@ -120,7 +120,7 @@ def _adamw_update(params: list[torch.Tensor], grads: list[torch.Tensor], masks: 
 
     def issue(call, witnesses, state, trace):
         counter, _ = workspace(call.device, 0, trace)
-        launch(_adamw_update_kernel, call.grid,
+        launch(wrap_triton(_adamw_update_kernel) if trace else _adamw_update_kernel, call.grid,
                (call.table, call.num_chunks, call.num_tensors, *witnesses, call.numel,
                 placeholder(call.device) if state[0] is None else state[0], counter, float(lr), float(scale),
                 float(beta1), float(beta2), float(1 - beta1), float(1 - beta2), float(eps),

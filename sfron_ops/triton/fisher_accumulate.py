@@ -7,7 +7,7 @@ r"""fisher_accumulate_: the diagonal Fisher of one batch added to float32 accumu
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
+from torch.library import triton_op, wrap_triton
 
 from .. import _ops
 from ._common import (
@@ -54,8 +54,8 @@ def _fisher_accumulate(fishers: list[torch.Tensor], grads: list[torch.Tensor], *
         _ops.check_fisher_accumulate(fishers, grads, scale=scale)
 
     def issue(call, witnesses, state, trace):
-        launch(_fisher_accumulate_kernel, call.grid, (call.table, call.num_chunks, *witnesses, call.numel,
-                                                      float(scale)),
+        launch(wrap_triton(_fisher_accumulate_kernel) if trace else _fisher_accumulate_kernel, call.grid,
+               (call.table, call.num_chunks, *witnesses, call.numel, float(scale)),
                trace=trace, TABLE=call.table_mode, ALIGNED=call.aligned, BLOCK=BLOCK, CHUNK=CHUNK)
 
     execute("fisher_accumulate", [fishers, grads], 2, CHUNK, check=check, issue=issue, mutated=(0,))

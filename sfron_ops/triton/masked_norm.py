@@ -12,7 +12,7 @@ in :mod:`._common`), so the result is the same on every run.
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
+from torch.library import triton_op, wrap_triton
 
 from .. import _ops
 from ._common import (
@@ -97,7 +97,7 @@ def _masked_sq_norm(grads: list[torch.Tensor], masks: list[torch.Tensor], norm_s
 
     def issue(call, witnesses, state, trace):
         counter, partials = workspace(call.device, 2 * call.grid, trace)
-        launch(_masked_norm_kernel, call.grid,
+        launch(wrap_triton(_masked_norm_kernel) if trace else _masked_norm_kernel, call.grid,
                (call.table, call.num_chunks, *witnesses, call.numel, state[0], partials, counter, float(alpha)),
                trace=trace, TABLE=call.table_mode, MASK_KIND=kind, ALIGNED=call.aligned, BLOCK=BLOCK,
                CHUNK=NORM_CHUNK, REDUCE_BLOCK=REDUCE_BLOCK)

@@ -13,7 +13,7 @@ an integer atomic per program, exact in any order.
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
+from torch.library import triton_op, wrap_triton
 
 from .. import _ops
 from ._common import (
@@ -70,7 +70,7 @@ def _saliency_mask(forget_fishers: list[torch.Tensor], remain_fishers: list[torc
         _ops.check_saliency_mask(forget_fishers, remain_fishers, masks, kept, gamma=gamma)
 
     def issue(call, witnesses, state, trace):
-        launch(_saliency_mask_kernel, call.grid,
+        launch(wrap_triton(_saliency_mask_kernel) if trace else _saliency_mask_kernel, call.grid,
                (call.table, call.num_chunks, *witnesses, call.numel, state[0], float(_ops.RATIO_EPS), float(gamma)),
                trace=trace, TABLE=call.table_mode, ALIGNED=call.aligned, BLOCK=BLOCK, CHUNK=CHUNK)
 

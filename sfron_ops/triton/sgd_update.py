@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
+from torch.library import triton_op, wrap_triton
 
 from .. import _ops
 from ._common import (
@@ -115,7 +115,7 @@ def _sgd_update(params: list[torch.Tensor], grads: list[torch.Tensor], masks: li
 
     def issue(call, witnesses, state, trace):
         counter, _ = workspace(call.device, 0, trace)
-        launch(_sgd_update_kernel, call.grid,
+        launch(wrap_triton(_sgd_update_kernel) if trace else _sgd_update_kernel, call.grid,
                (call.table, call.num_chunks, call.num_tensors, *witnesses, call.numel,
                 placeholder(call.device) if state[0] is None else state[0], counter, float(lr), float(scale),
                 float(momentum), float(1 - dampening), float(weight_decay), int(nesterov), float(max_norm)),

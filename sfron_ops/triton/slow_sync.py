@@ -13,7 +13,7 @@ float64, as the reference computes them.
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
+from torch.library import triton_op, wrap_triton
 
 from .. import _ops
 from ._common import (
@@ -70,7 +70,7 @@ def _slow_sync(slow_params: list[torch.Tensor], params: list[torch.Tensor], *, a
         _ops.check_slow_sync(slow_params, params, alpha=alpha, reset_fast=reset_fast)
 
     def issue(call, witnesses, state, trace):
-        launch(_slow_sync_kernel, call.grid,
+        launch(wrap_triton(_slow_sync_kernel) if trace else _slow_sync_kernel, call.grid,
                (call.table, call.num_chunks, *witnesses, call.numel, float(alpha), float(1 - alpha),
                 int(alpha < 0.5), int(reset_fast)),
                trace=trace, TABLE=call.table_mode, ALIGNED=call.aligned, BLOCK=BLOCK, CHUNK=CHUNK)
