@@ -27,6 +27,7 @@ from sfron_ops import AdaptiveLoss, SFRon
 
 from . import baselines, ops
 from .cases import resnet18_cifar
+from .measure import peak_extra_bytes
 
 LAMBDA = 0.5  # the adaptive-loss exponent of the CIFAR-10 setting
 
@@ -146,16 +147,21 @@ def builders(ours_impls) -> dict:
     return out
 
 
-def run(device, batch, ours_impls, timer, names=None, log=print) -> list[dict]:
-    """One row per contender: the iteration time and its spread."""
+def run(device, batch, ours_impls, timer, names=None, log=print, memory=True) -> list[dict]:
+    """One row per contender: the iteration time, its spread and the peak memory of one iteration.
+
+    The peak includes the activations of the forward passes, the same for every
+    contender; the difference to ``fwd_bwd`` is what the optimizer side adds.
+    """
     rows = []
     for name, build in builders(ours_impls).items():
         if names and name not in names:
             continue
         iteration = build(device, batch)
         timing = timer(iteration)
+        peak = peak_extra_bytes(iteration, device) if memory else None
         kind = "ours" if name in ours_impls else ("floor" if name == "fwd_bwd" else "baseline")
-        rows.append({"contender": name, "kind": kind, "batch": batch, **timing})
+        rows.append({"contender": name, "kind": kind, "batch": batch, **timing, "memory": peak})
         log(f"  e2e {name:>10}: {timing['median_s'] * 1e3:9.2f} ms  ({timing['reps']} reps)")
         del iteration
         if torch.device(device).type == "cuda":

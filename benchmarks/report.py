@@ -8,6 +8,8 @@ from collections import defaultdict
 
 HEADLINE_CASE = "resnet18_cifar"
 BASELINES = ("torch", "official")
+#: one colour per contender in both panels of the chart
+CHART_ORDER = ("reference", "foreach", "fused", "triton", "torch", "official", "fwd_bwd")
 #: the load average (per torch thread) above which a run is marked as measured on a busy machine
 BUSY_LOAD_PER_THREAD = 0.25
 
@@ -214,10 +216,13 @@ def _e2e_section(results) -> list[str]:
         return []
     batch = results["e2e"][0]["batch"]
     lines = ["", f"## End to end: one SFR-on iteration (forget + remain step), ResNet-18, batch {batch}", "",
-             "Forward and backward included; `fwd_bwd` is the two passes without any optimizer work.", ""]
+             "Forward and backward included; `fwd_bwd` is the two passes without any optimizer work. *peak* is "
+             "the extra memory of one iteration at its peak, activations included (the same for every contender).",
+             ""]
     rows = [[r["contender"], fmt_time(r["median_s"]), f"{fmt_time(r['p20_s'])} – {fmt_time(r['p80_s'])}",
-             fmt_ratio(r.get("vs_torch")), fmt_ratio(r.get("vs_official")), r["reps"]] for r in results["e2e"]]
-    return lines + _table(["contender", "time", "p20 – p80", "×torch", "×official", "reps"], rows)
+             fmt_ratio(r.get("vs_torch")), fmt_ratio(r.get("vs_official")), fmt_bytes(_peak(r)), r["reps"]]
+            for r in results["e2e"]]
+    return lines + _table(["contender", "time", "p20 – p80", "×torch", "×official", "peak", "reps"], rows)
 
 
 def _verification_section(results) -> list[str]:
@@ -290,6 +295,7 @@ def chart(results, path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     rows = [r for r in results["rows"] if r["case"] == HEADLINE_CASE and r["dtype"] == "fp32" and r.get("median_s")]
     if not rows:  # smoke runs have no ResNet case: use the first case measured
@@ -298,16 +304,21 @@ def chart(results, path) -> None:
     case = rows[0]["case"] if rows else HEADLINE_CASE
     ops_ = list(dict.fromkeys(r["op"] for r in rows))
     names = list(dict.fromkeys(r["contender"] for r in rows))
+    palette = plt.get_cmap("tab10")
+    color = {name: palette(i) for i, name in enumerate(CHART_ORDER)}
+    color["fwd_bwd"] = "tab:gray"
     fig, axes = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [2, 1]})
     ax = axes[0]
     height = 0.8 / max(len(names), 1)
     for j, name in enumerate(names):
         times = {r["op"]: r["median_s"] * 1e3 for r in rows if r["contender"] == name}
         ys = [i + j * height for i in range(len(ops_))]
-        ax.barh(ys, [times.get(op, 0) for op in ops_], height=height, label=name)
+        ax.barh(ys, [times.get(op, 0) for op in ops_], height=height, label=name, color=color.get(name))
     ax.set_yticks([i + 0.4 - height / 2 for i in range(len(ops_))], ops_)
     ax.invert_yaxis()
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
     ax.set_xlabel("median time per call (ms, log scale)")
     ax.set_title(f"{case}, fp32, {results['meta']['device_name']}")
     ax.legend(loc="lower right", fontsize=8)
@@ -317,8 +328,7 @@ def chart(results, path) -> None:
         ax.bar([r["contender"] for r in e2e_rows], [r["median_s"] * 1e3 for r in e2e_rows],
                yerr=[[(r["median_s"] - r["p20_s"]) * 1e3 for r in e2e_rows],
                      [(r["p80_s"] - r["median_s"]) * 1e3 for r in e2e_rows]], capsize=3,
-               color=["tab:gray" if r["kind"] == "floor" else "tab:blue" if r["kind"] == "ours" else "tab:orange"
-                      for r in e2e_rows])
+               color=[color.get(r["contender"], "tab:gray") for r in e2e_rows])
         ax.set_ylabel("ms per iteration")
         ax.set_title(f"one SFR-on iteration, ResNet-18, batch {e2e_rows[0]['batch']}")
         ax.tick_params(axis="x", rotation=30)

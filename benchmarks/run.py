@@ -151,7 +151,7 @@ def _run(args, mode, device) -> dict:
                           else 3, max_reps=20, warmup=1, flush=False)
         names = None if not args.contenders else set(args.contenders) | {"fwd_bwd"}
         log(f"end to end: one SFR-on iteration of ResNet-18, batch {batch}")
-        results["e2e"] = e2e.run(device, batch, ours, e2e_timer, names=names, log=log)
+        results["e2e"] = e2e.run(device, batch, ours, e2e_timer, names=names, log=log, memory=not args.no_memory)
         _add_ratios(results["e2e"])
 
     for case_name in args.cases or cases.cases_for(device, mode):
