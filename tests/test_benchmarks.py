@@ -132,3 +132,28 @@ def test_cuda_targets_include_the_floor_and_the_baseline_ratios():
     assert floor[1] == "1.54×" and floor[3] == "**not met**"  # 4 ms against 2.6e8 B / 100 GB/s = 2.6 ms
     assert rows["`fused` forget step vs `torch`, resnet18_cifar, fp32"][3] == "met"
     assert rows["`fused` forget step vs `official`, resnet18_cifar, fp32"][3] == "**not met**"
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32])
+@pytest.mark.parametrize("op", list(OPS))
+def test_every_cuda_contender_computes_what_the_reference_computes(op, dtype):
+    contenders, _ = suite.contenders("cuda")
+    errors = suite.verify(op, cases.build_case("ragged", "cuda", "smoke"), dtype, "cuda", contenders)
+    for name, err in errors.items():
+        if name != "reference":
+            assert err <= run.VERIFY_RTOL["fp32"], f"{op}: {name} differs from the reference by {err:.2e}"
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_smoke_run(tmp_path):
+    results = run.main(["--smoke", "--device", "cuda", "--out", str(tmp_path)])
+    assert run.failures(results) == []
+    assert results["roofs"]["roof"] == "copy" and results["roofs"]["copy_gbs"] > 0
+    assert all(r["memory"]["device_bytes"] is not None for r in results["rows"])
+    assert (tmp_path / "cuda-smoke.md").exists() and (tmp_path / "cuda-smoke.png").exists()
