@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import _ops
-from .reference import clip_and_skip, unpack_mask
+from .reference import clip_and_skip, device_scalar, unpack_mask
 
 _INF = float("inf")
 
@@ -58,15 +58,23 @@ def _advance(steps, skip):
 
 
 def masked_sq_norm_(grads, masks, norm_state, *, alpha, packed_masks=False):
-    _ops.check_masked_sq_norm(grads, masks, norm_state, alpha=alpha, packed_masks=packed_masks)
+    _ops.validate("masked_norm", grads, masks, norm_state, alpha=alpha, packed_masks=packed_masks)
     masks = _unpacked(masks, grads, packed_masks)
     grads, masks = _nonempty(grads, masks) if masks else (_nonempty(grads)[0], [])
     if not grads:
         return
-    u = _direction(grads, masks, torch.tensor(alpha, dtype=torch.float32, device=grads[0].device))
-    norm_state[0] += torch.stack(torch._foreach_powsum(u, 2)).sum()
+    u = _direction(grads, masks, device_scalar(alpha, grads[0].device))
+    norm_state[0] += torch.stack(torch._foreach_norm(u, 2)).square().sum()
     largest = torch.stack(torch._foreach_norm(u, _INF))
     norm_state[1] = torch.maximum(norm_state[1], (~torch.isfinite(largest)).any().float())
+
+
+def _add_scaled(xs, ys, coef, inplace=False):
+    """xs + coef * ys; ``coef`` may be a 0-dim tensor (a tensor lr), which foreach ``alpha=`` does not take."""
+    add = torch._foreach_add_ if inplace else torch._foreach_add
+    if torch.is_tensor(coef):
+        return add(xs, torch._foreach_mul(ys, coef))
+    return add(xs, ys, alpha=coef)
 
 
 def _first_step_coef(steps, dampening):
@@ -81,7 +89,7 @@ def _first_step_coef(steps, dampening):
 
 def sgd_update_(params, grads, masks, momentum_buffers, steps, norm_state, *, lr, scale, momentum, dampening,
                 weight_decay, nesterov, max_norm, packed_masks=False):
-    _ops.check_sgd_update(params, grads, masks, momentum_buffers, steps, norm_state, lr=lr, scale=scale,
+    _ops.validate("sgd_update", params, grads, masks, momentum_buffers, steps, norm_state, lr=lr, scale=scale,
                           momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                           max_norm=max_norm, packed_masks=packed_masks)
     masks = _unpacked(masks, params, packed_masks)
@@ -101,13 +109,13 @@ def sgd_update_(params, grads, masks, momentum_buffers, steps, norm_state, *, lr
         else:
             d = new_buf
         _commit(momentum_buffers, new_buf, skip)
-    _commit(params, torch._foreach_add(p32, d, alpha=-lr), skip)
+    _commit(params, _add_scaled(p32, d, -lr), skip)
     _advance(steps, skip)
 
 
 def adamw_update_(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state, *, lr, scale, beta1, beta2, eps,
                   weight_decay, max_norm, packed_masks=False):
-    _ops.check_adamw_update(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state, lr=lr, scale=scale,
+    _ops.validate("adamw_update", params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state, lr=lr, scale=scale,
                             beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, max_norm=max_norm,
                             packed_masks=packed_masks)
     masks = _unpacked(masks, params, packed_masks)
@@ -132,7 +140,7 @@ def adamw_update_(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state
     update = torch._foreach_div(m1, bias1)
     torch._foreach_div_(update, denom)
     new_p = torch._foreach_mul(_f32(params), 1 - lr * weight_decay)
-    torch._foreach_add_(new_p, update, alpha=-lr)
+    _add_scaled(new_p, update, -lr, inplace=True)
     _commit(exp_avgs, m1, skip)
     _commit(exp_avg_sqs, m2, skip)
     _commit(params, new_p, skip)
@@ -140,14 +148,14 @@ def adamw_update_(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state
 
 
 def fisher_accumulate_(fishers, grads, *, scale):
-    _ops.check_fisher_accumulate(fishers, grads, scale=scale)
+    _ops.validate("fisher_accumulate", fishers, grads, scale=scale)
     if fishers:
         g32 = _f32(grads)
         torch._foreach_addcmul_(fishers, g32, g32, value=scale)
 
 
 def saliency_mask_(forget_fishers, remain_fishers, masks, kept, *, gamma):
-    _ops.check_saliency_mask(forget_fishers, remain_fishers, masks, kept, gamma=gamma)
+    _ops.validate("saliency_mask", forget_fishers, remain_fishers, masks, kept, gamma=gamma)
     if not masks:
         return
     ratio = torch._foreach_div(torch._foreach_add(forget_fishers, _ops.RATIO_EPS),
@@ -161,7 +169,7 @@ def saliency_mask_(forget_fishers, remain_fishers, masks, kept, *, gamma):
 
 
 def slow_sync_(slow_params, params, *, alpha, reset_fast):
-    _ops.check_slow_sync(slow_params, params, alpha=alpha, reset_fast=reset_fast)
+    _ops.validate("slow_sync", slow_params, params, alpha=alpha, reset_fast=reset_fast)
     if not params:
         return
     s32 = _f32(slow_params)

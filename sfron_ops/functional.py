@@ -16,17 +16,31 @@ import torch
 from . import _impl
 
 
+def is_packed(mask, like) -> bool:
+    """Whether ``mask`` is bit-packed for ``like``: flat uint8 of ``ceil(numel / 8)`` bytes, not ``like``'s shape.
+
+    (A dense uint8 mask has ``like``'s shape; where the two could coincide, one
+    element or none, both read the same.)
+    """
+    return mask.dtype == torch.uint8 and mask.shape != like.shape
+
+
 def buckets(tensors, masks=None):
-    """``{(device, dtype, mask dtype or None): [indices]}`` in first-seen order."""
+    """``{(device, dtype, mask dtype, "packed" or None): [indices]}`` in first-seen order."""
     out = defaultdict(list)
     for i, t in enumerate(tensors):
         m = masks[i] if masks is not None else None
-        out[(t.device, t.dtype, None if m is None else m.dtype)].append(i)
+        out[(t.device, t.dtype, None if m is None else ("packed" if is_packed(m, t) else m.dtype))].append(i)
     return out
 
 
+def _local(t):
+    # a DTensor (FSDP2) runs its kernels on the local shard, which shares its storage under no_grad
+    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "device_mesh") else t
+
+
 def _pick(lst, idx):
-    return [lst[i] for i in idx]
+    return [_local(lst[i]) for i in idx]
 
 
 def kernels_for(impl, device):
@@ -56,7 +70,8 @@ def masked_sq_norm_(grads, masks, norm_states, *, alpha, impl=None):
     """Add ``sum((alpha * m * g)^2)`` and the non-finite flag into ``norm_states[device]``."""
     for (device, _, mask_dtype), idx in buckets(grads, masks).items():
         k = kernels_for(impl, device)["masked_norm"]
-        k(_pick(grads, idx), _pick(masks, idx) if mask_dtype is not None else [], norm_states[device], alpha=alpha)
+        k(_pick(grads, idx), _pick(masks, idx) if mask_dtype is not None else [], norm_states[device], alpha=alpha,
+          packed_masks=mask_dtype == "packed")
 
 
 def sgd_update_(params, grads, masks, momentum_buffers, steps, norm_states, *, lr, scale, momentum, dampening,
@@ -67,7 +82,7 @@ def sgd_update_(params, grads, masks, momentum_buffers, steps, norm_states, *, l
           _pick(momentum_buffers, idx) if momentum != 0 else [], _pick(steps, idx),
           None if norm_states is None else norm_states[device],
           lr=lr, scale=scale, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-          nesterov=nesterov, max_norm=max_norm)
+          nesterov=nesterov, max_norm=max_norm, packed_masks=mask_dtype == "packed")
 
 
 def adamw_update_(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_states, *, lr, scale, beta1, beta2, eps,
@@ -77,7 +92,8 @@ def adamw_update_(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state
         k(_pick(params, idx), _pick(grads, idx), _pick(masks, idx) if mask_dtype is not None else [],
           _pick(exp_avgs, idx), _pick(exp_avg_sqs, idx), _pick(steps, idx),
           None if norm_states is None else norm_states[device],
-          lr=lr, scale=scale, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, max_norm=max_norm)
+          lr=lr, scale=scale, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, max_norm=max_norm,
+          packed_masks=mask_dtype == "packed")
 
 
 def fisher_accumulate_(fishers, grads, *, scale, impl=None):

@@ -9,7 +9,9 @@ import torch
 from torch.optim import Optimizer
 
 from . import _impl
+from . import distributed as _dist
 from . import functional as F
+from . import packing as _packing
 from .mask import canonical_name, density_cutoff
 
 PHASES = ("forget", "remain")
@@ -17,8 +19,8 @@ BASES = ("sgd", "adamw")
 FISHER_KEYS = {"forget": "fisher_forget", "remain": "fisher_remain"}
 
 # State entries the torch loader must not cast to the parameter's dtype:
-# Fisher accumulators stay float32, masks keep the dtype they were given.
-_KEEP_DTYPE = ("mask", "fisher_forget", "fisher_remain")
+# Fisher accumulators stay float32, masks keep the dtype they were given (packed ones uint8).
+_KEEP_DTYPE = ("mask", "packed_mask", "fisher_forget", "fisher_remain")
 
 
 def _check_number(name, value, low=None, high=None, low_open=False, high_open=False):
@@ -36,7 +38,8 @@ def _validate_group(group: dict) -> None:
     if group["base"] not in BASES:
         raise ValueError(f"Invalid base: {group['base']!r}; expected one of {BASES}")
     _check_number("lr", float(group["lr"]) if torch.is_tensor(group["lr"]) else group["lr"], low=0.0)
-    _check_number("forget_alpha", group["forget_alpha"], low=0.0)
+    alpha = group["forget_alpha"]
+    _check_number("forget_alpha", float(alpha) if torch.is_tensor(alpha) else alpha, low=0.0)
     _check_number("momentum", group["momentum"], low=0.0)
     _check_number("dampening", group["dampening"], low=0.0, high=1.0)
     _check_number("weight_decay", group["weight_decay"], low=0.0)
@@ -118,13 +121,19 @@ class SFRon(Optimizer):
             synchronisation (``skipped_steps`` counts them).
         impl: ``None`` (fastest available per device, or ``$SFRON_OPS_IMPL``),
             ``"reference"``, ``"foreach"``, ``"fused"`` or ``"triton"``.
+        mask_format: ``"dense"`` keeps masks as given; ``"packed"`` stores binary
+            masks with one bit per weight (8x less than bool) and the kernels read
+            the bits directly (:mod:`sfron_ops.packing`).
     """
 
     def __init__(self, params, mask=None, lr=1e-3, base="sgd", momentum=0.0, dampening=0.0, nesterov=False,
                  weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, forget_alpha=1.0, max_grad_norm=None,
                  remain_max_grad_norm=None, slow_alpha=1.0, sync_period=1, reset_fast=True, check_finite=True,
-                 impl=None):
+                 impl=None, mask_format="dense"):
         _impl.validate_impl(impl)
+        if mask_format not in _packing.FORMATS:
+            raise ValueError(f"Invalid mask_format: {mask_format!r}; expected one of {_packing.FORMATS}")
+        self.mask_format = mask_format
         if not isinstance(check_finite, bool):
             raise ValueError(f"Invalid check_finite: {check_finite!r}")
         defaults = dict(lr=lr, base=base, momentum=momentum, dampening=dampening, nesterov=nesterov,
@@ -167,6 +176,7 @@ class SFRon(Optimizer):
         self.__dict__.setdefault("_skip_counter", None)
         self.__dict__.setdefault("_skip_offset", 0)
         self.__dict__.setdefault("_impls", {})
+        self.__dict__.setdefault("mask_format", "dense")
         for group in self.param_groups:
             group.setdefault("remain_steps", 0)
 
@@ -224,8 +234,13 @@ class SFRon(Optimizer):
         else:
             raise TypeError(f"mask must be None, a list or a dict, got {type(mask).__name__}")
         checked = [(p, self._checked_mask(p, label, m)) for p, label, m in assigned]
+        if self.mask_format == "packed":
+            for p, label, m in assigned:
+                if m.is_floating_point():
+                    raise ValueError(f"mask for parameter {label} is floating point (soft saliency); "
+                                     "mask_format='packed' stores binary masks only")
         for p, m in checked:
-            self.state[p]["mask"] = m
+            self._store_mask(p, m)
 
     @staticmethod
     def _checked_mask(p, label, m):
@@ -240,11 +255,43 @@ class SFRon(Optimizer):
                 raise ValueError(f"mask for parameter {label} is on the meta device (no data); "
                                  f"the parameter is on {p.device}")
             m = m.to(p.device)  # a copy on the parameter's device; the caller's tensor is untouched
-        return m
+        return _dist.shard_like(m, p)  # placed like a DTensor (FSDP2) parameter
 
     def masks(self) -> list:
-        """The masks aligned with the parameters (``None`` where a parameter has none)."""
-        return [self.state[p].get("mask") if p in self.state else None for _, p, _ in self._named_params()]
+        """The masks aligned with the parameters (``None`` where a parameter has none); packed ones unpacked to bool."""
+        out = []
+        for _, p, _ in self._named_params():
+            state = self.state.get(p, {})
+            packed = state.get("packed_mask")
+            out.append(state.get("mask") if packed is None else _packing.unpack_like(packed, p))
+        return out
+
+    def _store_mask(self, p, m) -> None:
+        # a parameter holds one of "mask" (as given) or "packed_mask" (one bit per element)
+        state = self.state[p]
+        state.pop("mask", None)
+        state.pop("packed_mask", None)
+        if self.mask_format == "packed":
+            state["packed_mask"] = _packing.pack_like(m, p)
+        else:
+            state["mask"] = m
+
+    @staticmethod
+    def _kernel_mask(p, state):
+        packed = state.get("packed_mask")
+        return state.get("mask") if packed is None else _packing.kernel_view(packed, p)
+
+    def _convert_masks(self) -> None:
+        """Bring loaded masks to this optimizer's ``mask_format``."""
+        for _, p, label in self._named_params():
+            state = self.state.get(p, {})
+            if self.mask_format == "packed" and "mask" in state:
+                if state["mask"].is_floating_point():
+                    raise ValueError(f"the loaded mask for parameter {label} is floating point (soft saliency); "
+                                     "mask_format='packed' stores binary masks only")
+                self._store_mask(p, state["mask"])
+            elif self.mask_format == "dense" and "packed_mask" in state:
+                self._store_mask(p, _packing.unpack_like(state["packed_mask"], p))
 
     # ------------------------------------------------------------------ phases
     @property
@@ -280,7 +327,7 @@ class SFRon(Optimizer):
                 self._init_state(group, p, state)
             params.append(p)
             grads.append(p.grad)
-            masks.append(state.get("mask"))
+            masks.append(self._kernel_mask(p, state))
             steps.append(state["step"])
         return params, grads, masks, steps
 
@@ -323,10 +370,18 @@ class SFRon(Optimizer):
         norm_states = None
         if devices and (self.check_finite or any(g[clip_key] is not None for g in self.param_groups)):
             norm_states = self._norm_states(devices)
+            # FSDP2: each rank adds its shards once and the norm state is summed over the ranks
+            reduce_group = _dist.norm_reduce_group([grads for _, grads, _, _ in gathered])
             for group, (params, grads, masks, _) in zip(self.param_groups, gathered):
-                F.masked_sq_norm_(grads, masks if forget else [None] * len(grads), norm_states,
-                                  alpha=group["forget_alpha"] if forget else 1.0, impl=self._impl_for)
+                masks = masks if forget else [None] * len(grads)
+                if reduce_group is not None:
+                    grads, masks = _dist.norm_share(grads, masks, reduce_group)
+                F.masked_sq_norm_(grads, masks, norm_states,
+                                  alpha=self._scalar(group["forget_alpha"], grads) if forget else 1.0,
+                                  impl=self._impl_for)
             F.reduce_norm_states(norm_states)
+            if reduce_group is not None:
+                _dist.all_reduce_norm_states(norm_states, reduce_group)
             if self.check_finite:
                 self._count_skip(norm_states[devices[0]])
             else:
@@ -337,19 +392,32 @@ class SFRon(Optimizer):
             if not params:
                 continue
             self._update(group, params, grads, masks if forget else [None] * len(params), steps, norm_states,
-                         scale=-group["forget_alpha"] if forget else 1.0, max_norm=group[clip_key] or 0.0)
+                         scale=-self._scalar(group["forget_alpha"], params) if forget else 1.0,
+                         max_norm=group[clip_key] or 0.0)
 
         if not forget:
             for group in self.param_groups:
                 if _slow_active(group):
-                    group["remain_steps"] += 1
-                    if group["remain_steps"] % group["sync_period"] == 0:
+                    # remain steps since the last sync, kept below sync_period: a compiled step then sees
+                    # at most sync_period values of it, so a long run does not recompile
+                    group["remain_steps"] = (group["remain_steps"] + 1) % group["sync_period"]
+                    if group["remain_steps"] == 0:
                         self._sync_slow(group)
         return loss
 
+    def _scalar(self, value, tensors):
+        """``lr`` or ``forget_alpha`` for the kernels: tensors stay tensors on the Python backends.
+
+        A compiled step (or a captured CUDA graph) then reads their current value,
+        so a schedule that updates them in place causes no recompilation; the
+        compiled ops' schemas take floats.
+        """
+        if torch.is_tensor(value) and tensors and self._impl_for(tensors[0].device) not in ("reference", "foreach"):
+            return float(value)
+        return value
+
     def _update(self, group, params, grads, masks, steps, norm_states, *, scale, max_norm):
-        lr = group["lr"]
-        lr = float(lr) if torch.is_tensor(lr) else lr
+        lr = self._scalar(group["lr"], params)
         impl = self._impl_for
         if group["base"] == "sgd":
             if group["momentum"] != 0:
@@ -404,8 +472,8 @@ class SFRon(Optimizer):
     @contextmanager
     def use_slow_weights(self):
         """Swap the slow weights into the parameters (for evaluation) and back afterwards."""
-        pairs = [(p, s) for (_, p, _), s in zip(self._named_params(), self.slow_weights()) if s is not p.detach()
-                 and s.data_ptr() != p.data_ptr()]
+        pairs = [(p, self.state[p]["slow_param"]) for _, p, _ in self._named_params()
+                 if p in self.state and "slow_param" in self.state[p]]
         backups = []
         with torch.no_grad():
             for p, s in pairs:
@@ -419,15 +487,22 @@ class SFRon(Optimizer):
                     p.copy_(b)
 
     # ------------------------------------------------------------------ saliency
-    def accumulate_fisher(self, which: str, scale: float = 1.0) -> None:
+    def accumulate_fisher(self, which: str, scale: float = 1.0, grad_scaler=None) -> bool:
         """``F_which += scale * grad^2`` (float32) for every parameter with a gradient; call after a backward.
 
-        With a GradScaler, call ``scaler.unscale_(opt)`` first: squares of scaled
-        gradients carry the scale squared.
+        Squares of scaled gradients would carry the scale squared: with a
+        ``torch.amp.GradScaler`` pass it as ``grad_scaler`` and the gradients are
+        unscaled first, and a batch whose gradients overflowed is left out (call
+        ``grad_scaler.update()`` after each batch). Returns whether the batch was added.
         """
         if which not in FISHER_KEYS:
             raise ValueError(f"Invalid which: {which!r}; expected 'forget' or 'remain'")
         _check_number("scale", scale, low=0.0)
+        if grad_scaler is not None:
+            from .integrations.amp import unscale_for_fisher  # local: integrations imports this module
+
+            if not unscale_for_fisher(grad_scaler, self):
+                return False
         key = FISHER_KEYS[which]
         fishers, grads = [], []
         for p in (p for g in self.param_groups for p in g["params"]):
@@ -440,6 +515,7 @@ class SFRon(Optimizer):
             grads.append(p.grad)
         with torch.no_grad():
             F.fisher_accumulate_(fishers, grads, scale=scale, impl=self._impl_for)
+        return True
 
     def fisher(self, which: str) -> list:
         """The accumulated Fisher diagonals aligned with the parameters (``None`` where none)."""
@@ -461,9 +537,13 @@ class SFRon(Optimizer):
         params = [p for _, p, _ in self._named_params()]
         forget = [self._fisher_or_zero(p, "forget") for p in params]
         remain = [self._fisher_or_zero(p, "remain") for p in params]
-        result = saliency_mask(forget, remain, gamma=gamma, density=density, impl=self._impl_for)
+        if any(_dist.is_dtensor(p) for p in params):  # FSDP2: each rank computes its shards
+            result = _dist.sharded_saliency_mask(params, forget, remain, gamma=gamma, density=density,
+                                                 impl=self._impl_for)
+        else:
+            result = saliency_mask(forget, remain, gamma=gamma, density=density, impl=self._impl_for)
         for p, m in zip(params, result.masks):
-            self.state[p]["mask"] = m
+            self._store_mask(p, m)
         return result.kept, result.total
 
     def _fisher_or_zero(self, p, which):
@@ -492,6 +572,7 @@ class SFRon(Optimizer):
             for k, v in entries.items():
                 dtype = torch.float32 if k == "step" else v.dtype
                 self.state[p][k] = v.to(device=p.device, dtype=dtype, copy=True)
+        self._convert_masks()
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)

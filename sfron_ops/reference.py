@@ -31,13 +31,24 @@ def _direction(g: torch.Tensor, m: torch.Tensor | None, coef) -> torch.Tensor:
     return u * coef
 
 
+def device_scalar(value, device) -> torch.Tensor:
+    """A float32 0-dim tensor on ``device`` from a number or a tensor (a tensor lr or alpha).
+
+    A number is written by a fill on the device rather than copied from the host,
+    so a step stays capturable in a CUDA graph.
+    """
+    if torch.is_tensor(value):
+        return value.to(device=device, dtype=torch.float32)
+    return torch.full((), value, dtype=torch.float32, device=device)
+
+
 def clip_and_skip(norm_state, scale: float, max_norm: float, device):
     """The direction coefficient ``scale * c`` and the skip flag, both on the device.
 
     c = min(1, max_norm / (sqrt(norm_state[0]) + 1e-6)) when ``max_norm > 0``,
     as ``torch.nn.utils.clip_grad_norm_`` computes it.
     """
-    coef = torch.tensor(scale, dtype=torch.float32, device=device)
+    coef = device_scalar(scale, device)
     if norm_state is None:
         return coef, None
     if max_norm > 0:
@@ -80,7 +91,7 @@ def _mask_at(masks, i, like=None, packed=False):
 
 def masked_sq_norm_(grads, masks, norm_state, *, alpha, packed_masks=False):
     r"""norm_state[0] += \sum (alpha * m * g)^2;  norm_state[1] = 1 if any element is not finite."""
-    _ops.check_masked_sq_norm(grads, masks, norm_state, alpha=alpha, packed_masks=packed_masks)
+    _ops.validate("masked_norm", grads, masks, norm_state, alpha=alpha, packed_masks=packed_masks)
     for i, g in enumerate(grads):
         u = _direction(g, _mask_at(masks, i, g, packed_masks), alpha)
         norm_state[0] += (u * u).sum()
@@ -90,7 +101,7 @@ def masked_sq_norm_(grads, masks, norm_state, *, alpha, packed_masks=False):
 def sgd_update_(params, grads, masks, momentum_buffers, steps, norm_state, *, lr, scale, momentum, dampening,
                 weight_decay, nesterov, max_norm, packed_masks=False):
     r"""SGD with u = scale * c * m * g in place of the gradient (torch.optim.SGD's rule)."""
-    _ops.check_sgd_update(params, grads, masks, momentum_buffers, steps, norm_state, lr=lr, scale=scale,
+    _ops.validate("sgd_update", params, grads, masks, momentum_buffers, steps, norm_state, lr=lr, scale=scale,
                           momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                           max_norm=max_norm, packed_masks=packed_masks)
     if not params:
@@ -114,7 +125,7 @@ def sgd_update_(params, grads, masks, momentum_buffers, steps, norm_state, *, lr
 def adamw_update_(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state, *, lr, scale, beta1, beta2, eps,
                   weight_decay, max_norm, packed_masks=False):
     r"""AdamW with u = scale * c * m * g in place of the gradient (torch.optim.AdamW's rule)."""
-    _ops.check_adamw_update(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state, lr=lr, scale=scale,
+    _ops.validate("adamw_update", params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state, lr=lr, scale=scale,
                             beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, max_norm=max_norm,
                             packed_masks=packed_masks)
     if not params:
@@ -137,7 +148,7 @@ def adamw_update_(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state
 
 def fisher_accumulate_(fishers, grads, *, scale):
     r"""F \leftarrow F + s \cdot g^2 (F float32)."""
-    _ops.check_fisher_accumulate(fishers, grads, scale=scale)
+    _ops.validate("fisher_accumulate", fishers, grads, scale=scale)
     for f, g in zip(fishers, grads):
         g32 = _f32(g)
         f.add_(g32 * g32, alpha=scale)
@@ -150,7 +161,7 @@ def saliency_ratio(forget_fisher: torch.Tensor, remain_fisher: torch.Tensor) -> 
 
 def saliency_mask_(forget_fishers, remain_fishers, masks, kept, *, gamma):
     r"""m = [(F_f + eps) / (F_r + eps) >= gamma];  kept += number of ones."""
-    _ops.check_saliency_mask(forget_fishers, remain_fishers, masks, kept, gamma=gamma)
+    _ops.validate("saliency_mask", forget_fishers, remain_fishers, masks, kept, gamma=gamma)
     threshold = torch.tensor(gamma, dtype=torch.float32)
     for ff, fr, m in zip(forget_fishers, remain_fishers, masks):
         keep = saliency_ratio(ff, fr) >= threshold.to(ff.device)
@@ -160,7 +171,7 @@ def saliency_mask_(forget_fishers, remain_fishers, masks, kept, *, gamma):
 
 def slow_sync_(slow_params, params, *, alpha, reset_fast):
     r"""slow \leftarrow slow + a (p - slow), exact at a = 0 and a = 1;  p \leftarrow slow if reset_fast."""
-    _ops.check_slow_sync(slow_params, params, alpha=alpha, reset_fast=reset_fast)
+    _ops.validate("slow_sync", slow_params, params, alpha=alpha, reset_fast=reset_fast)
     for s, p in zip(slow_params, params):
         s32, p32 = _f32(s), _f32(p)
         diff = p32 - s32

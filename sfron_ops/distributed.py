@@ -1,0 +1,394 @@
+r"""SFR-on on ``torch.distributed``: DDP and FSDP2 (``fully_shard``, DTensor parameters).
+
+What has to agree across ranks, and how it does:
+
+* **Gradients.** DDP all-reduces them (every rank holds the mean gradient of the
+  global batch); FSDP2 reduce-scatters them (every rank holds its shard of it).
+  Either way the optimizer sees the single-process gradient, replicated or sharded.
+* **The forget loss.** The per-sample weights :math:`w_i = N c_i / \sum_j c_j`
+  normalise over the batch; :func:`adaptive_weights` takes ``N`` and
+  :math:`\sum_j c_j` over the global batch, so the data-parallel loss has the
+  single-process gradient.
+* **The global norm** of a step (clipping, non-finite check). The optimizer
+  adds every shard's :math:`\sum u^2` once and all-reduces the two-element
+  norm state ``[sum of squares, non-finite flag]`` with a sum over the ranks
+  (:func:`norm_reduce_group`, :func:`norm_share`, :func:`all_reduce_norm_states`).
+  Replicated tensors (DDP parameters, ``Replicate`` placements) are counted by
+  one rank only, so nothing is counted twice; with no sharded parameter at all
+  (DDP) nothing is reduced, because every rank already holds the whole norm.
+* **Fisher and masks.** The ratio rule is elementwise, so a mask shard needs
+  only its Fisher shard: under FSDP2 the Fisher state, the masks, the momentum
+  and the slow weights are DTensors placed like their parameter, and the kernels
+  run on the local shards. Under DDP, Fisher accumulated on synchronised
+  gradients is already identical on every rank; Fisher accumulated under
+  ``no_sync()`` differs per rank and :func:`all_reduce_fisher` averages it.
+  The density rule (global top-k) gathers every rank's ratios for its cut-off.
+* **Checkpoints.** Optimizer state is keyed by parameter like torch's, with
+  DTensor entries, so ``torch.distributed.checkpoint.state_dict``'s
+  ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` and ``dcp.save`` /
+  ``dcp.load`` work as for ``torch.optim.AdamW``. ``dcp.load`` only fills the
+  entries the loading side already has, and a fresh optimizer has no masks or
+  Fisher yet: :func:`prepare_checkpoint_load` allocates what the checkpoint holds.
+
+Note that an all-reduced Fisher of per-rank gradients,
+:math:`\frac1R\sum_r g_r^2`, is not the Fisher of the global-batch gradient
+:math:`(\frac1R\sum_r g_r)^2`; both give every rank the same mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .loss import WEIGHT_EPS
+from .mask import SaliencyMask
+
+__all__ = [
+    "is_dtensor",
+    "is_sharded",
+    "shard_like",
+    "norm_reduce_group",
+    "norm_share",
+    "all_reduce_norm_states",
+    "all_reduce_fisher",
+    "sharded_saliency_mask",
+    "adaptive_weights",
+    "adaptive_cross_entropy",
+    "AdaptiveLoss",
+    "prepare_checkpoint_load",
+]
+
+
+_DTENSOR = None
+
+
+def _dtensor_cls():
+    global _DTENSOR
+    if _DTENSOR is None:
+        from torch.distributed.tensor import DTensor
+
+        _DTENSOR = DTensor
+    return _DTENSOR
+
+
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a :class:`torch.distributed.tensor.DTensor`."""
+    return dist.is_available() and isinstance(t, _dtensor_cls())
+
+
+def _placement_kinds(t):
+    from torch.distributed.tensor import Replicate, Shard
+
+    kinds = []
+    for i, pl in enumerate(t.placements):
+        if isinstance(pl, Shard):
+            kinds.append("shard")
+        elif isinstance(pl, Replicate):
+            kinds.append("replicate")
+        else:
+            raise NotImplementedError(
+                f"a tensor placed as {pl} on mesh dimension {i} is not supported: SFR-on needs sharded or "
+                "replicated tensors (a Partial gradient must be reduced first)")
+    return kinds
+
+
+def is_sharded(t) -> bool:
+    """Whether ``t`` is a DTensor with at least one ``Shard`` placement."""
+    return is_dtensor(t) and "shard" in _placement_kinds(t)
+
+
+# --------------------------------------------------------------------------- masks
+def shard_like(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``mask`` laid out like ``param``: a DTensor with its mesh and placements when ``param`` is one.
+
+    A full (global) mask is cut locally, with no communication, so every rank
+    must pass the same full mask; a DTensor mask is redistributed if needed.
+    """
+    if not is_dtensor(param):
+        if is_dtensor(mask):
+            raise ValueError(f"mask is a DTensor ({mask.placements}) but its parameter is a plain tensor")
+        return mask
+    from torch.distributed.tensor import distribute_tensor
+
+    if is_dtensor(mask):
+        if mask.device_mesh == param.device_mesh and tuple(mask.placements) == tuple(param.placements):
+            return mask
+        return mask.redistribute(param.device_mesh, param.placements)
+    return distribute_tensor(mask, param.device_mesh, param.placements, src_data_rank=None)
+
+
+def _wrap_like(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    if not is_dtensor(param):
+        return local
+    return _dtensor_cls().from_local(local, param.device_mesh, param.placements, run_check=False,
+                                     shape=param.shape, stride=param.stride())
+
+
+# --------------------------------------------------------------------------- global norm
+def norm_reduce_group(grads_per_group):
+    """The process group over which a step's norm state must be summed, or ``None``.
+
+    ``None`` when torch.distributed is not initialised or no gradient is a
+    sharded DTensor (single process, DDP): every rank then holds the whole norm.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    mesh = None
+    for grads in grads_per_group:
+        for g in grads:
+            if is_sharded(g):
+                mesh = g.device_mesh
+                break
+        if mesh is not None:
+            break
+    if mesh is None:
+        return None
+    if mesh.ndim == 1:
+        return mesh.get_group()
+    if mesh.size() != dist.get_world_size():
+        raise NotImplementedError(
+            f"a {mesh.ndim}-D device mesh of {mesh.size()} ranks inside a world of {dist.get_world_size()}: the "
+            "global norm is reduced over the whole world, so the mesh must span it")
+    return dist.group.WORLD
+
+
+def _counts_here(t, group) -> bool:
+    """Whether this rank adds ``t``'s local squares to the global norm (each element exactly once)."""
+    if not is_dtensor(t):
+        return dist.get_rank(group) == 0  # replicated on every rank: the group's first rank counts it
+    coordinate = t.device_mesh.get_coordinate()
+    if coordinate is None:
+        return False
+    return all(kind == "shard" or c == 0 for kind, c in zip(_placement_kinds(t), coordinate))
+
+
+def norm_share(grads, masks, group):
+    """The gradients (and aligned masks) whose squares this rank contributes to the summed norm."""
+    keep = [i for i, g in enumerate(grads) if _counts_here(g, group)]
+    return [grads[i] for i in keep], [masks[i] for i in keep]
+
+
+def all_reduce_norm_states(norm_states: dict, group) -> None:
+    """Sum ``[sum of squares, non-finite flag]`` over ``group``; one collective.
+
+    The flag only matters as ``> 0``, so a sum serves as the maximum.
+    """
+    states = list(norm_states.values())
+    if not states:
+        return
+    dist.all_reduce(states[0], op=dist.ReduceOp.SUM, group=group)
+    for s in states[1:]:
+        s.copy_(states[0])
+
+
+# --------------------------------------------------------------------------- Fisher and saliency
+def all_reduce_fisher(optimizer, which=("forget", "remain"), *, average: bool = True, group=None) -> int:
+    """Average (or sum) the accumulated Fisher of an SFRon optimizer over the ranks of ``group``.
+
+    For DDP runs that accumulate the Fisher on per-rank gradients (under
+    ``model.no_sync()``): afterwards every rank holds the same Fisher and so
+    builds the same mask. Sharded (DTensor) Fisher states are left alone: their
+    gradients were already reduced. All tensors go in one collective.
+    Returns how many Fisher tensors were reduced.
+    """
+    from .optim import FISHER_KEYS
+
+    which = (which,) if isinstance(which, str) else tuple(which)
+    for w in which:
+        if w not in FISHER_KEYS:
+            raise ValueError(f"Invalid which: {w!r}; expected 'forget' or 'remain'")
+    tensors = []
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            state = optimizer.state.get(p, {})
+            for w in which:
+                f = state.get(FISHER_KEYS[w])
+                if f is not None and not is_dtensor(f):
+                    tensors.append(f)
+    if not tensors:
+        return 0
+    by_device = {}
+    for f in tensors:
+        by_device.setdefault(f.device, []).append(f)
+    world = dist.get_world_size(group)
+    for fishers in by_device.values():
+        flat = torch.cat([f.reshape(-1) for f in fishers])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        if average:
+            flat /= world
+        offset = 0
+        for f in fishers:
+            f.copy_(flat[offset:offset + f.numel()].view_as(f))
+            offset += f.numel()
+    return len(tensors)
+
+
+def _gathered_cutoff(local_ratios, density: float, total: int, group) -> float:
+    """The density cut-off over every rank's ratios, as :func:`sfron_ops.mask.density_cutoff` computes it."""
+    import math
+
+    flat = torch.cat([r.reshape(-1).float().cpu() for r in local_ratios]) if local_ratios else torch.empty(0)
+    sizes = [None] * dist.get_world_size(group)
+    dist.all_gather_object(sizes, flat.numel(), group=group)
+    longest = max(sizes)
+    padded = torch.full((longest,), float("nan"))
+    padded[: flat.numel()] = flat
+    device = torch.device("cpu")
+    if dist.get_backend(group) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    parts = [torch.empty(longest, device=device) for _ in sizes]
+    dist.all_gather(parts, padded.to(device), group=group)
+    everything = torch.cat([part[:n].cpu() for part, n in zip(parts, sizes)])
+    k = math.ceil(density * total)
+    if k == 0:
+        return math.inf
+    return float(torch.kthvalue(everything, everything.numel() - k + 1).values)
+
+
+@torch.no_grad()
+def sharded_saliency_mask(params, forget_fishers, remain_fishers, gamma: float = 1.0, density: float | None = None,
+                          *, dtype: torch.dtype = torch.bool, impl=None) -> SaliencyMask:
+    """:func:`sfron_ops.saliency_mask` for lists that hold DTensors (FSDP2): each rank computes its shards.
+
+    The masks come back as DTensors placed like their parameters (plain tensors
+    stay plain). ``kept`` and ``total`` count the global tensors, each element once.
+    """
+    from . import functional as F
+    from .reference import saliency_ratio
+
+    group = norm_reduce_group([params]) or (dist.group.WORLD if dist.is_initialized() else None)
+    if group is None:
+        raise RuntimeError("sharded_saliency_mask needs an initialised torch.distributed process group")
+    if dtype not in (torch.bool, torch.uint8):
+        raise ValueError(f"Invalid dtype: {dtype}; expected torch.bool or torch.uint8")
+
+    def local(t):
+        return t.to_local() if is_dtensor(t) else t
+
+    forget = [local(f).to(torch.float32) for f in forget_fishers]
+    remain = [local(r).to(torch.float32) for r in remain_fishers]
+    counted = [_counts_here(p, group) for p in params]
+    total = sum(p.numel() for p in params)
+    if density is not None:
+        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 <= density <= 1:
+            raise ValueError(f"Invalid density: {density!r}; expected a number in [0, 1]")
+        ratios = [saliency_ratio(f, r) for f, r, c in zip(forget, remain, counted) if c]
+        threshold = _gathered_cutoff(ratios, density, total, group)
+    else:
+        threshold = gamma
+    local_masks = [torch.empty(f.shape, dtype=dtype, device=f.device) for f in forget]
+    counted_idx = [i for i, c in enumerate(counted) if c]
+    other_idx = [i for i, c in enumerate(counted) if not c]
+    kept = 0
+    for idx, counts in ((counted_idx, True), (other_idx, False)):
+        if idx:
+            n = F.saliency_mask_([forget[i] for i in idx], [remain[i] for i in idx], [local_masks[i] for i in idx],
+                                 gamma=threshold, impl=impl)
+            kept += n if counts else 0
+    kept_t = torch.tensor([kept], dtype=torch.int64,
+                          device="cuda" if dist.get_backend(group) == "nccl" else "cpu")
+    dist.all_reduce(kept_t, group=group)
+    masks = [_wrap_like(m, p) for m, p in zip(local_masks, params)]
+    return SaliencyMask(masks, int(kept_t), total)
+
+
+# --------------------------------------------------------------------------- forget loss
+def adaptive_weights(losses: torch.Tensor, lambd: float = 0.5, group=None) -> torch.Tensor:
+    r""":func:`sfron_ops.adaptive_weights` normalised over the global batch of a data-parallel step.
+
+    .. math::
+       c_i = \frac{1}{\operatorname{detach}(\ell_i)^{\lambda} + 10^{-15}}, \qquad
+       w_i = N \frac{c_i}{\sum_j c_j}, \quad N, \textstyle\sum_j c_j \text{ over every rank's samples}
+
+    With equal per-rank batches, DDP's gradient averaging of
+    ``mean_i(w_i * loss_i)`` then gives the single-process gradient of the
+    global batch. Without an initialised process group it is the local rule.
+    """
+    from .loss import adaptive_weights as local_weights
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return local_weights(losses, lambd)
+    if losses.dim() != 1:
+        raise ValueError(f"losses must be a 1-D tensor of per-sample losses, got shape {tuple(losses.shape)}")
+    if isinstance(lambd, bool) or not isinstance(lambd, (int, float)) or lambd < 0:
+        raise ValueError(f"Invalid lambd: {lambd!r}")
+    c = 1.0 / (losses.detach().float().pow(lambd) + WEIGHT_EPS)
+    stats = torch.stack([c.sum(), torch.tensor(float(c.numel()), device=c.device)])
+    dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+    return (stats[1] * c / stats[0]).to(losses.dtype)
+
+
+def adaptive_cross_entropy(output: torch.Tensor, target: torch.Tensor, lambd: float = 0.5, group=None):
+    """The adaptive forget loss with cross-entropy, weights normalised over the global batch."""
+    losses = torch.nn.functional.cross_entropy(output, target, reduction="none")
+    return (adaptive_weights(losses, lambd, group) * losses).mean()
+
+
+class AdaptiveLoss(torch.nn.Module):
+    """:class:`sfron_ops.AdaptiveLoss` with weights normalised over the global batch (see :func:`adaptive_weights`)."""
+
+    def __init__(self, loss_fn=None, lambd: float = 0.5, group=None):
+        super().__init__()
+        from .loss import AdaptiveLoss as LocalLoss
+
+        checked = LocalLoss(loss_fn, lambd)  # validates loss_fn's reduction and lambd
+        self.loss_fn, self.lambd, self.group = checked.loss_fn, checked.lambd, group
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        losses = self.loss_fn(output, target)
+        if losses.dim() != 1:
+            raise ValueError(f"loss_fn returned shape {tuple(losses.shape)}; expected one loss per sample")
+        return (adaptive_weights(losses, self.lambd, self.group) * losses).mean()
+
+
+# --------------------------------------------------------------------------- checkpoints
+def prepare_checkpoint_load(model, optimizer, checkpoint_id=None, *, storage_reader=None, key: str = "optim") -> int:
+    """Allocate the optimizer state that a ``torch.distributed.checkpoint`` holds and ``optimizer`` lacks.
+
+    ``dcp.load`` fills a state dict in place and skips entries it does not
+    have; a fresh SFRon has no masks, Fisher or slow weights until it computes
+    them. Call this before ``get_optimizer_state_dict(model, optimizer)`` on the
+    loading side; ``key`` is where the optimizer state dict sits in the saved
+    dict. Entries shaped like their parameter are allocated like it (DTensors
+    with its placements under FSDP2); others as plain tensors of the saved size.
+    Returns how many entries were allocated.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    if storage_reader is None:
+        if checkpoint_id is None:
+            raise ValueError("pass checkpoint_id or storage_reader")
+        storage_reader = dcp.FileSystemReader(checkpoint_id)
+    saved = storage_reader.read_metadata().state_dict_metadata
+    # DCP's own initialisation runs first, so the loading side's entries and FQNs are the saving side's
+    fqns = [f for g in get_optimizer_state_dict(model, optimizer)["param_groups"] for f in g["params"]]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if len(fqns) != len(params):
+        raise RuntimeError(f"{len(fqns)} parameter names for {len(params)} optimizer parameters")
+    allocated = 0
+    for fqn, p in zip(fqns, params):
+        prefix = f"{key}.state.{fqn}."
+        for name, meta in saved.items():
+            entry = name[len(prefix):] if name.startswith(prefix) else None
+            if not entry or "." in entry or entry in optimizer.state[p] or not isinstance(meta,
+                                                                                           TensorStorageMetadata):
+                continue
+            dtype = meta.properties.dtype
+            if entry == "packed_mask":
+                from .packing import pack_like
+
+                packed = pack_like(torch.zeros(p.shape, dtype=torch.bool, device=p.device), p)
+                if tuple(packed.shape) != tuple(meta.size):
+                    raise ValueError(f"the packed mask of {fqn!r} was saved with {tuple(meta.size)[0]} bytes but "
+                                     f"this layout holds {packed.shape[0]}: packed masks of sharded parameters "
+                                     "reload only at the mesh shape they were saved with")
+                optimizer.state[p][entry] = packed
+            elif tuple(meta.size) == tuple(p.shape):
+                optimizer.state[p][entry] = torch.zeros_like(p, dtype=dtype)
+            else:
+                local = p.to_local() if is_dtensor(p) else p
+                optimizer.state[p][entry] = torch.zeros(tuple(meta.size), dtype=dtype, device=local.device)
+            allocated += 1
+    return allocated

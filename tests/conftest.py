@@ -1,0 +1,38 @@
+import os
+
+import torch
+
+# Triton kernels run on CPU tensors through the interpreter; this must be set before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from helpers import DEVICES, IMPLS_UNDER_TEST, impl_skip_reason  # noqa: E402
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+@pytest.fixture(params=IMPLS_UNDER_TEST)
+def impl(request, device):
+    reason = impl_skip_reason(request.param, device)
+    if reason is not None:
+        pytest.skip(reason)
+    return request.param
+
+
+@pytest.fixture(params=["reference", *IMPLS_UNDER_TEST])
+def impl_any(request):
+    """Every backend, the reference included, on the CPU."""
+    reason = impl_skip_reason(request.param, "cpu")
+    if reason is not None:
+        pytest.skip(reason)
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

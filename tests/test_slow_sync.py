@@ -1,0 +1,35 @@
+"""slow_sync_: slow <- slow + a (p - slow), exact at a = 0 and 1; p <- slow when reset_fast."""
+
+import pytest
+import torch
+from helpers import DTYPES, assert_lists_close, clones, dtype_id, make, shapes_for
+
+from sfron_ops import _impl, reference
+
+
+def test_reference_hand_checked():
+    s, p = [torch.tensor([0.0, 2.0])], [torch.tensor([1.0, 4.0])]
+    reference.slow_sync_(s, p, alpha=0.25, reset_fast=False)
+    assert s[0].tolist() == [0.25, 2.5] and p[0].tolist() == [1.0, 4.0]
+    reference.slow_sync_(s, p, alpha=0.75, reset_fast=True)
+    assert s[0].tolist() == [0.8125, 3.625] and p[0].tolist() == s[0].tolist()
+
+
+@pytest.mark.parametrize("reset_fast", [False, True])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("case", ["sizes", "many"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_matches_reference(impl, device, dtype, case, alpha, reset_fast):
+    shapes = shapes_for(case)
+    slow, fast = make(shapes, dtype, device, -50, 50), make(shapes, dtype, device, -50, 50)
+    expected, actual = [clones(slow), clones(fast)], [clones(slow), clones(fast)]
+    reference.slow_sync_(*expected, alpha=alpha, reset_fast=reset_fast)
+    _impl.kernels(impl)["slow_sync"](*actual, alpha=alpha, reset_fast=reset_fast)
+    assert_lists_close(actual[0], expected[0], "slow")
+    assert_lists_close(actual[1], expected[1], "fast")
+    if alpha in (0.0, 1.0):  # the ends are exact, not just close
+        assert_lists_close(actual[0], slow if alpha == 0.0 else fast, "slow", rtol=0, atol=0)
+    if reset_fast:
+        assert_lists_close(actual[1], actual[0], "fast", rtol=0, atol=0)
+    else:
+        assert_lists_close(actual[1], fast, "fast", rtol=0, atol=0)
