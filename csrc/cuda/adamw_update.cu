@@ -43,7 +43,8 @@ struct AdamwFunctor {
     const float step = *table.step[t] + 1.0f;
     const float bias1 = bias_correction(beta1, step);
     const float bias2 = bias_correction(beta2, step);
-    for_each_element<ILP>(begin, end, table.vectorized[t], [&]<int N>(int64_t i) {
+    for_each_element<ILP>(begin, end, table.vectorized[t], [&](auto width, int64_t i) {
+      constexpr int N = decltype(width)::value;
       float p[N], u[N], m[N], m1[N], m2[N];
       load<N>(param, i, p);
       load<N>(grad, i, u);

@@ -21,7 +21,8 @@ struct FisherFunctor {
                                              int64_t) const {
     float* fisher = static_cast<float*>(table.ptr[0][t]);
     const T* grad = static_cast<const T*>(table.ptr[1][t]);
-    for_each_element<ILP>(begin, end, table.vectorized[t], [&]<int N>(int64_t i) {
+    for_each_element<ILP>(begin, end, table.vectorized[t], [&](auto width, int64_t i) {
+      constexpr int N = decltype(width)::value;
       float f[N], g[N];
       load<N>(fisher, i, f);
       load<N>(grad, i, g);

@@ -35,7 +35,8 @@ struct NormFunctor {
     const MaskKind kind = static_cast<MaskKind>(table.mask_kind[t]);
     float squares = 0.0f;
     bool bad = false;
-    for_each_element<ILP>(begin, end, table.vectorized[t], [&]<int N>(int64_t i) {
+    for_each_element<ILP>(begin, end, table.vectorized[t], [&](auto width, int64_t i) {
+      constexpr int N = decltype(width)::value;
       float u[N], m[N];
       load<N>(grad, i, u);
       if (kind != MaskKind::None) {

@@ -28,6 +28,7 @@
 #include <array>
 #include <cstdint>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace sfron_ops::cuda {
@@ -203,18 +204,19 @@ inline int64_t mask_align(MaskKind kind, int ilp) {
   }
 }
 
-// Calls body.template operator()<N>(i) for every element group of [begin, end) this thread owns:
-// groups of ILP when the tensor is vectorized, then single elements for the tail.
+// Calls body(width, i) for every element group [i, i + N) of [begin, end) this thread owns, where
+// width is std::integral_constant<int, N>: groups of N = ILP when the tensor is vectorized, then single
+// elements (N = 1) for the tail.
 template <int ILP, class Body>
 __device__ __forceinline__ void for_each_element(int64_t begin, int64_t end, bool vectorized, Body&& body) {
   int64_t scalar_begin = begin;
   if (vectorized) {
     scalar_begin = begin + (end - begin) / ILP * ILP;
     for (int64_t i = begin + threadIdx.x * ILP; i < scalar_begin; i += BLOCK_THREADS * ILP) {
-      body.template operator()<ILP>(i);
+      body(std::integral_constant<int, ILP>{}, i);
     }
   }
-  for (int64_t i = scalar_begin + threadIdx.x; i < end; i += BLOCK_THREADS) body.template operator()<1>(i);
+  for (int64_t i = scalar_begin + threadIdx.x; i < end; i += BLOCK_THREADS) body(std::integral_constant<int, 1>{}, i);
 }
 
 // 16-byte loads of the parameter dtype (at least 2 elements, so doubles pair up).

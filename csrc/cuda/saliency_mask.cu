@@ -28,7 +28,8 @@ struct SaliencyFunctor {
     const float* remain = static_cast<const float*>(table.ptr[1][t]);
     uint8_t* mask = static_cast<uint8_t*>(table.ptr[2][t]);
     unsigned long long ones = 0;
-    for_each_element<ILP>(begin, end, table.vectorized[t], [&]<int N>(int64_t i) {
+    for_each_element<ILP>(begin, end, table.vectorized[t], [&](auto width, int64_t i) {
+      constexpr int N = decltype(width)::value;
       float f[N], r[N], keep[N];
       load<N>(forget, i, f);
       load<N>(remain, i, r);

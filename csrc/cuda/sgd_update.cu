@@ -41,7 +41,8 @@ struct SgdFunctor {
     T* buffer = static_cast<T*>(table.ptr[3][t]);
     const MaskKind kind = static_cast<MaskKind>(table.mask_kind[t]);
     const bool first_step = *table.step[t] == 0.0f;
-    for_each_element<ILP>(begin, end, table.vectorized[t], [&]<int N>(int64_t i) {
+    for_each_element<ILP>(begin, end, table.vectorized[t], [&](auto width, int64_t i) {
+      constexpr int N = decltype(width)::value;
       float p[N], d[N], m[N], buf[N];
       load<N>(param, i, p);
       load<N>(grad, i, d);

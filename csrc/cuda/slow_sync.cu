@@ -25,7 +25,8 @@ struct SlowSyncFunctor {
                                              int64_t) const {
     T* slow = static_cast<T*>(table.ptr[0][t]);
     T* param = static_cast<T*>(table.ptr[1][t]);
-    for_each_element<ILP>(begin, end, table.vectorized[t], [&]<int N>(int64_t i) {
+    for_each_element<ILP>(begin, end, table.vectorized[t], [&](auto width, int64_t i) {
+      constexpr int N = decltype(width)::value;
       float s[N], p[N];
       load<N>(slow, i, s);
       load<N>(param, i, p);
