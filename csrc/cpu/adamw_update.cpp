@@ -74,7 +74,6 @@ void adamw_update_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
       const at::Tensor& avg = flat.at(3, t);
       const at::Tensor& sq = flat.at(4, t);
       for_each_tile(begin, end, [&](int64_t pos, int64_t n) {
-        prefetch_next(pos, n, end, {&param, &grad, &avg, &sq, kinds[t] == MaskKind::Packed ? nullptr : mask});
         float* p = edit_tile(param.data_ptr(), param.scalar_type(), pos, n, param_tile);
         const float* g = read_tile(grad.const_data_ptr(), grad.scalar_type(), pos, n, grad_tile);
         const float* m = mask ? read_mask_tile(mask->const_data_ptr(), kinds[t], pos, n, mask_tile) : nullptr;

@@ -30,7 +30,6 @@ void fisher_accumulate_cpu(at::TensorList fishers, at::TensorList grads, double 
       const at::Tensor& fisher = flat.at(0, t);
       const at::Tensor& grad = flat.at(1, t);
       for_each_tile(begin, end, [&](int64_t pos, int64_t n) {
-        prefetch_next(pos, n, end, {&fisher, &grad});
         const float* g = read_tile(grad.const_data_ptr(), grad.scalar_type(), pos, n, grad_tile);
         math.fisher(n, fisher.data_ptr<float>() + pos, g, s);
       });

@@ -45,7 +45,6 @@ void masked_sq_norm_cpu(at::TensorList grads, at::TensorList masks, const at::Te
       const at::Tensor& grad = flat.at(0, t);
       const at::Tensor* mask = kinds[t] == MaskKind::None ? nullptr : &flat.at(1, t);
       for_each_tile(begin, end, [&](int64_t pos, int64_t n) {
-        prefetch_next(pos, n, end, {&grad, kinds[t] == MaskKind::Packed ? nullptr : mask});
         const float* g = read_tile(grad.const_data_ptr(), grad.scalar_type(), pos, n, grad_tile);
         const float* m = mask ? read_mask_tile(mask->const_data_ptr(), kinds[t], pos, n, mask_tile) : nullptr;
         math.norm(n, g, m, coef, squares, probe);

@@ -71,7 +71,6 @@ void sgd_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
       const at::Tensor* mask = kinds[t] == MaskKind::None ? nullptr : &flat.at(2, t);
       const at::Tensor* buffer = use_buffers ? &flat.at(3, t) : nullptr;
       for_each_tile(begin, end, [&](int64_t pos, int64_t n) {
-        prefetch_next(pos, n, end, {&param, &grad, buffer, kinds[t] == MaskKind::Packed ? nullptr : mask});
         float* p = edit_tile(param.data_ptr(), param.scalar_type(), pos, n, param_tile);
         const float* g = read_tile(grad.const_data_ptr(), grad.scalar_type(), pos, n, grad_tile);
         const float* m = mask ? read_mask_tile(mask->const_data_ptr(), kinds[t], pos, n, mask_tile) : nullptr;

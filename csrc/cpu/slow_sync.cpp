@@ -35,7 +35,6 @@ void slow_sync_cpu(at::TensorList slow_params, at::TensorList params, double alp
       const at::Tensor& slow = flat.at(0, t);
       const at::Tensor& param = flat.at(1, t);
       for_each_tile(begin, end, [&](int64_t pos, int64_t n) {
-        prefetch_next(pos, n, end, {&slow, &param});
         float* s = edit_tile(slow.data_ptr(), slow.scalar_type(), pos, n, slow_tile);
         const float* p = read_tile(param.const_data_ptr(), param.scalar_type(), pos, n, param_tile);
         math.lerp(n, s, p, weight, one_minus_weight, from_slow);

@@ -23,7 +23,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <initializer_list>
 #include <vector>
 
 #include "tile_abi.h"
@@ -89,25 +88,6 @@ inline const float* read_mask_tile(const void* data, MaskKind kind, int64_t begi
     case MaskKind::Float32: return static_cast<const float*>(data) + begin;
     case MaskKind::Float16: return read_tile(data, at::kHalf, begin, n, scratch);
     default: tile_kernels().mask_to_float(data, kind, begin, n, scratch); return scratch;
-  }
-}
-
-// Asks for the cache lines of elements [begin, begin + n) of an array ahead of use. The math runs
-// tile by tile over several arrays, one short loop each; without this every loop waits on its own
-// stream of misses.
-inline void prefetch(const void* data, int64_t element_size, int64_t begin, int64_t n) {
-  if (data == nullptr || n <= 0) return;
-  const char* first = static_cast<const char*>(data) + begin * element_size;
-  const int64_t bytes = n * element_size;
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(first + off);
-}
-
-// Prefetches the tile after [pos, pos + n) of each tensor (tiles end at `end`).
-inline void prefetch_next(int64_t pos, int64_t n, int64_t end, std::initializer_list<const at::Tensor*> tensors) {
-  const int64_t ahead = std::min(TILE, end - pos - n);
-  if (ahead <= 0) return;
-  for (const at::Tensor* t : tensors) {
-    if (t != nullptr) prefetch(t->const_data_ptr(), t->element_size(), pos + n, ahead);
   }
 }
 
