@@ -71,9 +71,12 @@ def extensions():
 
     debug = _flag("DEBUG") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++17", "-fopenmp", "-DSFRON_OPS_PY_MODULE"]
+    # no -march=native (portable wheels); no contraction into FMAs, so every op rounds like the reference;
+    # no errno from sqrt, so the compiler may vectorise it
+    cxx += ["-std=c++20", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-DSFRON_OPS_PY_MODULE"]
     nvcc = ["-O0", "-g", "-G"] if debug else ["-O3"]
-    nvcc += ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    # --fmad=false: multiply and add round separately, as the reference's separate ops do
+    nvcc += ["-std=c++20", "--expt-relaxed-constexpr", "-lineinfo", "--fmad=false"]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     kwargs = dict(
         name="sfron_ops._C",

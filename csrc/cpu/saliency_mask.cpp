@@ -1,0 +1,70 @@
+// saliency_mask_ on CPU: m = [(F_f + eps) / (F_r + eps) >= gamma] in float32, eps = 1e-15; kept += ones.
+//
+// The ratio is an IEEE float32 division (not a multiplied-out comparison) so
+// that Python's density cut-off, computed on the same ratio, selects the same
+// elements.
+#include <torch/library.h>
+
+#include <sfron_ops/checks.h>
+#include <sfron_ops/flat.h>
+
+#include "tiles.h"
+
+namespace sfron_ops::cpu {
+namespace {
+
+void saliency_mask_cpu(at::TensorList forget_fishers, at::TensorList remain_fishers, at::TensorList masks,
+                       const at::Tensor& kept, double gamma) {
+  constexpr const char* op = "saliency_mask_";
+  check_aligned(op, "remain_fishers", remain_fishers, forget_fishers);
+  check_aligned(op, "masks", masks, forget_fishers);
+  check_dtype(op, "forget_fishers", forget_fishers, at::kFloat);
+  check_dtype(op, "remain_fishers", remain_fishers, at::kFloat);
+  for (size_t i = 0; i < masks.size(); ++i) {
+    TORCH_CHECK(masks[i].scalar_type() == at::kBool || masks[i].scalar_type() == at::kByte, op, ": masks[", i,
+                "] must be bool or uint8, got ", dtype_name(masks[i].scalar_type()));
+  }
+  TORCH_CHECK(kept.scalar_type() == at::kLong && kept.numel() == 1, op, ": kept must be an int64 scalar, got ",
+              dtype_name(kept.scalar_type()), " with ", kept.numel(), " elements");
+  check_one_device(op, "forget_fishers", forget_fishers);
+  for (size_t i = 0; i < forget_fishers.size(); ++i) {
+    TORCH_CHECK(kept.device() == forget_fishers[i].device(), op, ": kept is on ", kept.device(),
+                " but forget_fishers[", i, "] is on ", forget_fishers[i].device());
+  }
+  if (forget_fishers.empty()) return;
+
+  Flattened flat({{forget_fishers, Access::Read}, {remain_fishers, Access::Read}, {masks, Access::Write}},
+                 forget_fishers.size());
+  std::vector<int64_t> numels;
+  for (const at::Tensor& f : forget_fishers) numels.push_back(f.numel());
+  const Layout layout(numels);
+  const TileKernels& math = tile_kernels();
+  const float threshold = static_cast<float>(gamma);
+  std::vector<int64_t> chunk_kept(layout.chunks());
+
+  layout.parallel_chunks([&](int64_t c) {
+    int64_t count = 0;
+    layout.for_each_piece(c, [&](size_t t, int64_t begin, int64_t end) {
+      const at::Tensor& forget = flat.at(0, t);
+      const at::Tensor& remain = flat.at(1, t);
+      const at::Tensor& mask = flat.at(2, t);
+      for_each_tile(begin, end, [&](int64_t pos, int64_t n) {
+        // bool and uint8 are both one byte holding 0 or 1
+        count += math.saliency(n, forget.const_data_ptr<float>() + pos, remain.const_data_ptr<float>() + pos,
+                               static_cast<uint8_t*>(mask.data_ptr()) + pos, threshold);
+      });
+    });
+    chunk_kept[c] = count;
+  });
+
+  int64_t total = 0;
+  for (int64_t k : chunk_kept) total += k;
+  at::Tensor counter = flat.single(kept, Access::Write);
+  *counter.data_ptr<int64_t>() += total;
+  flat.finish();
+}
+
+}  // namespace
+}  // namespace sfron_ops::cpu
+
+TORCH_LIBRARY_IMPL(sfron_ops, CPU, m) { m.impl("saliency_mask_", &sfron_ops::cpu::saliency_mask_cpu); }

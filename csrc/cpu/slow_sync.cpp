@@ -1,0 +1,53 @@
+// slow_sync_ on CPU: slow = slow + a * (p - slow), exact at a = 0 and a = 1; p = slow if reset_fast.
+//
+// The two-sided form of torch.lerp: s + a * (p - s) for a < 0.5, else p - (p - s) * (1 - a),
+// which returns s itself at a = 0 and p itself at a = 1.
+#include <torch/library.h>
+
+#include <sfron_ops/checks.h>
+#include <sfron_ops/flat.h>
+
+#include "tiles.h"
+
+namespace sfron_ops::cpu {
+namespace {
+
+void slow_sync_cpu(at::TensorList slow_params, at::TensorList params, double alpha, bool reset_fast) {
+  constexpr const char* op = "slow_sync_";
+  check_aligned(op, "slow_params", slow_params, params);
+  check_floating(op, "params", params);
+  check_dtype_like(op, "slow_params", slow_params, params);
+  check_one_device(op, "params", params);
+  if (params.empty()) return;
+
+  Flattened flat({{slow_params, Access::Write}, {params, reset_fast ? Access::Write : Access::Read}}, params.size());
+  std::vector<int64_t> numels;
+  for (const at::Tensor& p : params) numels.push_back(p.numel());
+  const Layout layout(numels);
+  const TileKernels& math = tile_kernels();
+  const float weight = static_cast<float>(alpha);
+  const float one_minus_weight = static_cast<float>(1.0 - alpha);
+  const bool from_slow = alpha < 0.5;
+
+  layout.parallel_chunks([&](int64_t c) {
+    alignas(64) float slow_tile[TILE], param_tile[TILE];
+    layout.for_each_piece(c, [&](size_t t, int64_t begin, int64_t end) {
+      const at::Tensor& slow = flat.at(0, t);
+      const at::Tensor& param = flat.at(1, t);
+      for_each_tile(begin, end, [&](int64_t pos, int64_t n) {
+        float* s = edit_tile(slow.data_ptr(), slow.scalar_type(), pos, n, slow_tile);
+        const float* p = read_tile(param.const_data_ptr(), param.scalar_type(), pos, n, param_tile);
+        math.lerp(n, s, p, weight, one_minus_weight, from_slow);
+        write_back(slow.data_ptr(), slow.scalar_type(), pos, n, s);
+        // both tensors share a dtype, so p rounds to exactly the stored slow value
+        if (reset_fast) write_back(param.data_ptr(), param.scalar_type(), pos, n, s);
+      });
+    });
+  });
+  flat.finish();
+}
+
+}  // namespace
+}  // namespace sfron_ops::cpu
+
+TORCH_LIBRARY_IMPL(sfron_ops, CPU, m) { m.impl("slow_sync_", &sfron_ops::cpu::slow_sync_cpu); }

@@ -1,0 +1,141 @@
+// CPU building blocks: the work split and float32 tiles.
+//
+// Every CPU kernel sees the tensors of one call as a single concatenated range
+// of elements, cut into chunks of CHUNK elements (a chunk may span several
+// small tensors). Chunks are the unit of parallel work and of the partial sums
+// of the norm; their boundaries depend only on the tensor sizes, never on the
+// thread count, which keeps reductions bitwise reproducible.
+//
+// Inside a chunk, each tensor's elements are processed in tiles of TILE
+// elements. A tile of a float32 tensor is used where it lies; any other dtype
+// (and every mask) is converted into a float32 scratch tile first and rounded
+// back after the math. The math itself (tile_abi.h) is written once, on
+// float32 tiles, and compiled per instruction set, so nothing is instantiated
+// per dtype.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Half.h>
+
+#include <sfron_ops/flat.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "tile_abi.h"
+
+namespace sfron_ops::cpu {
+
+// ---------------------------------------------------------------- tiles
+
+// Elements [begin, begin + n) of a tensor's data as float32: the data itself when it
+// is float32, else converted into `scratch`.
+inline const float* read_tile(const void* data, at::ScalarType dtype, int64_t begin, int64_t n, float* scratch) {
+  switch (dtype) {
+    case at::kFloat: return static_cast<const float*>(data) + begin;
+    case at::kBFloat16:
+      tile_kernels().to_float(static_cast<const uint16_t*>(data) + begin, Storage::BFloat16, n, scratch);
+      return scratch;
+    case at::kDouble:
+      tile_kernels().to_float(static_cast<const double*>(data) + begin, Storage::Float64, n, scratch);
+      return scratch;
+    case at::kHalf: {
+      const c10::Half* src = static_cast<const c10::Half*>(data) + begin;
+      for (int64_t j = 0; j < n; ++j) scratch[j] = static_cast<float>(src[j]);
+      return scratch;
+    }
+    default: TORCH_CHECK(false, "sfron_ops: unsupported dtype ", dtype);
+  }
+}
+
+// A tile to update in place: the data itself when it is float32, else a float copy
+// in `scratch` that write_back() rounds into the tensor.
+inline float* edit_tile(void* data, at::ScalarType dtype, int64_t begin, int64_t n, float* scratch) {
+  if (dtype == at::kFloat) return static_cast<float*>(data) + begin;
+  read_tile(data, dtype, begin, n, scratch);
+  return scratch;
+}
+
+inline void write_back(void* data, at::ScalarType dtype, int64_t begin, int64_t n, const float* tile) {
+  switch (dtype) {
+    case at::kFloat: {
+      float* dst = static_cast<float*>(data) + begin;
+      if (dst != tile) std::memcpy(dst, tile, n * sizeof(float));
+      return;
+    }
+    case at::kBFloat16:
+      tile_kernels().from_float(tile, n, static_cast<uint16_t*>(data) + begin, Storage::BFloat16);
+      return;
+    case at::kDouble:
+      tile_kernels().from_float(tile, n, static_cast<double*>(data) + begin, Storage::Float64);
+      return;
+    case at::kHalf: {
+      c10::Half* dst = static_cast<c10::Half*>(data) + begin;
+      for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<c10::Half>(tile[j]);
+      return;
+    }
+    default: TORCH_CHECK(false, "sfron_ops: unsupported dtype ", dtype);
+  }
+}
+
+// Mask elements [begin, begin + n) as float32 factors (bytes by their value, packed bits as 0/1).
+inline const float* read_mask_tile(const void* data, MaskKind kind, int64_t begin, int64_t n, float* scratch) {
+  switch (kind) {
+    case MaskKind::None: return nullptr;
+    case MaskKind::Float32: return static_cast<const float*>(data) + begin;
+    case MaskKind::Float16: return read_tile(data, at::kHalf, begin, n, scratch);
+    default: tile_kernels().mask_to_float(data, kind, begin, n, scratch); return scratch;
+  }
+}
+
+// ---------------------------------------------------------------- work split
+
+// Element counts of the tensors of one call and where each starts in the concatenation.
+class Layout {
+ public:
+  explicit Layout(std::vector<int64_t> numels) : numels_(std::move(numels)), starts_(numels_.size() + 1, 0) {
+    for (size_t i = 0; i < numels_.size(); ++i) starts_[i + 1] = starts_[i] + numels_[i];
+  }
+
+  int64_t total() const { return starts_.back(); }
+  int64_t chunks() const { return (total() + CHUNK - 1) / CHUNK; }
+
+  // Calls fn(tensor, begin, end) for each tensor piece of chunk c, in tensor order;
+  // begin and end are element offsets inside that tensor.
+  template <class Fn>
+  void for_each_piece(int64_t c, Fn&& fn) const {
+    const int64_t lo = c * CHUNK;
+    const int64_t hi = std::min(total(), lo + CHUNK);
+    size_t t = std::upper_bound(starts_.begin(), starts_.end(), lo) - starts_.begin() - 1;
+    for (int64_t pos = lo; pos < hi; ++t) {
+      const int64_t end = std::min(hi, starts_[t + 1]);
+      if (end > pos) fn(t, pos - starts_[t], end - starts_[t]);
+      pos = std::max(pos, end);
+    }
+  }
+
+  // Runs fn(chunk) for every chunk, chunks spread over the intra-op threads.
+  template <class Fn>
+  void parallel_chunks(Fn&& fn) const {
+    const int64_t n = chunks();
+    if (n == 0) return;
+    at::parallel_for(0, n, 1, [&](int64_t first, int64_t last) {
+      for (int64_t c = first; c < last; ++c) fn(c);
+    });
+  }
+
+ private:
+  std::vector<int64_t> numels_;
+  std::vector<int64_t> starts_;
+};
+
+// Calls fn(begin, n) over [begin, end) in tiles of at most TILE elements.
+template <class Fn>
+inline void for_each_tile(int64_t begin, int64_t end, Fn&& fn) {
+  for (int64_t pos = begin; pos < end; pos += TILE) fn(pos, std::min(TILE, end - pos));
+}
+
+}  // namespace sfron_ops::cpu

@@ -1,0 +1,254 @@
+// Multi-tensor apply: one kernel launch runs a functor over many tensors.
+//
+// The host packs, for up to TensorTable<DEPTH>::CAPACITY tensors, the data
+// pointers of every list (DEPTH of them), the element counts, the step
+// counters and the first chunk of each tensor into one kernel-argument struct
+// of about 32 KB (CUDA 12.1+ accepts 32764 bytes of parameters on sm_70+, and
+// the struct is a __grid_constant__, so it is read in place from the constant
+// bank). Every block processes one chunk of CHUNK elements of one tensor and
+// finds its tensor by a binary search over the chunk starts; a ResNet-18's 62
+// tensors take one launch, and a longer list simply takes several.
+//
+// Arguments travel by value, so a launch records everything it needs and a
+// CUDA graph can capture it. Nothing here reads device memory on the host.
+//
+// Inside a chunk, a tensor whose pointers are all aligned to the vector width
+// is read with ILP elements per load (16 bytes for the parameter dtype) and
+// the last ILP - 1 elements of the tensor element by element; other tensors go
+// element by element throughout (for_each_element).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <sfron_ops/kinds.h>
+
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+namespace sfron_ops::cuda {
+
+constexpr int BLOCK_THREADS = 512;
+// Elements per block. A multiple of every vector width; small enough that a
+// ResNet-18 (11 M parameters) gives about 700 blocks for 132 SMs.
+constexpr int64_t CHUNK = 16384;
+// Kernel-parameter budget for a table plus a functor (limit: 32764 bytes).
+constexpr int64_t ARG_BYTES = 32000;
+constexpr int64_t FUNCTOR_BYTES = 256;
+
+template <int DEPTH>
+struct TensorTable {
+  static constexpr int64_t ROW_BYTES = DEPTH * 8 + 8 + 8 + 8 + 2;  // pointers, numel, step, chunk start, flags
+  static constexpr int CAPACITY = static_cast<int>((ARG_BYTES - FUNCTOR_BYTES - 32) / ROW_BYTES);
+
+  void* ptr[DEPTH][CAPACITY];
+  int64_t numel[CAPACITY];
+  float* step[CAPACITY];
+  int64_t chunk_start[CAPACITY + 1];  // chunk_start[t]: first chunk of tensor t within this launch
+  uint8_t vectorized[CAPACITY];
+  uint8_t mask_kind[CAPACITY];
+  int count;
+  int64_t chunk_base;  // index of this launch's first chunk among all chunks of the call
+
+  // The tensor whose chunks contain `chunk` (chunk_start is increasing).
+  __device__ __forceinline__ int find(int64_t chunk) const {
+    int lo = 0, hi = count - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (chunk_start[mid] <= chunk) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    return lo;
+  }
+};
+
+// One tensor index of a call: the pointer of each list (nullptr for an absent list).
+template <int DEPTH>
+struct TensorRow {
+  std::array<void*, DEPTH> ptr{};
+  std::array<int64_t, DEPTH> align{};  // bytes each pointer must be aligned to for the vector path
+  int64_t numel = 0;
+  float* step = nullptr;
+  MaskKind mask_kind = MaskKind::None;
+};
+
+template <int DEPTH, class Functor>
+__global__ void __launch_bounds__(BLOCK_THREADS)
+    multi_tensor_kernel(const __grid_constant__ TensorTable<DEPTH> table, const Functor functor) {
+  const int64_t chunk = blockIdx.x;
+  const int t = table.find(chunk);
+  const int64_t begin = (chunk - table.chunk_start[t]) * CHUNK;
+  const int64_t end = begin + CHUNK < table.numel[t] ? begin + CHUNK : table.numel[t];
+  functor(table, t, begin, end, table.chunk_base + chunk);
+}
+
+inline int64_t chunks_of(int64_t numel) { return (numel + CHUNK - 1) / CHUNK; }
+
+// Runs `functor` over the chunks of every row, in as few launches as the table allows.
+// Chunk indices passed to the functor count from `chunk_base` in row order, so per-chunk
+// outputs (the norm's partial sums) land in the same place whatever the launch split.
+// Returns the number of chunks.
+template <int DEPTH, class Functor>
+int64_t multi_tensor_apply(const std::vector<TensorRow<DEPTH>>& rows, const Functor& functor, cudaStream_t stream,
+                           int64_t chunk_base = 0) {
+  static_assert(sizeof(TensorTable<DEPTH>) + sizeof(Functor) <= 32764, "kernel arguments too large");
+  auto table = std::make_unique<TensorTable<DEPTH>>();
+  table->count = 0;
+  table->chunk_base = chunk_base;
+  int64_t chunks = 0;
+  int64_t total = 0;
+  auto launch = [&]() {
+    if (table->count == 0) return;
+    table->chunk_start[table->count] = chunks;
+    multi_tensor_kernel<DEPTH, Functor><<<static_cast<unsigned>(chunks), BLOCK_THREADS, 0, stream>>>(*table, functor);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    table->chunk_base += chunks;
+    table->count = 0;
+    chunks = 0;
+  };
+  for (const TensorRow<DEPTH>& row : rows) {
+    if (row.numel == 0) continue;
+    // one launch covers at most 2^31 - 1 blocks
+    if (table->count == TensorTable<DEPTH>::CAPACITY || chunks + chunks_of(row.numel) > INT32_MAX) launch();
+    const int t = table->count++;
+    bool aligned = true;
+    for (int d = 0; d < DEPTH; ++d) {
+      table->ptr[d][t] = row.ptr[d];
+      if (row.ptr[d] != nullptr && row.align[d] > 1) {
+        aligned &= reinterpret_cast<uintptr_t>(row.ptr[d]) % static_cast<uintptr_t>(row.align[d]) == 0;
+      }
+    }
+    table->numel[t] = row.numel;
+    table->step[t] = row.step;
+    table->mask_kind[t] = static_cast<uint8_t>(row.mask_kind);
+    table->vectorized[t] = aligned;
+    table->chunk_start[t] = chunks;
+    chunks += chunks_of(row.numel);
+    total += chunks_of(row.numel);
+  }
+  launch();
+  return total;
+}
+
+// ------------------------------------------------------------------ element access
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// N consecutive elements from index i as float32 (N = ILP: one aligned vector load; N = 1: one element).
+template <int N, typename T>
+__device__ __forceinline__ void load(const T* data, int64_t i, float (&out)[N]) {
+  if constexpr (N == 1) {
+    out[0] = static_cast<float>(data[i]);
+  } else {
+    const Pack<T, N> pack = *reinterpret_cast<const Pack<T, N>*>(data + i);
+#pragma unroll
+    for (int k = 0; k < N; ++k) out[k] = static_cast<float>(pack.v[k]);
+  }
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void store(T* data, int64_t i, const float (&in)[N]) {
+  if constexpr (N == 1) {
+    data[i] = static_cast<T>(in[0]);
+  } else {
+    Pack<T, N> pack;
+#pragma unroll
+    for (int k = 0; k < N; ++k) pack.v[k] = static_cast<T>(in[k]);
+    *reinterpret_cast<Pack<T, N>*>(data + i) = pack;
+  }
+}
+
+// Mask factors for elements [i, i + N): bytes by their value, packed bits as 0/1, floats as they are.
+// The kind is the same for a whole block, so the switch does not diverge.
+template <int N>
+__device__ __forceinline__ void load_mask(MaskKind kind, const void* mask, int64_t i, float (&out)[N]) {
+  switch (kind) {
+    case MaskKind::Byte: load<N>(static_cast<const uint8_t*>(mask), i, out); return;
+    case MaskKind::Float32: load<N>(static_cast<const float*>(mask), i, out); return;
+    case MaskKind::Float16: load<N>(static_cast<const c10::Half*>(mask), i, out); return;
+    case MaskKind::BFloat16: load<N>(static_cast<const c10::BFloat16*>(mask), i, out); return;
+    case MaskKind::Float64: load<N>(static_cast<const double*>(mask), i, out); return;
+    case MaskKind::Packed: {
+      // N divides 8 and i is a multiple of N, so the N bits sit in one byte
+      const uint32_t byte = static_cast<const uint8_t*>(mask)[i >> 3] >> (i & 7);
+#pragma unroll
+      for (int k = 0; k < N; ++k) out[k] = static_cast<float>((byte >> k) & 1u);
+      return;
+    }
+    case MaskKind::None: break;
+  }
+#pragma unroll
+  for (int k = 0; k < N; ++k) out[k] = 1.0f;
+}
+
+// Bytes a mask pointer must be aligned to for ILP-wide loads.
+inline int64_t mask_align(MaskKind kind, int ilp) {
+  switch (kind) {
+    case MaskKind::Byte: return ilp;
+    case MaskKind::Float32: return 4 * ilp;
+    case MaskKind::Float16:
+    case MaskKind::BFloat16: return 2 * ilp;
+    case MaskKind::Float64: return 8 * ilp;
+    default: return 1;
+  }
+}
+
+// Calls body(width, i) for every element group [i, i + N) of [begin, end) this thread owns, where
+// width is std::integral_constant<int, N>: groups of N = ILP when the tensor is vectorized, then single
+// elements (N = 1) for the tail.
+template <int ILP, class Body>
+__device__ __forceinline__ void for_each_element(int64_t begin, int64_t end, bool vectorized, Body&& body) {
+  int64_t scalar_begin = begin;
+  if (vectorized) {
+    scalar_begin = begin + (end - begin) / ILP * ILP;
+    for (int64_t i = begin + threadIdx.x * ILP; i < scalar_begin; i += BLOCK_THREADS * ILP) {
+      body(std::integral_constant<int, ILP>{}, i);
+    }
+  }
+  for (int64_t i = scalar_begin + threadIdx.x; i < end; i += BLOCK_THREADS) body(std::integral_constant<int, 1>{}, i);
+}
+
+// 16-byte loads of the parameter dtype (at least 2 elements, so doubles pair up).
+template <typename T>
+constexpr int ilp_for() {
+  return sizeof(T) >= 8 ? 2 : static_cast<int>(16 / sizeof(T));
+}
+
+// ------------------------------------------------------------------ block reductions
+
+// Sum over the block in a fixed order (the result is the same on every run).
+template <typename T>
+__device__ __forceinline__ T block_sum(T value, T* shared /* BLOCK_THREADS / 32 entries */) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) shared[warp] = value;
+  __syncthreads();
+  T total = 0;
+  if (warp == 0) {
+    total = lane < static_cast<int>(blockDim.x / 32) ? shared[lane] : T(0);
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) total += __shfl_down_sync(0xffffffffu, total, offset);
+  }
+  return total;  // valid in thread 0
+}
+
+// ------------------------------------------------------------------ step counters
+
+// step += 1 for every counter unless norm_state (may be null) flags a non-finite direction, in which
+// case the step is skipped. A launch of its own after the update: the update's blocks read the
+// counters, so none of them may change it while others still run.
+void advance_steps(at::TensorList steps, const float* norm_state, cudaStream_t stream);
+
+}  // namespace sfron_ops::cuda

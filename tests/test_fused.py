@@ -1,0 +1,805 @@
+"""The compiled kernels (``impl="fused"``): registration, schemas, opcheck, and fused against reference.
+
+The shared differential suites (``tests/test_<stem>.py``) run every backend through one input
+matrix; this file adds what is particular to the compiled kernels: that they are registered for
+CPU (and CUDA when built with it), that the C++ schema fragment of the stand-alone library equals
+the Python schemas, the CPU work split and instruction-set choice (bitwise reproducible), the
+non-contiguous fallback, mixed dtypes in one call, error messages, whole optimizer trajectories,
+``torch.compile`` and CUDA-graph capture. GPU tests run by themselves when CUDA is present.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REQUIRED_IMPLS, assert_lists_close, clones, dtype_id
+
+import sfron_ops
+from sfron_ops import _impl, _ops, reference
+from sfron_ops.reference import pack_mask
+
+ROOT = Path(__file__).resolve().parents[1]
+FUSED = {stem: _ops.op(stem) for stem in _ops.SCHEMAS}
+REFERENCE = reference.KERNELS
+CUDA = torch.cuda.is_available()
+# CI sets this where the build must have compiled and linked the CUDA kernels (even without a GPU)
+EXPECT_CUDA = os.environ.get("SFRON_OPS_EXPECT_CUDA") == "1"
+# the CPU chunk of the compiled kernels (csrc/cpu/tile_abi.h): sizes around it cross chunk borders
+CPU_CHUNK = 16384
+
+
+def _require_fused(device="cpu"):
+    reason = _impl.why_unavailable("fused", device)
+    if reason is not None:
+        if "fused" in REQUIRED_IMPLS:
+            pytest.fail(f"fused is required but unavailable on {device}: {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def fused_device(request):
+    if request.param == "cuda" and not CUDA:
+        pytest.skip("CUDA is not available")
+    _require_fused(request.param)
+    return torch.device(request.param)
+
+
+gpu = pytest.mark.skipif(not CUDA, reason="CUDA is not available")
+
+# ----------------------------------------------------------------------------- registration and schemas
+
+
+def test_extension_loads_or_says_why():
+    if sfron_ops.extension_available():
+        assert sfron_ops.extension_error() is None
+    else:
+        assert sfron_ops.extension_error()
+        if "fused" in REQUIRED_IMPLS:
+            pytest.fail(f"the compiled extension is required: {sfron_ops.extension_error()}")
+
+
+@pytest.mark.parametrize("stem", list(_ops.SCHEMAS))
+def test_every_op_has_a_compiled_cpu_kernel(stem):
+    _require_fused("cpu")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(_ops.qualname(stem), "CPU")
+
+
+@pytest.mark.parametrize("stem", list(_ops.SCHEMAS))
+def test_every_op_has_a_compiled_cuda_kernel(stem):
+    if not (EXPECT_CUDA or CUDA):
+        pytest.skip("set SFRON_OPS_EXPECT_CUDA=1 where the build includes the CUDA kernels")
+    if not EXPECT_CUDA:
+        _require_fused("cuda")
+    assert sfron_ops.extension_available(), sfron_ops.extension_error()
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(_ops.qualname(stem), "CUDA"), (
+        f"{_ops.qualname(stem)} has no CUDA kernel: the extension was built without CUDA")
+
+
+def _cpp_schemas() -> list[str]:
+    """The schema strings of the C++ TORCH_LIBRARY fragment (adjacent literals joined)."""
+    source = (ROOT / "csrc" / "sfron_ops.cpp").read_text()
+    block = source[source.index("TORCH_LIBRARY(sfron_ops, m)"):]
+    block = block[: block.index("\n}")]
+    return ["".join(re.findall(r'"((?:[^"\\]|\\.)*)"', call)) for call in re.findall(r"m\.def\((.*?)\);", block,
+                                                                                        flags=re.S)]
+
+
+def test_cpp_schema_fragment_equals_python_schemas():
+    assert sorted(_cpp_schemas()) == sorted(_ops.SCHEMAS.values())
+
+
+def test_cpu_isa_is_reported():
+    _require_fused("cpu")
+    from sfron_ops import _C
+
+    assert _C.cpu_isa() in ("default", "avx2", "avx512")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+SIZES = [0, 1, 22, 4097, CPU_CHUNK, CPU_CHUNK + 1, 70000]
+MANY = [(1 + (5 * i) % 31,) if i % 4 else (3, 1 + i % 7) for i in range(130)]  # > 110 tensors, small and odd
+
+
+def _shapes(case):
+    return {"sizes": [(n,) for n in SIZES] + [(3, 7, 5)], "many": MANY}[case]
+
+
+def _tensors(shapes, dtype, device, scale=1.0):
+    return [(torch.randn(s, device=device) * scale).to(dtype) for s in shapes]
+
+
+def _masks(kind, shapes, device):
+    """(masks, packed) for a mask kind: dtypes bool/uint8/float*, all-zero/all-one/random, or packed bits."""
+    if kind == "none":
+        return [], False
+    if kind == "packed":
+        return [pack_mask(torch.rand(s, device=device) < 0.5) for s in shapes], True
+    dtype = {"zeros": torch.bool, "ones": torch.uint8, "bool": torch.bool, "uint8": torch.uint8, "f32": torch.float32,
+             "f16": torch.float16, "bf16": torch.bfloat16, "f64": torch.float64}[kind]
+    if kind == "zeros":
+        return [torch.zeros(s, dtype=dtype, device=device) for s in shapes], False
+    if kind == "ones":
+        return [torch.ones(s, dtype=dtype, device=device) for s in shapes], False
+    if dtype in (torch.bool, torch.uint8):
+        return [(torch.rand(s, device=device) < 0.5).to(dtype) for s in shapes], False
+    return [torch.rand(s, device=device).to(dtype) for s in shapes], False
+
+
+MASK_KINDS = ["none", "zeros", "ones", "bool", "uint8", "f32", "f16", "bf16", "f64", "packed"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _steps(n, device):
+    return [torch.tensor(float((0, 3)[i % 2]), device=device) for i in range(n)]
+
+
+def _norm_state(kind, grads, masks, packed, alpha, device):
+    """None, a clipping state computed by the reference, or a state whose non-finite flag is set."""
+    if kind == "none":
+        return None
+    state = torch.zeros(2, device=device)
+    reference.masked_sq_norm_(grads, masks, state, alpha=alpha, packed_masks=packed)
+    if kind == "skip":
+        state[1] = 1.0
+    return state
+
+
+# ----------------------------------------------------------------------------- fused against reference
+
+
+@pytest.mark.parametrize("case", ["sizes", "many"])
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_masked_norm_matches_reference(fused_device, dtype, mask_kind, case):
+    shapes = _shapes(case)
+    grads = _tensors(shapes, dtype, fused_device)
+    masks, packed = _masks(mask_kind, shapes, fused_device)
+    expected, actual = torch.tensor([0.5, 0.0], device=fused_device), torch.tensor([0.5, 0.0], device=fused_device)
+    REFERENCE["masked_norm"](grads, masks, expected, alpha=-2.5, packed_masks=packed)
+    FUSED["masked_norm"](grads, masks, actual, alpha=-2.5, packed_masks=packed)
+    # the reference sums per tensor in float32, the kernels in double over fixed chunks
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=0)
+    if mask_kind == "zeros":
+        assert actual[0].item() == 0.5
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("masked_out", [False, True])
+def test_masked_norm_flags_non_finite(fused_device, bad, masked_out):
+    grads = _tensors([(5000,), (70000,)], torch.float32, fused_device)
+    grads[1][CPU_CHUNK + 3] = bad
+    masks = [torch.ones(5000, device=fused_device), torch.ones(70000, device=fused_device)]
+    if masked_out:
+        # 0 * inf is NaN: a masked-out infinity still poisons the direction, as in the reference
+        masks[1][CPU_CHUNK + 3] = 0.0
+    expected, actual = torch.zeros(2, device=fused_device), torch.zeros(2, device=fused_device)
+    REFERENCE["masked_norm"](grads, masks, expected, alpha=1.0)
+    FUSED["masked_norm"](grads, masks, actual, alpha=1.0)
+    assert actual[1].item() == expected[1].item() == 1.0
+
+
+def test_masked_norm_overflowing_square_is_not_a_non_finite_direction(fused_device):
+    grads = [torch.full((3,), 3e30, device=fused_device)]
+    state = torch.zeros(2, device=fused_device)
+    FUSED["masked_norm"](grads, [], state, alpha=1.0)
+    assert state[0].item() == float("inf") and state[1].item() == 0.0
+
+
+SGD_HYPER = [
+    dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=False),
+    dict(lr=0.1, momentum=0.8, dampening=0.25, weight_decay=0.0, nesterov=False),
+    dict(lr=0.02, momentum=0.9, dampening=0.0, weight_decay=5e-4, nesterov=True),
+    dict(lr=0.3, momentum=0.0, dampening=0.0, weight_decay=1e-3, nesterov=False),
+]
+
+
+def _sgd_call(kernel, lists, norm_state, packed, max_norm, hyper):
+    params, grads, masks, bufs, steps = lists
+    kernel(params, grads, masks, bufs if hyper["momentum"] else [], steps, norm_state, scale=-3.0,
+           max_norm=max_norm, packed_masks=packed, **hyper)
+
+
+@pytest.mark.parametrize("norm", ["none", "clip", "skip"])
+@pytest.mark.parametrize("case", ["sizes", "many"])
+@pytest.mark.parametrize("mask_kind", ["none", "zeros", "bool", "bf16", "packed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("hyper", range(len(SGD_HYPER)))
+def test_sgd_update_matches_reference(fused_device, hyper, dtype, mask_kind, case, norm):
+    hyper = SGD_HYPER[hyper]
+    shapes = _shapes(case)
+    params, grads, bufs = (_tensors(shapes, dtype, fused_device) for _ in range(3))
+    masks, packed = _masks(mask_kind, shapes, fused_device)
+    state = _norm_state(norm, grads, masks, packed, 3.0, fused_device)
+    max_norm = 0.7 if norm == "clip" else 0.0
+    expected = [clones(params), grads, masks, clones(bufs), _steps(len(shapes), fused_device)]
+    actual = [clones(params), grads, masks, clones(bufs), _steps(len(shapes), fused_device)]
+    _sgd_call(REFERENCE["sgd_update"], expected, state, packed, max_norm, hyper)
+    _sgd_call(FUSED["sgd_update"], actual, state, packed, max_norm, hyper)
+    assert_lists_close(actual[0], expected[0], "params")
+    assert_lists_close(actual[3], expected[3], "momentum_buffers")
+    assert_lists_close(actual[4], expected[4], "steps", rtol=0, atol=0)
+    if norm == "skip":
+        assert_lists_close(actual[0], params, "params", rtol=0, atol=0)
+        assert_lists_close(actual[3], bufs, "momentum_buffers", rtol=0, atol=0)
+
+
+ADAM_HYPER = [
+    dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0),
+    dict(lr=0.05, beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=0.05),
+]
+
+
+def _adam_call(kernel, lists, norm_state, packed, max_norm, hyper):
+    params, grads, masks, m1, m2, steps = lists
+    kernel(params, grads, masks, m1, m2, steps, norm_state, scale=-2.0, max_norm=max_norm, packed_masks=packed,
+           **hyper)
+
+
+@pytest.mark.parametrize("norm", ["none", "clip", "skip"])
+@pytest.mark.parametrize("case", ["sizes", "many"])
+@pytest.mark.parametrize("mask_kind", ["ones", "uint8", "f16", "f64", "packed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("hyper", range(len(ADAM_HYPER)))
+def test_adamw_update_matches_reference(fused_device, hyper, dtype, mask_kind, case, norm):
+    hyper = ADAM_HYPER[hyper]
+    shapes = _shapes(case)
+    params, grads, m1 = (_tensors(shapes, dtype, fused_device) for _ in range(3))
+    m2 = [t.abs() for t in _tensors(shapes, dtype, fused_device)]
+    masks, packed = _masks(mask_kind, shapes, fused_device)
+    state = _norm_state(norm, grads, masks, packed, 2.0, fused_device)
+    max_norm = 0.5 if norm == "clip" else 0.0
+    expected = [clones(params), grads, masks, clones(m1), clones(m2), _steps(len(shapes), fused_device)]
+    actual = [clones(params), grads, masks, clones(m1), clones(m2), _steps(len(shapes), fused_device)]
+    _adam_call(REFERENCE["adamw_update"], expected, state, packed, max_norm, hyper)
+    _adam_call(FUSED["adamw_update"], actual, state, packed, max_norm, hyper)
+    for what, k in (("params", 0), ("exp_avgs", 3), ("exp_avg_sqs", 4)):
+        assert_lists_close(actual[k], expected[k], what)
+    assert_lists_close(actual[5], expected[5], "steps", rtol=0, atol=0)
+    if norm == "skip":
+        assert_lists_close(actual[0], params, "params", rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["sizes", "many"])
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=dtype_id)
+def test_fisher_accumulate_matches_reference(fused_device, dtype, case):
+    shapes = _shapes(case)
+    grads = _tensors(shapes, dtype, fused_device, scale=3.0)
+    fishers = [torch.rand(s, device=fused_device) for s in shapes]
+    expected, actual = clones(fishers), clones(fishers)
+    REFERENCE["fisher_accumulate"](expected, grads, scale=0.125)
+    FUSED["fisher_accumulate"](actual, grads, scale=0.125)
+    assert_lists_close(actual, expected, "fishers")
+
+
+@pytest.mark.parametrize("case", ["sizes", "many"])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8], ids=dtype_id)
+@pytest.mark.parametrize("gamma", [1.0, 0.37, 3.0])
+def test_saliency_mask_matches_reference_exactly(fused_device, gamma, mask_dtype, case):
+    shapes = _shapes(case)
+    forget = [torch.rand(s, device=fused_device) for s in shapes]
+    remain = [torch.rand(s, device=fused_device) for s in shapes]
+    for f, r in zip(forget, remain):
+        # exact ties, empty entries on both sides, and the guard epsilon at work
+        f.view(-1)[::5] = r.view(-1)[::5] * gamma
+        f.view(-1)[::7] = 0.0
+        r.view(-1)[::11] = 0.0
+    expected = [torch.zeros(s, dtype=mask_dtype, device=fused_device) for s in shapes]
+    actual = [torch.full(s, 7, dtype=torch.uint8, device=fused_device).to(mask_dtype) for s in shapes]
+    kept_expected = torch.tensor(5, device=fused_device)
+    kept_actual = torch.tensor(5, device=fused_device)
+    REFERENCE["saliency_mask"](forget, remain, expected, kept_expected, gamma=gamma)
+    FUSED["saliency_mask"](forget, remain, actual, kept_actual, gamma=gamma)
+    assert_lists_close(actual, expected, "masks", rtol=0, atol=0)
+    assert kept_actual.item() == kept_expected.item()
+
+
+@pytest.mark.parametrize("case", ["sizes", "many"])
+@pytest.mark.parametrize("reset_fast", [True, False])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 0.8, 1.0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_slow_sync_matches_reference(fused_device, dtype, alpha, reset_fast, case):
+    shapes = _shapes(case)
+    slow, params = _tensors(shapes, dtype, fused_device), _tensors(shapes, dtype, fused_device)
+    expected_slow, expected_params = clones(slow), clones(params)
+    actual_slow, actual_params = clones(slow), clones(params)
+    REFERENCE["slow_sync"](expected_slow, expected_params, alpha=alpha, reset_fast=reset_fast)
+    FUSED["slow_sync"](actual_slow, actual_params, alpha=alpha, reset_fast=reset_fast)
+    exact = dict(rtol=0, atol=0) if alpha in (0.0, 1.0) else {}
+    assert_lists_close(actual_slow, expected_slow, "slow_params", **exact)
+    assert_lists_close(actual_params, expected_params, "params", **exact)
+    if alpha == 0.0:
+        assert_lists_close(actual_slow, slow, "slow_params", rtol=0, atol=0)
+    if alpha == 1.0:
+        assert_lists_close(actual_slow, params, "slow_params", rtol=0, atol=0)
+
+
+def test_cpu_elementwise_kernels_round_like_the_reference():
+    """On CPU the kernels apply the reference's float32 operations in its order (no FMA contraction),
+    so SGD, the slow-weight lerp and the mask agree bit for bit."""
+    _require_fused("cpu")
+    shapes = _shapes("sizes")
+    params, grads, bufs = (_tensors(shapes, torch.float32, "cpu") for _ in range(3))
+    masks, _ = _masks("f32", shapes, "cpu")
+    state = torch.tensor([2.5, 0.0])  # read for the skip flag; no clipping, whose sqrt torch may take from MKL
+    for hyper in SGD_HYPER:
+        expected = [clones(params), grads, masks, clones(bufs), _steps(len(shapes), "cpu")]
+        actual = [clones(params), grads, masks, clones(bufs), _steps(len(shapes), "cpu")]
+        _sgd_call(REFERENCE["sgd_update"], expected, state, False, 0.0, hyper)
+        _sgd_call(FUSED["sgd_update"], actual, state, False, 0.0, hyper)
+        assert_lists_close(actual[0], expected[0], "params", rtol=0, atol=0)
+        assert_lists_close(actual[3], expected[3], "momentum_buffers", rtol=0, atol=0)
+    expected_slow, actual_slow, p = clones(bufs), clones(bufs), clones(params)
+    REFERENCE["slow_sync"](expected_slow, p, alpha=0.3, reset_fast=False)
+    FUSED["slow_sync"](actual_slow, p, alpha=0.3, reset_fast=False)
+    assert_lists_close(actual_slow, expected_slow, "slow_params", rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- layouts, dtypes, errors
+
+
+def _odd_layouts(device):
+    """Views that are not contiguous: transposed, channels_last, strided slices, a storage offset."""
+    base = torch.randn(6, 5, device=device)
+    return [
+        base.t(),
+        torch.randn(2, 3, 4, 5, device=device).to(memory_format=torch.channels_last),
+        torch.randn(40, device=device)[::3],
+        torch.randn(CPU_CHUNK + 9, device=device)[1:],
+    ]
+
+
+def test_non_contiguous_tensors_are_updated_in_place(fused_device):
+    params = _odd_layouts(fused_device)
+    grads = [torch.randn_like(p) for p in params]  # contiguous, unlike most params
+    bufs = [torch.randn_like(p) for p in params]  # preserve_format: laid out like their params
+    masks = [(torch.rand_like(p) < 0.5) for p in params]
+    hyper = SGD_HYPER[2]
+    expected = [[p.clone() for p in params], grads, masks, [b.clone() for b in bufs], _steps(4, fused_device)]
+    actual_params, actual_bufs = params, bufs
+    originals = [p.data_ptr() for p in actual_params]
+    REFERENCE["sgd_update"](expected[0], grads, masks, expected[3], expected[4], None, scale=1.0, max_norm=0.0,
+                            **hyper)
+    FUSED["sgd_update"](actual_params, grads, masks, actual_bufs, _steps(4, fused_device), None, scale=1.0,
+                        max_norm=0.0, **hyper)
+    assert [p.data_ptr() for p in actual_params] == originals
+    assert_lists_close(actual_params, expected[0], "params")
+    assert_lists_close(actual_bufs, expected[3], "momentum_buffers")
+
+    state_expected, state_actual = torch.zeros(2, device=fused_device), torch.zeros(4, device=fused_device)[::2]
+    REFERENCE["masked_norm"](params, masks, state_expected, alpha=1.5)
+    FUSED["masked_norm"](params, masks, state_actual, alpha=1.5)
+    torch.testing.assert_close(state_actual, state_expected, rtol=1e-5, atol=0)
+
+    slow = [p.clone() for p in params]
+    expected_slow, expected_params = [s.clone() for s in slow], [p.clone() for p in params]
+    REFERENCE["slow_sync"](expected_slow, expected_params, alpha=0.25, reset_fast=True)
+    FUSED["slow_sync"](slow, params, alpha=0.25, reset_fast=True)
+    assert_lists_close(slow, expected_slow, "slow_params")
+    assert_lists_close(params, expected_params, "params")
+
+
+def test_one_call_mixes_dtypes_and_mask_kinds(fused_device):
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float32]
+    shapes = [(70000,), (33,), (4097,), (9,), (0,)]
+    params = [torch.randn(s, device=fused_device).to(d) for s, d in zip(shapes, dtypes)]
+    grads = [torch.randn(s, device=fused_device).to(d) for s, d in zip(shapes, dtypes)]
+    m1 = [torch.randn(s, device=fused_device).to(d) for s, d in zip(shapes, dtypes)]
+    m2 = [torch.rand(s, device=fused_device).to(d) for s, d in zip(shapes, dtypes)]
+    masks = [torch.rand(s, device=fused_device).to(md) for s, md in
+             zip(shapes, [torch.bfloat16, torch.float32, torch.float64, torch.float16, torch.float32])]
+    masks[1] = masks[1] < 0.5
+    hyper = ADAM_HYPER[1]
+    state_e, state_a = torch.zeros(2, device=fused_device), torch.zeros(2, device=fused_device)
+    REFERENCE["masked_norm"](grads, masks, state_e, alpha=2.0)
+    FUSED["masked_norm"](grads, masks, state_a, alpha=2.0)
+    torch.testing.assert_close(state_a, state_e, rtol=1e-5, atol=0)
+    expected = [clones(params), grads, masks, clones(m1), clones(m2), _steps(5, fused_device)]
+    actual = [clones(params), grads, masks, clones(m1), clones(m2), _steps(5, fused_device)]
+    _adam_call(REFERENCE["adamw_update"], expected, state_e, False, 0.3, hyper)
+    _adam_call(FUSED["adamw_update"], actual, state_e, False, 0.3, hyper)
+    for what, k in (("params", 0), ("exp_avgs", 3), ("exp_avg_sqs", 4)):
+        assert_lists_close(actual[k], expected[k], what)
+
+
+def test_empty_lists_do_nothing(fused_device):
+    state = torch.tensor([1.0, 0.0], device=fused_device)
+    FUSED["masked_norm"]([], [], state, alpha=1.0)
+    FUSED["sgd_update"]([], [], [], [], [], state, lr=0.1, scale=1.0, momentum=0.9, dampening=0.0,
+                        weight_decay=0.0, nesterov=False, max_norm=1.0)
+    FUSED["adamw_update"]([], [], [], [], [], [], None, lr=0.1, scale=1.0, beta1=0.9, beta2=0.99, eps=1e-8,
+                          weight_decay=0.0, max_norm=0.0)
+    FUSED["fisher_accumulate"]([], [], scale=1.0)
+    kept = torch.tensor(3, device=fused_device)
+    FUSED["saliency_mask"]([], [], [], kept, gamma=1.0)
+    FUSED["slow_sync"]([], [], alpha=0.5, reset_fast=True)
+    assert state.tolist() == [1.0, 0.0] and kept.item() == 3
+
+
+def _bad_sgd_calls(device):
+    def lists():
+        params = [torch.randn(4, device=device), torch.randn(3, device=device)]
+        return dict(params=params, grads=[torch.randn(4, device=device), torch.randn(3, device=device)], masks=[],
+                    momentum_buffers=[torch.zeros(4, device=device), torch.zeros(3, device=device)],
+                    steps=[torch.tensor(1.0, device=device), torch.tensor(1.0, device=device)], norm_state=None)
+
+    cases = []
+    c = lists()
+    c["grads"][1] = torch.randn(5, device=device)
+    cases.append((c, r"sgd_update_: grads\[1\] has shape \(5,\), expected \(3,\)"))
+    c = lists()
+    c["momentum_buffers"] = c["momentum_buffers"][:1]
+    cases.append((c, r"sgd_update_: momentum_buffers has 1 tensors, expected 2"))
+    c = lists()
+    c["steps"][0] = torch.tensor(1.0, dtype=torch.float64, device=device)
+    cases.append((c, r"sgd_update_: steps\[0\] must be a float32 scalar, got torch.float64 with 1 elements"))
+    c = lists()
+    c["masks"] = [pack_mask(torch.ones(4, dtype=torch.bool, device=device)), torch.ones(3, device=device)]
+    c["packed"] = True
+    cases.append((c, r"sgd_update_: packed masks\[1\] must be contiguous uint8 with 1 bytes, got torch.float32"))
+    c = lists()
+    c["masks"] = [torch.ones(4, device=device), torch.ones(3, dtype=torch.int32, device=device)]
+    cases.append((c, r"sgd_update_: masks\[1\] has unsupported dtype torch.int32"))
+    c = lists()
+    c["grads"][0] = c["grads"][0].double()
+    cases.append((c, r"sgd_update_: grads\[0\] has dtype torch.float64, expected torch.float32"))
+    c = lists()
+    c["norm_state"] = torch.zeros(3, device=device)
+    cases.append((c, r"sgd_update_: norm_state must be a float32 tensor of 2 elements, got torch.float32 with 3"))
+    return cases
+
+
+@pytest.mark.parametrize("index", range(7))
+def test_bad_calls_name_the_argument_and_change_nothing(fused_device, index):
+    call, message = _bad_sgd_calls(fused_device)[index]
+    packed = call.pop("packed", False)
+    before = [t.clone() for t in call["params"] + call["momentum_buffers"] + call["steps"]]
+    with pytest.raises(RuntimeError, match=message):
+        FUSED["sgd_update"](call["params"], call["grads"], call["masks"], call["momentum_buffers"], call["steps"],
+                            call["norm_state"], lr=0.1, scale=1.0, momentum=0.9, dampening=0.0, weight_decay=0.0,
+                            nesterov=False, max_norm=0.0, packed_masks=packed)
+    after = call["params"] + call["momentum_buffers"] + call["steps"]
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+
+
+def test_other_ops_name_bad_arguments(fused_device):
+    d = fused_device
+    with pytest.raises(RuntimeError, match=r"fisher_accumulate_: fishers\[0\] has dtype torch.bfloat16, expected "
+                                           r"torch.float32"):
+        FUSED["fisher_accumulate"]([torch.zeros(3, dtype=torch.bfloat16, device=d)], [torch.ones(3, device=d)],
+                                   scale=1.0)
+    with pytest.raises(RuntimeError, match=r"saliency_mask_: masks\[0\] must be bool or uint8, got torch.float32"):
+        FUSED["saliency_mask"]([torch.ones(3, device=d)], [torch.ones(3, device=d)], [torch.ones(3, device=d)],
+                               torch.tensor(0, device=d), gamma=1.0)
+    with pytest.raises(RuntimeError, match=r"saliency_mask_: kept must be an int64 scalar, got torch.int32"):
+        FUSED["saliency_mask"]([torch.ones(3, device=d)], [torch.ones(3, device=d)],
+                               [torch.zeros(3, dtype=torch.bool, device=d)],
+                               torch.tensor(0, dtype=torch.int32, device=d), gamma=1.0)
+    with pytest.raises(RuntimeError, match=r"slow_sync_: slow_params\[0\] has dtype torch.float16, expected "
+                                           r"torch.float32"):
+        FUSED["slow_sync"]([torch.zeros(3, dtype=torch.float16, device=d)], [torch.ones(3, device=d)], alpha=0.5,
+                           reset_fast=True)
+    with pytest.raises(RuntimeError, match=r"masked_sq_norm_: grads\[0\] has non-floating dtype torch.int64"):
+        FUSED["masked_norm"]([torch.ones(3, dtype=torch.int64, device=d)], [], torch.zeros(2, device=d), alpha=1.0)
+    with pytest.raises(RuntimeError, match=r"adamw_update_: exp_avg_sqs\[0\] has shape \(2,\), expected \(3,\)"):
+        FUSED["adamw_update"]([torch.ones(3, device=d)], [torch.ones(3, device=d)], [], [torch.ones(3, device=d)],
+                              [torch.ones(2, device=d)], [torch.tensor(0.0, device=d)], None, lr=0.1, scale=1.0,
+                              beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, max_norm=0.0)
+
+
+@gpu
+def test_cuda_kernels_reject_tensors_on_two_devices():
+    _require_fused("cuda")
+    params = [torch.randn(3, device="cuda"), torch.randn(3)]
+    steps = [torch.tensor(0.0, device="cuda"), torch.tensor(0.0)]
+    with pytest.raises(RuntimeError, match=r"params\[1\] is on cpu"):
+        FUSED["sgd_update"](params, [p.clone() for p in params], [], [], steps, None, lr=0.1, scale=1.0,
+                            momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, max_norm=0.0)
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+def _norm_of(grads, masks):
+    state = torch.zeros(2, dtype=torch.float32, device=grads[0].device)
+    FUSED["masked_norm"](grads, masks, state, alpha=0.75)
+    return state
+
+
+def test_cpu_norm_does_not_depend_on_the_thread_count():
+    _require_fused("cpu")
+    shapes = [(70000,), (3,), (CPU_CHUNK * 5 + 7,), (129, 31)]
+    grads = _tensors(shapes, torch.float32, "cpu", scale=100.0)
+    masks, _ = _masks("f32", shapes, "cpu")
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(_norm_of(grads, masks))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(r, results[0]) for r in results)
+
+
+_ISA_SCRIPT = r"""
+import sys, torch
+import sfron_ops
+from sfron_ops import _ops, _C
+from sfron_ops.reference import pack_mask
+torch.manual_seed(0)
+shapes = [(70000,), (22,), (16385,), (3, 7, 5), (0,)]
+out = {"isa": _C.cpu_isa()}
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    g = [(torch.randn(s) * 3).to(dtype) for s in shapes]
+    p = [torch.randn(s).to(dtype) for s in shapes]
+    b = [torch.randn(s).to(dtype) for s in shapes]
+    v = [torch.rand(s).to(dtype) for s in shapes]
+    m = [torch.rand(s) < 0.5 for s in shapes]
+    state = torch.zeros(2)
+    _ops.op("masked_norm")(g, [pack_mask(x) for x in m], state, alpha=2.0, packed_masks=True)
+    steps = [torch.tensor(1.0) for _ in shapes]
+    _ops.op("sgd_update")(p, g, m, b, steps, state, lr=0.1, scale=-2.0, momentum=0.9, dampening=0.1,
+                          weight_decay=0.01, nesterov=False, max_norm=1.0)
+    _ops.op("adamw_update")(p, g, [x.float() for x in m], b, v, steps, state, lr=0.01, scale=1.0, beta1=0.9,
+                            beta2=0.99, eps=1e-8, weight_decay=0.1, max_norm=1.0)
+    f = [torch.rand(s) for s in shapes]
+    _ops.op("fisher_accumulate")(f, g, scale=0.5)
+    s = [x.clone() for x in b]
+    _ops.op("slow_sync")(s, p, alpha=0.3, reset_fast=False)
+    out[str(dtype)] = [state, p, b, v, f, s]
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_cpu_instruction_sets_give_identical_bits(tmp_path):
+    """The tile math is compiled per instruction set; the choice must change speed only."""
+    _require_fused("cpu")
+    script = tmp_path / "isa.py"
+    script.write_text(_ISA_SCRIPT)
+    results = {}
+    for isa in ("default", "avx2", "avx512"):
+        out = tmp_path / f"{isa}.pt"
+        env = dict(os.environ, SFRON_OPS_CPU_ISA=isa, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get(
+            "PYTHONPATH", ""))
+        subprocess.run([sys.executable, str(script), str(out)], check=True, env=env, cwd=tmp_path)
+        results[isa] = torch.load(out)
+    assert results["default"]["isa"] == "default"
+    for isa in ("avx2", "avx512"):
+        for key, tensors in results["default"].items():
+            if key == "isa":
+                continue
+            leaves = zip(torch.utils._pytree.tree_leaves(results[isa][key]), torch.utils._pytree.tree_leaves(tensors))
+            for a, b in leaves:
+                assert torch.equal(a, b), f"{results[isa]['isa']} differs from default for {key}"
+
+
+def test_unknown_cpu_isa_is_an_error(tmp_path):
+    _require_fused("cpu")
+    code = ("import torch, sfron_ops\nfrom sfron_ops import _ops\n"
+            "_ops.op('fisher_accumulate')([torch.zeros(3)], [torch.ones(3)], scale=1.0)\n")
+    env = dict(os.environ, SFRON_OPS_CPU_ISA="sse9", PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode != 0 and "SFRON_OPS_CPU_ISA=sse9" in result.stderr
+
+
+# ----------------------------------------------------------------------------- opcheck
+
+
+def _opcheck_samples(device):
+    g = [torch.randn(5, device=device), torch.randn(2, 3, device=device)]
+    masks = [torch.rand(5, device=device) < 0.5, torch.rand(2, 3, device=device)]
+    packed = [pack_mask(torch.rand(5, device=device) < 0.5), pack_mask(torch.rand(6, device=device) < 0.5)]
+    state = torch.tensor([4.0, 0.0], device=device)
+
+    def steps():
+        return [torch.tensor(0.0, device=device), torch.tensor(2.0, device=device)]
+
+    def like(ts, dtype=None):
+        return [torch.randn_like(t, dtype=dtype) for t in ts]
+
+    return [
+        ("masked_norm", (g, masks, state.clone()), dict(alpha=2.0)),
+        ("masked_norm", (g, packed, state.clone()), dict(alpha=-1.0, packed_masks=True)),
+        ("sgd_update", (like(g), g, masks, like(g), steps(), state.clone()),
+         dict(lr=0.1, scale=-2.0, momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False, max_norm=1.0)),
+        ("sgd_update", (like(g), g, [], [], steps(), None),
+         dict(lr=0.1, scale=1.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, max_norm=0.0)),
+        ("adamw_update", (like(g), g, packed, like(g), [t.abs() for t in like(g)], steps(), state.clone()),
+         dict(lr=0.01, scale=1.0, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, max_norm=0.5,
+              packed_masks=True)),
+        ("fisher_accumulate", ([torch.rand_like(t) for t in g], like(g, torch.bfloat16)), dict(scale=0.5)),
+        ("saliency_mask", ([torch.rand_like(t) for t in g], [torch.rand_like(t) for t in g],
+                           [torch.zeros_like(t, dtype=torch.bool) for t in g], torch.tensor(0, device=device)),
+         dict(gamma=1.0)),
+        ("slow_sync", (like(g), like(g)), dict(alpha=0.4, reset_fast=True)),
+    ]
+
+
+@pytest.mark.parametrize("sample", range(8))
+def test_opcheck(fused_device, sample):
+    stem, args, kwargs = _opcheck_samples(fused_device)[sample]
+    torch.library.opcheck(_ops.op(stem), args, kwargs)
+
+
+# ----------------------------------------------------------------------------- optimizer trajectories
+
+
+def _model(device):
+    # no conv bias in front of the batch norm: its gradient would be rounding noise, which Adam scales up to lr
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 5)).to(device)
+
+
+def _trajectory(impl, base, device, dtype, steps=8, reset_fast=True):
+    model = _model(device).to(dtype)
+    g = torch.Generator().manual_seed(1)
+    masks = {n: (torch.rand(p.shape, generator=g) < 0.6).to(device) for n, p in model.named_parameters()}
+    hyper = dict(lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True) if base == "sgd" else dict(
+        lr=0.01, betas=(0.8, 0.95), weight_decay=0.05)
+    opt = sfron_ops.SFRon(model.named_parameters(), mask=masks, base=base, impl=impl, forget_alpha=4.0,
+                          max_grad_norm=0.5, remain_max_grad_norm=2.0, slow_alpha=0.6, sync_period=2,
+                          reset_fast=reset_fast, **hyper)
+    data = torch.Generator().manual_seed(2)
+    snapshots = []
+    for i in range(steps):
+        x = torch.randn(6, 3, 8, 8, generator=data).to(device, dtype)
+        y = torch.randint(0, 5, (6,), generator=data).to(device)
+        loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step(phase="forget" if i % 3 == 0 else "remain")
+        opt.zero_grad()
+        state = [t.detach().clone() for p in model.parameters() for t in opt.state[p].values() if torch.is_tensor(t)]
+        snapshots.append(([p.detach().clone() for p in model.parameters()], state))
+    return snapshots
+
+
+@pytest.mark.parametrize("reset_fast", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_sfron_trajectory_matches_reference(fused_device, base, dtype, reset_fast):
+    expected = _trajectory("reference", base, fused_device, dtype, reset_fast=reset_fast)
+    actual = _trajectory("fused", base, fused_device, dtype, reset_fast=reset_fast)
+    for step, ((p_a, s_a), (p_e, s_e)) in enumerate(zip(actual, expected)):
+        assert len(s_a) == len(s_e) and len(s_a) > len(p_a)  # steps, buffers/moments, masks, slow weights
+        assert_lists_close(p_a, p_e, f"step {step} params")
+        assert_lists_close(s_a, s_e, f"step {step} state")
+
+
+def test_resumed_fused_run_is_bitwise_equal(tmp_path):
+    """Clipping reads a norm summed over fixed chunks, so a run restored from a checkpoint continues
+    on exactly the same bits."""
+    _require_fused("cpu")
+
+    def run(resume_at=None):
+        model = _model("cpu")
+        opt = sfron_ops.SFRon(model.parameters(), impl="fused", lr=0.05, momentum=0.9, forget_alpha=3.0,
+                              max_grad_norm=0.3, slow_alpha=0.5, sync_period=2)
+        data = torch.Generator().manual_seed(3)
+        for i in range(7):
+            if i == resume_at:
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+                model = _model("cpu")
+                opt = sfron_ops.SFRon(model.parameters(), impl="fused", lr=0.05, momentum=0.9, forget_alpha=3.0,
+                                      max_grad_norm=0.3, slow_alpha=0.5, sync_period=2)
+                ckpt = torch.load(tmp_path / "ckpt.pt")
+                model.load_state_dict(ckpt["model"])
+                opt.load_state_dict(ckpt["opt"])
+            x, y = torch.randn(4, 3, 8, 8, generator=data), torch.randint(0, 5, (4,), generator=data)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step(phase="forget" if i % 2 == 0 else "remain")
+            opt.zero_grad()
+        return [p.detach() for p in model.parameters()]
+
+    for a, b in zip(run(), run(resume_at=3)):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- torch.compile and CUDA graphs
+
+
+def _forget_step(params, grads, masks, bufs, steps, state):
+    state.zero_()
+    torch.ops.sfron_ops.masked_sq_norm_(grads, masks, state, alpha=5.0)
+    torch.ops.sfron_ops.sgd_update_(params, grads, masks, bufs, steps, state, lr=0.05, scale=-5.0, momentum=0.9,
+                                    dampening=0.0, weight_decay=5e-4, nesterov=False, max_norm=1.0)
+    torch.ops.sfron_ops.fisher_accumulate_(bufs, grads, scale=0.5)
+    torch.ops.sfron_ops.slow_sync_(bufs, params, alpha=0.5, reset_fast=False)
+
+
+def _step_inputs(device):
+    shapes = [(70000,), (22,), (3, 5)]
+    g = torch.Generator().manual_seed(5)
+    params = [torch.randn(s, generator=g).to(device) for s in shapes]
+    grads = [torch.randn(s, generator=g).to(device) for s in shapes]
+    masks = [(torch.rand(s, generator=g) < 0.5).to(device) for s in shapes]
+    bufs = [torch.randn(s, generator=g).to(device) for s in shapes]
+    steps = [torch.tensor(float(i), device=device) for i in range(len(shapes))]
+    return params, grads, masks, bufs, steps, torch.zeros(2, device=device)
+
+
+def test_compiled_fullgraph_step_runs_the_fused_ops(fused_device):
+    torch._dynamo.reset()
+    eager = _step_inputs(fused_device)
+    compiled = _step_inputs(fused_device)
+    step = torch.compile(_forget_step, fullgraph=True)
+    for _ in range(3):
+        _forget_step(*eager)
+        step(*compiled)
+    for k, what in enumerate(("params", "grads", "masks", "bufs", "steps")):
+        assert_lists_close(compiled[k], eager[k], what, rtol=0, atol=0)
+    torch.testing.assert_close(compiled[5], eager[5], rtol=0, atol=0)
+
+
+@gpu
+def test_cuda_graph_replays_a_forget_step():
+    """Clip coefficient, skip flag and step counters stay on the device, so the step captures."""
+    _require_fused("cuda")
+    eager = _step_inputs("cuda")
+    captured = _step_inputs("cuda")
+    # warm up on a side stream, so nothing initialises lazily during the capture
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        _forget_step(*_step_inputs("cuda"))
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _forget_step(*captured)  # recorded, not run
+    for _ in range(3):
+        graph.replay()
+        _forget_step(*eager)
+    torch.cuda.synchronize()
+    for k, what in enumerate(("params", "grads", "masks", "bufs", "steps")):
+        assert_lists_close(captured[k], eager[k], what, rtol=0, atol=0)
+    # a non-finite gradient makes the replayed update skip, without any host synchronisation
+    params_before, steps_before = clones(captured[0]), clones(captured[4])
+    captured[1][0][7] = float("nan")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert captured[5][1].item() == 1.0
+    assert_lists_close(captured[0], params_before, "params", rtol=0, atol=0)
+    assert_lists_close(captured[4], steps_before, "steps", rtol=0, atol=0)
+
+
+@gpu
+def test_cuda_many_tensors_split_over_launches_and_misaligned_views():
+    """More tensors than one kernel-argument table holds, plus views off the vector alignment."""
+    _require_fused("cuda")
+    shapes = [(1 + (13 * i) % 97,) for i in range(1200)] + [(1 << 20,)]
+    base = torch.randn(sum(s[0] for s in shapes) + 1, device="cuda")
+    params, offset = [], 1  # offset 1: every view starts off a 16-byte boundary
+    for (n,) in shapes:
+        params.append(base[offset:offset + n])
+        offset += n
+    grads = _tensors(shapes, torch.float32, "cuda")
+    m1 = _tensors(shapes, torch.float32, "cuda")
+    m2 = [t.abs() for t in _tensors(shapes, torch.float32, "cuda")]
+    masks = [torch.rand(s, device="cuda") < 0.5 for s in shapes]
+    state_e, state_a = torch.zeros(2, device="cuda"), torch.zeros(2, device="cuda")
+    REFERENCE["masked_norm"](grads, masks, state_e, alpha=2.0)
+    FUSED["masked_norm"](grads, masks, state_a, alpha=2.0)
+    torch.testing.assert_close(state_a, state_e, rtol=1e-5, atol=0)
+    expected = [[p.clone() for p in params], grads, masks, clones(m1), clones(m2), _steps(len(shapes), "cuda")]
+    actual = [params, grads, masks, clones(m1), clones(m2), _steps(len(shapes), "cuda")]
+    _adam_call(REFERENCE["adamw_update"], expected, state_e, False, 0.5, ADAM_HYPER[1])
+    _adam_call(FUSED["adamw_update"], actual, state_e, False, 0.5, ADAM_HYPER[1])
+    for what, k in (("params", 0), ("exp_avgs", 3), ("exp_avg_sqs", 4), ("steps", 5)):
+        assert_lists_close(actual[k], expected[k], what)
+
+
+@gpu
+def test_cuda_norm_is_bitwise_reproducible():
+    _require_fused("cuda")
+    shapes = [(1 << 22,), (70000,), (3,)]
+    grads = _tensors(shapes, torch.float32, "cuda", scale=10.0)
+    masks, _ = _masks("f32", shapes, "cuda")
+    first = _norm_of(grads, masks)
+    assert all(torch.equal(_norm_of(grads, masks), first) for _ in range(5))
