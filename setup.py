@@ -42,10 +42,25 @@ def _cuda_include_dirs() -> list[str]:
     return dirs
 
 
+def _set_cuda_home() -> None:
+    """Point torch at a whole CUDA toolkit.
+
+    torch guesses CUDA_HOME from the folder above ``nvcc`` on the PATH; where that ``nvcc`` is a
+    wrapper script (``/usr/local/bin/nvcc``), the guess has no ``lib64/libcudart.so`` and linking fails.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    for home in ("/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)):
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and glob.glob(os.path.join(home, "lib*", "libcudart.so*")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
 def extensions():
     if _flag("SFRON_OPS_NO_EXT") == "1":
         print("sfron_ops: SFRON_OPS_NO_EXT=1, building no compiled extension")
         return [], {}
+    _set_cuda_home()
     try:
         import torch
         from torch.utils import cpp_extension
