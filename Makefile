@@ -9,7 +9,9 @@ BUILD_STAMP := .build-stamp
 SOURCES := $(shell find csrc -type f 2>/dev/null) setup.py pyproject.toml
 PYTEST_ARGS ?=
 
-.PHONY: venv build test test-gpu demo bench lint report clean
+CMAKE_DIR := build/cmake
+
+.PHONY: venv build test test-cpp test-gpu demo bench lint report clean
 
 $(VENV_STAMP): requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,9 +29,15 @@ build: $(BUILD_STAMP)
 report: build
 	$(PY) -m sfron_ops.report
 
-test: build
+test: build test-cpp
 	$(PY) -m sfron_ops.report
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# the kernels as a libtorch library for C++ programs, with its ctest
+test-cpp: venv
+	cmake -S . -B $(CMAKE_DIR) -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	cmake --build $(CMAKE_DIR) -j $${MAX_JOBS:-2}
+	ctest --test-dir $(CMAKE_DIR) --output-on-failure
 
 test-gpu: build
 	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
