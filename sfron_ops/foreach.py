@@ -45,9 +45,14 @@ def _direction(grads, masks, coef):
     return u
 
 
-def _skipped_on_host(skip) -> bool:
-    """On the CPU, reading the skip flag costs no synchronisation, so a skipped step can return early."""
-    return skip is not None and skip.device.type == "cpu" and not torch.compiler.is_compiling() and bool(skip)
+def _coef_and_skip(norm_state, scale, max_norm, device):
+    """``(coef, skip, skipped)``: the direction coefficient, the device skip flag, and whether the host knows
+    the step is skipped. On the CPU reading the flag costs no synchronisation, so it is read there (``skip``
+    is then ``None``) and no per-tensor ``where`` is needed."""
+    coef, skip = clip_and_skip(norm_state, scale, max_norm, device)
+    if skip is not None and skip.device.type == "cpu" and not torch.compiler.is_compiling():
+        return coef, None, bool(skip)
+    return coef, skip, False
 
 
 def _commit(dsts, news, skip):
@@ -101,11 +106,9 @@ def sgd_update_(params, grads, masks, momentum_buffers, steps, norm_state, *, lr
     masks = _unpacked(masks, params, packed_masks)
     if not params:
         return
-    coef, skip = clip_and_skip(norm_state, scale, max_norm, params[0].device)
-    if _skipped_on_host(skip):
+    coef, skip, skipped = _coef_and_skip(norm_state, scale, max_norm, params[0].device)
+    if skipped:
         return
-    if skip is not None and skip.device.type == "cpu" and not torch.compiler.is_compiling():
-        skip = None  # the host already saw the flag clear: no per-tensor where needed
     p32 = _f32(params)
     d = _direction(grads, masks, coef)
     if weight_decay != 0:
@@ -131,11 +134,9 @@ def adamw_update_(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state
     masks = _unpacked(masks, params, packed_masks)
     if not params:
         return
-    coef, skip = clip_and_skip(norm_state, scale, max_norm, params[0].device)
-    if _skipped_on_host(skip):
+    coef, skip, skipped = _coef_and_skip(norm_state, scale, max_norm, params[0].device)
+    if skipped:
         return
-    if skip is not None and skip.device.type == "cpu" and not torch.compiler.is_compiling():
-        skip = None  # the host already saw the flag clear: no per-tensor where needed
     u = _direction(grads, masks, coef)
     t = torch._foreach_add(steps, 1.0)
     m1 = torch._foreach_mul(_f32(exp_avgs), beta1)
