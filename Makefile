@@ -37,6 +37,11 @@ test-gpu: build
 demo: build
 	$(PY) -m sfron_ops.demo
 
+# `make bench BENCH_ARGS=--quick`: every op, backend and baseline; results in benchmarks/results/
+BENCH_ARGS ?=
+bench: build
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
 lint: venv
 	$(PY) -m ruff check sfron_ops tests benchmarks
 

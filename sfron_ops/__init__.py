@@ -6,6 +6,7 @@ from .fisher import fisher_diagonal
 from .loss import AdaptiveLoss, adaptive_cross_entropy, adaptive_weights
 from .mask import SaliencyMask, canonical_name, saliency_mask
 from .optim import SFRon
+from .integrations import phase, set_phase, unwrap_optimizer  # phases through wrapped optimizers (Accelerate)
 
 __version__ = "0.1.0"
 
@@ -23,4 +24,7 @@ __all__ = [
     "extension_available",
     "extension_error",
     "IMPLS",
+    "phase",
+    "set_phase",
+    "unwrap_optimizer",
 ]

@@ -3,9 +3,10 @@
 Same signatures and semantics as :mod:`sfron_ops.reference`. Low-precision
 tensors are promoted to float32 copies first so the math matches the
 reference; float32 tensors are used as they are. ``torch`` has no foreach
-``where``, so a step that must be skippable (``norm_state`` given) commits its
-results with one ``torch.where`` per tensor; with ``check_finite=False`` and no
-clipping the update is foreach from end to end.
+``where``, so on CUDA a step that must be skippable (``norm_state`` given)
+commits its results with one ``torch.where`` per tensor; on the CPU the flag
+is read on the host, which costs nothing there. With ``check_finite=False``
+and no clipping the update is foreach from end to end.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ def _direction(grads, masks, coef):
     else:
         u = torch._foreach_mul(g32, coef)
     return u
+
+
+def _skipped_on_host(skip) -> bool:
+    """On the CPU, reading the skip flag costs no synchronisation, so a skipped step can return early."""
+    return skip is not None and skip.device.type == "cpu" and not torch.compiler.is_compiling() and bool(skip)
 
 
 def _commit(dsts, news, skip):
@@ -96,6 +102,10 @@ def sgd_update_(params, grads, masks, momentum_buffers, steps, norm_state, *, lr
     if not params:
         return
     coef, skip = clip_and_skip(norm_state, scale, max_norm, params[0].device)
+    if _skipped_on_host(skip):
+        return
+    if skip is not None and skip.device.type == "cpu" and not torch.compiler.is_compiling():
+        skip = None  # the host already saw the flag clear: no per-tensor where needed
     p32 = _f32(params)
     d = _direction(grads, masks, coef)
     if weight_decay != 0:
@@ -122,6 +132,10 @@ def adamw_update_(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state
     if not params:
         return
     coef, skip = clip_and_skip(norm_state, scale, max_norm, params[0].device)
+    if _skipped_on_host(skip):
+        return
+    if skip is not None and skip.device.type == "cpu" and not torch.compiler.is_compiling():
+        skip = None  # the host already saw the flag clear: no per-tensor where needed
     u = _direction(grads, masks, coef)
     t = torch._foreach_add(steps, 1.0)
     m1 = torch._foreach_mul(_f32(exp_avgs), beta1)

@@ -116,7 +116,7 @@ def forget_norm(opt):
 
 
 # --------------------------------------------------------------------------- single process
-def single_process(base, resume=False):
+def single_process(base):
     data = make_data()
     model = make_model()
     opt, sched = make_optimizer(model, base)
@@ -188,6 +188,19 @@ def _rank_run(mode, base, data, part, mesh, ckpt_dir):
     stored = opt.masks()[list(named).index(name)]
     out["set_mask_local"] = (stored.to_local() if sdist.is_dtensor(stored) else stored).clone()
     out["set_mask_full"] = _full(stored)
+
+    # one more remain step (the slow weights sync every third; the cosine lr has reached 0), then evaluate
+    # with the slow weights
+    for g in opt.param_groups:
+        g["lr"] = 0.01
+    x, y = rows(data["remain"][0], part)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+    out["fast"], out["slow_now"] = [_full(p) for p in model.parameters()], [_full(s) for s in opt.slow_weights()]
+    with opt.use_slow_weights():  # swapped in, shard by shard under FSDP2
+        out["evaluated"] = [_full(p) for p in model.parameters()]
+    out["after_evaluation"] = [_full(p) for p in model.parameters()]
     return out
 
 
@@ -269,6 +282,17 @@ def test_matches_single_process(ranks, single, mode, base):
         _close(got["params"], ref["params"])
         _close(got["slow"], ref["slow"])
         assert got["skipped"] == ref["skipped"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,base", SCENARIOS)
+def test_slow_weights_swap_in_and_back(ranks, mode, base):
+    got = ranks[0][(mode, base)]
+    assert any(not torch.equal(a, b) for a, b in zip(got["slow_now"], got["fast"]))
+    for a, b in zip(got["evaluated"], got["slow_now"]):
+        assert torch.equal(a, b)
+    for a, b in zip(got["after_evaluation"], got["fast"]):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.slow

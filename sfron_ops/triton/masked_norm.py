@@ -1,0 +1,116 @@
+r"""masked_sq_norm_: the squared norm of the direction and its non-finite flag, in one pass.
+
+.. math::
+   \text{norm\_state}[0] \mathrel{+}= \sum_i \big((g_i m_i)\,\alpha\big)^2, \qquad
+   \text{norm\_state}[1] \leftarrow \max\big(\text{norm\_state}[1],\ [\exists i: (g_i m_i)\alpha \notin \mathbb{R}]\big)
+
+Each program writes the sum of squares and the flag of its chunk to a
+workspace; the last program adds them in program order (Note [last program]
+in :mod:`._common`), so the result is the same on every run.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from .. import _ops
+from ._common import (
+    BLOCK,
+    ELEMENT_MASK,
+    FLT_MAX,
+    NO_MASK,
+    NORM_CHUNK,
+    PACKED_MASK,
+    REDUCE_BLOCK,
+    arrive,
+    chunk_extent,
+    chunk_of,
+    column,
+    device_function,
+    direction,
+    execute,
+    launch,
+    load_f32,
+    load_mask,
+    workspace,
+)
+
+
+@device_function
+def _norm_of_chunk(g_ptr, m_ptr, start, numel, alpha, MASK_KIND: tl.constexpr, EVEN: tl.constexpr,
+                   BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """(sum of u^2, any u not finite) over one chunk, u = (g * m) * alpha."""
+    sq = tl.zeros([BLOCK], tl.float32)
+    bad = tl.zeros([BLOCK], tl.int32)
+    for i in range(0, chunk_extent(start, numel, EVEN, CHUNK), BLOCK):
+        offs = start + i + tl.arange(0, BLOCK)
+        u = direction(load_f32(g_ptr, offs, numel, EVEN), load_mask(m_ptr, offs, numel, MASK_KIND, EVEN), alpha,
+                      MASK_KIND)
+        if not EVEN:
+            u = tl.where(offs < numel, u, 0.0)  # alpha may be infinite: 0 * inf must not count
+        sq += u * u
+        bad = tl.maximum(bad, (~(tl.abs(u) <= FLT_MAX)).to(tl.int32))
+    return tl.sum(sq, axis=0), tl.max(bad, axis=0)
+
+
+@triton.jit(do_not_specialize=["num_chunks"])
+def _masked_norm_kernel(table, num_chunks, grads, masks, numel, norm_state, partials, counter, alpha,
+                        TABLE: tl.constexpr, MASK_KIND: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+                        CHUNK: tl.constexpr, REDUCE_BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    if TABLE:
+        row, start, n = chunk_of(table, num_chunks, 3, CHUNK)  # row: grads, masks, numel
+        g_ptr = column(row, 0, grads, ALIGNED)
+        m_ptr = column(row, 1, masks, ALIGNED)
+    else:
+        g_ptr, m_ptr = grads, masks
+        start = pid.to(tl.int64) * CHUNK
+        n = numel
+    if start + CHUNK <= n:
+        sq, bad = _norm_of_chunk(g_ptr, m_ptr, start, n, alpha, MASK_KIND, True, BLOCK, CHUNK)
+    else:
+        sq, bad = _norm_of_chunk(g_ptr, m_ptr, start, n, alpha, MASK_KIND, False, BLOCK, CHUNK)
+    programs = tl.num_programs(0)
+    tl.store(partials + pid, sq)
+    tl.store(partials + programs + pid, bad.to(tl.float32))
+    if arrive(counter):
+        total = tl.zeros([REDUCE_BLOCK], tl.float32)
+        flag = tl.zeros([REDUCE_BLOCK], tl.float32)
+        for first in range(0, programs, REDUCE_BLOCK):
+            idx = first + tl.arange(0, REDUCE_BLOCK)
+            valid = idx < programs
+            # volatile: the other programs' partials, past this SM's L1
+            total += tl.load(partials + idx, mask=valid, other=0.0, volatile=True)
+            flag = tl.maximum(flag, tl.load(partials + programs + idx, mask=valid, other=0.0, volatile=True))
+        tl.store(norm_state, tl.load(norm_state) + tl.sum(total, axis=0))
+        tl.store(norm_state + 1, tl.maximum(tl.load(norm_state + 1), tl.max(flag, axis=0)))
+        tl.store(counter, 0)
+
+
+def _masked_sq_norm(grads: list[torch.Tensor], masks: list[torch.Tensor], norm_state: torch.Tensor, *,
+                    alpha: float, packed_masks: bool = False) -> None:
+    kind = PACKED_MASK if packed_masks else ELEMENT_MASK if masks else NO_MASK
+
+    def check():
+        _ops.check_masked_sq_norm(grads, masks, norm_state, alpha=alpha, packed_masks=packed_masks)
+
+    def issue(call, witnesses, state, trace):
+        counter, partials = workspace(call.device, 2 * call.grid, trace)
+        launch(wrap_triton(_masked_norm_kernel) if trace else _masked_norm_kernel, call.grid,
+               (call.table, call.num_chunks, *witnesses, call.numel, state[0], partials, counter, float(alpha)),
+               trace=trace, TABLE=call.table_mode, MASK_KIND=kind, ALIGNED=call.aligned, BLOCK=BLOCK,
+               CHUNK=NORM_CHUNK, REDUCE_BLOCK=REDUCE_BLOCK)
+
+    execute("masked_norm", [grads, masks or None], 2, NORM_CHUNK, check=check, issue=issue, flags=(kind,),
+            state=[(norm_state, True)], masks_at=1, packed_masks=packed_masks)
+
+
+masked_sq_norm_triton_ = triton_op("sfron_ops::masked_sq_norm_triton_", _masked_sq_norm, mutates_args={"norm_state"})
+
+
+def masked_sq_norm_(grads: list[torch.Tensor], masks: list[torch.Tensor], norm_state: torch.Tensor, *,
+                    alpha: float, packed_masks: bool = False) -> None:
+    """``sfron_ops::masked_sq_norm_`` in one Triton launch (per dtype group); see the module docstring."""
+    run = masked_sq_norm_triton_ if torch.compiler.is_compiling() else _masked_sq_norm
+    run(grads, masks, norm_state, alpha=alpha, packed_masks=packed_masks)

@@ -1,0 +1,272 @@
+"""Data for the unlearning scenarios: built-in digits, CIFAR-10/100 and ImageFolder from local files.
+
+Nothing is ever downloaded. A scenario is a :class:`Split`: the training set (with training and
+evaluation transforms), the test set, and which training samples are forgotten.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+
+class TensorLoader:
+    """Batches of in-memory tensors, like a ``DataLoader`` over a ``TensorDataset`` without the per-sample cost.
+
+    Shuffling draws from ``self.generator`` (seeded), so two loaders with the same seed give the
+    same batches, and the runner can checkpoint the order exactly.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                 drop_last: bool = False):
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"x has {x.shape[0]} samples but y has {y.shape[0]}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"Invalid batch_size: {batch_size!r}")
+        self.x, self.y = x, y
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.generator = torch.Generator().manual_seed(seed) if shuffle else None
+
+    def __len__(self) -> int:
+        n = self.x.shape[0]
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        n = self.x.shape[0]
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else None
+        for b in range(len(self)):
+            sl = slice(b * self.batch_size, min(n, (b + 1) * self.batch_size))
+            if order is None:
+                yield self.x[sl], self.y[sl]
+            else:
+                idx = order[sl]
+                yield self.x[idx], self.y[idx]
+
+
+def choose_forget(targets, mode: str = "random", *, fraction: float = 0.1, forget_class: int | None = None,
+                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the forget and remain samples.
+
+    ``mode="random"``: a uniformly random ``fraction`` of the samples (rounded to the nearest count, at least one).
+    ``mode="class"``: every sample of ``forget_class``.
+    """
+    targets = np.asarray(targets)
+    n = len(targets)
+    if mode == "random":
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+            raise ValueError(f"Invalid fraction: {fraction!r}; expected a number in (0, 1)")
+        k = max(1, int(round(fraction * n)))
+        forget = np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
+    elif mode == "class":
+        classes = np.unique(targets)
+        if forget_class is None or forget_class not in classes:
+            raise ValueError(f"Invalid forget_class: {forget_class!r}; expected one of {classes.tolist()}")
+        forget = np.flatnonzero(targets == forget_class)
+    else:
+        raise ValueError(f"Invalid mode: {mode!r}; expected 'random' or 'class'")
+    keep = np.ones(n, dtype=bool)
+    keep[forget] = False
+    return forget, np.flatnonzero(keep)
+
+
+@dataclass
+class Split:
+    """An unlearning scenario over one dataset.
+
+    ``train`` / ``train_eval`` hold the same training samples with training and evaluation
+    transforms (they may be the same object); ``test`` is the held-out set. ``test_idx``
+    restricts the test set (class-wise forgetting measures TA on the remaining classes).
+    Either all three are tensors pairs ``(x, y)`` (in-memory data) or all are datasets.
+    """
+
+    name: str
+    train: object
+    train_eval: object
+    test: object
+    targets: np.ndarray
+    forget_idx: np.ndarray
+    remain_idx: np.ndarray
+    num_classes: int
+    input_shape: tuple
+    test_idx: np.ndarray | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def in_memory(self) -> bool:
+        return isinstance(self.train, tuple)
+
+    def loader(self, which: str, batch_size: int, *, shuffle: bool, seed: int = 0, eval_transform: bool = False,
+               num_workers: int = 0) -> object:
+        """A loader over ``which`` in ``{"train", "forget", "remain", "test"}``."""
+        if which == "test":
+            source, idx = self.test, self.test_idx
+        else:
+            source = self.train_eval if eval_transform else self.train
+            idx = {"train": None, "forget": self.forget_idx, "remain": self.remain_idx}.get(which, "bad")
+            if isinstance(idx, str):
+                raise ValueError(f"Invalid split: {which!r}; expected 'train', 'forget', 'remain' or 'test'")
+        if self.in_memory:
+            x, y = source
+            if idx is not None:
+                index = torch.as_tensor(idx, dtype=torch.long)
+                x, y = x[index], y[index]
+            return TensorLoader(x, y, batch_size, shuffle=shuffle, seed=seed)
+        dataset = source if idx is None else Subset(source, idx.tolist())
+        generator = torch.Generator().manual_seed(seed) if shuffle else None
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                          num_workers=num_workers, pin_memory=torch.cuda.is_available())
+
+
+# ---------------------------------------------------------------------------------------------- digits
+def digits(seed: int = 0, *, noise: float = 0.5, test_fraction: float = 0.25):
+    """scikit-learn's 8x8 digits (1797 images, shipped with scikit-learn) as ``(x_train, y_train, x_test, y_test)``.
+
+    Pixels are scaled to [0, 1]; with ``noise > 0`` every image gets its own fixed Gaussian
+    corruption of that standard deviation. The corruption is drawn once per sample, so a network
+    can memorise its training images while the test images stay hard: the regime where removing
+    a random subset of the training set has a visible effect.
+    """
+    from sklearn.datasets import load_digits
+
+    if noise < 0:
+        raise ValueError(f"Invalid noise: {noise!r}")
+    bunch = load_digits()
+    x = bunch.data.astype(np.float32).reshape(-1, 1, 8, 8) / 16.0
+    y = bunch.target.astype(np.int64)
+    rng = np.random.default_rng(seed)
+    if noise > 0:
+        x = x + rng.normal(0.0, noise, size=x.shape).astype(np.float32)
+    # stratified train/test split
+    test_mask = np.zeros(len(y), dtype=bool)
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        test_mask[rng.choice(idx, int(round(test_fraction * len(idx))), replace=False)] = True
+    tr, te = np.flatnonzero(~test_mask), np.flatnonzero(test_mask)
+    return torch.from_numpy(x[tr]), torch.from_numpy(y[tr]), torch.from_numpy(x[te]), torch.from_numpy(y[te])
+
+
+def digits_split(seed: int = 0, *, mode: str = "random", fraction: float = 0.1, forget_class: int | None = None,
+                 noise: float = 0.5, test_fraction: float = 0.25) -> Split:
+    """The digits scenario for ``seed``: data, corruption, split and forget set all follow the seed."""
+    x_tr, y_tr, x_te, y_te = digits(seed, noise=noise, test_fraction=test_fraction)
+    targets = y_tr.numpy()
+    forget, remain = choose_forget(targets, mode, fraction=fraction, forget_class=forget_class, seed=seed + 1)
+    test_idx = None
+    if mode == "class":
+        test_idx = np.flatnonzero(y_te.numpy() != forget_class)
+    return Split(name=f"digits-{mode}", train=(x_tr, y_tr), train_eval=(x_tr, y_tr), test=(x_te, y_te),
+                 targets=targets, forget_idx=forget, remain_idx=remain, num_classes=10, input_shape=(1, 8, 8),
+                 test_idx=test_idx, info=dict(noise=noise, mode=mode, fraction=fraction, forget_class=forget_class))
+
+
+# ---------------------------------------------------------------------------------------------- CIFAR
+CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+def _local_cifar_class(name: str):
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    base = CIFAR10 if name == "cifar10" else CIFAR100
+
+    class LocalCIFAR(base):
+        """torchvision's CIFAR loader that never downloads; checksums are checked only when asked."""
+
+        verify_checksums = False
+
+        def _check_integrity(self) -> bool:
+            if self.verify_checksums:
+                return super()._check_integrity()
+            return all(os.path.isfile(os.path.join(self.root, self.base_folder, f)) for f, _ in
+                       self.train_list + self.test_list)
+
+        def _load_meta(self) -> None:
+            if self.verify_checksums:
+                return super()._load_meta()
+            path = os.path.join(self.root, self.base_folder, self.meta["filename"])
+            with open(path, "rb") as fh:
+                self.classes = pickle.load(fh, encoding="latin1")[self.meta["key"]]
+            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+    LocalCIFAR.__name__ = LocalCIFAR.__qualname__ = f"Local{base.__name__}"
+    return LocalCIFAR
+
+
+def cifar_files(name: str) -> tuple[str, list[str]]:
+    """The folder and the files torchvision's loader expects for ``name`` under ``root``."""
+    cls = _local_cifar_class(name)
+    return cls.base_folder, [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+
+
+def cifar(root: str, name: str = "cifar10", *, augment: bool = True, verify_checksums: bool = False):
+    """``(train, train_eval, test)`` datasets of CIFAR-10 or CIFAR-100 from the python pickle batches under ``root``.
+
+    ``root`` holds ``cifar-10-batches-py/`` (or ``cifar-100-python/``), as extracted from the
+    official archive. Downloads are off; a missing file is an error that names it.
+    """
+    from torchvision import transforms as T
+
+    if name not in CIFAR_STATS:
+        raise ValueError(f"Invalid name: {name!r}; expected one of {tuple(CIFAR_STATS)}")
+    folder, files = cifar_files(name)
+    missing = [f for f in files if not os.path.isfile(os.path.join(root, folder, f))]
+    if missing:
+        raise FileNotFoundError(f"{name} not found under root={root!r}: missing {folder}/{missing[0]} "
+                                "(downloads are off; extract the python version of the dataset there)")
+    cls = _local_cifar_class(name)
+    cls.verify_checksums = verify_checksums
+    mean, std = CIFAR_STATS[name]
+    normalize = [T.ToTensor(), T.Normalize(mean, std)]
+    train_tf = T.Compose(([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []) + normalize)
+    eval_tf = T.Compose(normalize)
+    train = cls(root, train=True, transform=train_tf, download=False)
+    train_eval = cls(root, train=True, transform=eval_tf, download=False)
+    test = cls(root, train=False, transform=eval_tf, download=False)
+    return train, train_eval, test
+
+
+def image_folder(train_root: str, test_root: str, *, image_size: int = 32, augment: bool = True,
+                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+    """``(train, train_eval, test)`` ``ImageFolder`` datasets (one sub-folder per class) resized to ``image_size``.
+
+    The test folder must have the same class folders as the training folder.
+    """
+    from torchvision import transforms as T
+    from torchvision.datasets import ImageFolder
+
+    for label, path in (("train_root", train_root), ("test_root", test_root)):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{label}={path!r} is not a folder")
+    base = [T.Resize((image_size, image_size))]
+    normalize = [T.ToTensor(), T.Normalize(mean, std)]
+    aug = [T.RandomCrop(image_size, padding=image_size // 8), T.RandomHorizontalFlip()] if augment else []
+    train = ImageFolder(train_root, transform=T.Compose(base + aug + normalize))
+    train_eval = ImageFolder(train_root, transform=T.Compose(base + normalize))
+    test = ImageFolder(test_root, transform=T.Compose(base + normalize))
+    if test.classes != train.classes:
+        raise ValueError(f"test_root={test_root!r} has classes {test.classes[:5]}... but train_root has "
+                         f"{train.classes[:5]}...")
+    return train, train_eval, test
+
+
+def dataset_split(name: str, train: Dataset, train_eval: Dataset, test: Dataset, *, mode: str = "random",
+                  fraction: float = 0.1, forget_class: int | None = None, seed: int = 0) -> Split:
+    """A :class:`Split` over torchvision-style datasets (with a ``targets`` list)."""
+    targets = np.asarray(train.targets)
+    forget, remain = choose_forget(targets, mode, fraction=fraction, forget_class=forget_class, seed=seed + 1)
+    test_idx = np.flatnonzero(np.asarray(test.targets) != forget_class) if mode == "class" else None
+    x0 = train_eval[0][0]
+    num_classes = len(getattr(train, "classes", None) or np.unique(targets))
+    return Split(name=f"{name}-{mode}", train=train, train_eval=train_eval, test=test, targets=targets,
+                 forget_idx=forget, remain_idx=remain, num_classes=num_classes, input_shape=tuple(x0.shape),
+                 test_idx=test_idx, info=dict(mode=mode, fraction=fraction, forget_class=forget_class))

@@ -1,0 +1,288 @@
+"""One scenario end to end: train the original, retrain RT, run every method, evaluate, tabulate, plot.
+
+The scenario fixes the data, the model, how the original is trained and each method's
+hyperparameters (presets). Every method unlearns a copy of the same original with loaders seeded
+the same way; each is compared with the RT model of the same seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from . import metrics as M
+from .data import Split
+from .models import build_model
+from .runner import run
+
+METRIC_KEYS = ("FA", "RA", "TA", "MIA", "Avg.D", "KL", "JS", "RTE")
+
+
+@dataclass
+class Scenario:
+    """What to run. ``methods`` maps a table label ("SFR-on") to ``{"method": name, **hyperparameters}``."""
+
+    name: str
+    split: Callable[[int], Split]
+    model: str = "mlp"
+    model_kwargs: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    epochs: int = 40
+    batch_size: int = 64
+    forget_batch_size: int | None = None
+    eval_batch_size: int = 512
+    methods: dict = field(default_factory=dict)
+    num_workers: int = 0
+    description: str = ""
+
+
+def _loaders(split: Split, scenario: Scenario, seed: int):
+    bs = scenario.batch_size
+    fbs = scenario.forget_batch_size or bs
+    kw = dict(num_workers=scenario.num_workers)
+    return {
+        "train": split.loader("train", bs, shuffle=True, seed=seed, **kw),
+        "forget": split.loader("forget", fbs, shuffle=True, seed=seed + 1, **kw),
+        "remain": split.loader("remain", bs, shuffle=True, seed=seed + 2, **kw),
+        "forget_eval": split.loader("forget", scenario.eval_batch_size, shuffle=False, eval_transform=True, **kw),
+        "remain_eval": split.loader("remain", scenario.eval_batch_size, shuffle=False, eval_transform=True, **kw),
+        "test_eval": split.loader("test", scenario.eval_batch_size, shuffle=False, **kw),
+    }
+
+
+def _plain(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not torch.is_tensor(v)}
+
+
+
+@dataclass
+class SeedBase:
+    """The per-seed common ground of every method: the split, the original, RT and its evaluation."""
+
+    seed: int
+    split: Split
+    device: torch.device
+    original: torch.nn.Module
+    original_metrics: dict
+    rt_metrics: dict
+    reference: torch.Tensor
+    eval_loaders: tuple
+
+
+def prepare_seed(scenario: Scenario, seed: int, *, device=None, progress=None, checkpoint_dir=None) -> SeedBase:
+    """Train the original on all training data and RT on D_r only, and evaluate both."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    split = scenario.split(seed)
+
+    def fresh_model(model_seed):
+        torch.manual_seed(model_seed)
+        return build_model(scenario.model, split.input_shape, split.num_classes, **scenario.model_kwargs).to(device)
+
+    loaders = _loaders(split, scenario, seed)
+    eval_loaders = (loaders["forget_eval"], loaders["remain_eval"], loaders["test_eval"])
+    resume = checkpoint_dir is not None
+    original = fresh_model(seed)
+    res = run("train", original, remain_loader=loaders["train"], seed=seed, progress=progress,
+              desc=f"original s{seed}", checkpoint=_ckpt(checkpoint_dir, seed, "original"), resume=resume,
+              iterations=scenario.epochs * len(loaders["train"]), **scenario.train)
+    original_seconds = res.seconds
+    rt = fresh_model(seed + 10_000)
+    res = run("train", rt, remain_loader=loaders["remain"], seed=seed + 10_000, progress=progress,
+              desc=f"RT s{seed}", checkpoint=_ckpt(checkpoint_dir, seed, "RT"), resume=resume,
+              iterations=scenario.epochs * len(loaders["remain"]), **scenario.train)
+    rt_metrics = M.evaluate(rt, *eval_loaders, device=device, mia_seed=seed)
+    reference = rt_metrics.pop("forget_logits")
+    rt_metrics.update({"KL": 0.0, "JS": 0.0, "Avg.D": 0.0, "RTE": res.seconds})
+    base = M.evaluate(original, *eval_loaders, reference_forget_logits=reference, device=device, mia_seed=seed)
+    base.pop("forget_logits")
+    base.update({"Avg.D": M.avg_gap(base, rt_metrics), "RTE": math.nan, "train_seconds": original_seconds})
+    return SeedBase(seed, split, device, original, base, rt_metrics, reference, eval_loaders)
+
+
+def evaluate_method(scenario: Scenario, base: SeedBase, label: str, spec: dict, *, progress=None,
+                    checkpoint_dir=None) -> dict:
+    """Unlearn a copy of the seed's original with ``spec`` (``{"method": name, **hparams}``) and evaluate it."""
+    spec = dict(spec)
+    name = spec.pop("method")
+    model = copy.deepcopy(base.original)
+    loaders = _loaders(base.split, scenario, base.seed)  # every method sees the same batches
+    res = run(name, model, loaders["forget"], loaders["remain"], device=base.device, seed=base.seed,
+              progress=progress, desc=f"{label} s{base.seed}", checkpoint=_ckpt(checkpoint_dir, base.seed, label),
+              resume=checkpoint_dir is not None, **spec)
+    m = M.evaluate(model, *base.eval_loaders, reference_forget_logits=base.reference, device=base.device,
+                   mia_seed=base.seed)
+    m.pop("forget_logits")
+    m.update({"Avg.D": M.avg_gap(m, base.rt_metrics), "RTE": res.seconds, "info": res.info})
+    return m
+
+
+def _ckpt(checkpoint_dir, seed, tag):
+    return None if checkpoint_dir is None else os.path.join(checkpoint_dir, f"seed{seed}", f"{tag}.pt")
+
+
+def tune(scenario: Scenario, grids: dict, seeds=(100,), *, device=None, progress=None, echo=print) -> dict:
+    """Pick, for every method label, the configuration of ``grids[label]`` with the lowest Avg.D to RT
+    (mean over ``seeds``; keep them apart from the seeds you report). A run whose metrics are not
+    finite ranks last. Returns ``{"best": {label: config}, "trials": [...]}``."""
+    bases = [prepare_seed(scenario, s, device=device, progress=progress) for s in seeds]
+    best, trials = {}, []
+    for label, grid in grids.items():
+        scored = []
+        for config in grid:
+            rows = [evaluate_method(scenario, b, label, config, progress=progress) for b in bases]
+            score = sum(r["Avg.D"] for r in rows) / len(rows)
+            kl = sum(r.get("KL", math.nan) for r in rows) / len(rows)
+            if not math.isfinite(score):
+                score = math.inf
+            trials.append({"label": label, "config": config, "Avg.D": score, "KL": kl,
+                           "rows": [_plain(r) for r in rows]})
+            scored.append((score, len(scored), config))
+            echo(f"[tune {scenario.name}] {label} {config}: Avg.D={score:.3f} KL={kl:.4f}")
+        best[label] = min(scored, key=lambda t: (t[0], t[1]))[2]
+    return {"best": best, "trials": trials, "seeds": list(seeds)}
+
+
+def run_scenario(scenario: Scenario, seeds=(0, 1, 2), methods=None, *, device=None, progress: bool | None = None,
+                 checkpoint_dir: str | None = None, echo=print) -> dict:
+    """Run ``scenario`` for every seed and return the results (per seed and mean ± std over seeds).
+
+    ``methods``: labels of ``scenario.methods`` to run (default: all). With ``checkpoint_dir`` every
+    training and unlearning run checkpoints there and a second call resumes where the first stopped.
+    """
+    labels = list(scenario.methods) if methods is None else list(methods)
+    unknown = [m for m in labels if m not in scenario.methods]
+    if unknown:
+        raise ValueError(f"Invalid method: {unknown[0]!r}; scenario {scenario.name!r} has {list(scenario.methods)}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    per_seed = {}
+    started = time.perf_counter()
+    for seed in seeds:
+        base = prepare_seed(scenario, seed, device=device, progress=progress, checkpoint_dir=checkpoint_dir)
+        rows = {"RT": base.rt_metrics, "Original": base.original_metrics}
+        echo(f"[{scenario.name} seed {seed}] original: " + _row_text(base.original_metrics) + " | RT: "
+             + _row_text(base.rt_metrics))
+        for label in labels:
+            m = evaluate_method(scenario, base, label, scenario.methods[label], progress=progress,
+                                checkpoint_dir=checkpoint_dir)
+            rows[label] = m
+            echo(f"[{scenario.name} seed {seed}] {label}: " + _row_text(m))
+        per_seed[seed] = rows
+    order = ["Original", "RT"] + labels
+    summary = {label: {k: M.mean_std([per_seed[s][label][k] for s in seeds]) for k in METRIC_KEYS}
+               for label in order}
+    return {
+        "scenario": scenario.name,
+        "description": scenario.description,
+        "seeds": list(seeds),
+        "methods": {label: scenario.methods[label] for label in labels},
+        "model": scenario.model,
+        "train": dict(scenario.train, epochs=scenario.epochs, batch_size=scenario.batch_size),
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "per_seed": {str(s): {label: _plain(v) for label, v in rows.items()} for s, rows in per_seed.items()},
+        "summary": summary,
+        "order": order,
+        "wall_seconds": time.perf_counter() - started,
+    }
+
+
+def _row_text(m):
+    return " ".join(f"{k}={m[k]:.2f}" for k in METRIC_KEYS if k in m and not math.isnan(m[k]))
+
+
+# ---------------------------------------------------------------------------------------------- reporting
+COLUMNS = (("FA", "FA", 2), ("RA", "RA", 2), ("TA", "TA", 2), ("MIA", "MIA", 2), ("Avg.D", "Avg.D ↓", 2),
+           ("KL", "KL ↓", 4), ("JS", "JS ↓", 4), ("RTE", "RTE (s)", 2))
+
+
+def _cell(mean, std, digits):
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def format_table(results: dict, *, markdown: bool = True) -> str:
+    """The paper-style table: mean ± std over seeds; FA/RA/TA/MIA in %, Avg.D against RT, KL/JS to RT on D_f."""
+    header = ["Method"] + [c[1] for c in COLUMNS]
+    body = []
+    for label in results["order"]:
+        s = results["summary"][label]
+        body.append([label] + [_cell(*s[key], digits) for key, _, digits in COLUMNS])
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(COLUMNS)) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+
+    def fmt(row):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
+    return "\n".join([fmt(header), "-" * (sum(widths) + 2 * (len(widths) - 1))] + [fmt(r) for r in body])
+
+
+def save_json(results: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def clean(x):  # strict JSON: no NaN or Infinity literals
+        if isinstance(x, float) and math.isnan(x):
+            return None
+        if isinstance(x, float) and math.isinf(x):
+            return "inf" if x > 0 else "-inf"
+        if isinstance(x, dict):
+            return {str(k): clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    with open(path, "w") as fh:
+        json.dump(clean(results), fh, indent=1, allow_nan=False)
+
+
+def plot_results(results_list: list, path: str) -> None:
+    """One row per scenario: FA/TA/MIA next to RT's, Avg.D, and KL to RT, each mean ± std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    def err(values, stds):  # error bars that stop at zero
+        return [[min(s, v) for v, s in zip(values, stds)], list(stds)]
+
+    fig, axes = plt.subplots(len(results_list), 3, figsize=(15, 3.6 * len(results_list)), squeeze=False)
+    for row, results in zip(axes, results_list):
+        labels = [lab for lab in results["order"] if lab != "Original"]
+        s = results["summary"]
+        x = np.arange(len(labels))
+        width = 0.27
+        for j, key in enumerate(("FA", "TA", "MIA")):
+            vals = [s[lab][key][0] for lab in labels]
+            row[0].bar(x + (j - 1) * width, vals, width, yerr=err(vals, [s[lab][key][1] for lab in labels]),
+                       label=key, capsize=2)
+        row[0].set_xticks(x, labels, rotation=30)
+        row[0].set_ylabel("%")
+        row[0].set_title(f"{results['scenario']}: FA, TA, MIA (mean ± std)")
+        row[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        meth = [lab for lab in labels if lab != "RT"]
+        xm = np.arange(len(meth))
+        for ax, key, title, log in ((row[1], "Avg.D", "Avg.D to RT, % points (lower is better)", False),
+                                    (row[2], "KL", "KL(p_RT || p) on D_f, nats (lower is better)", True)):
+            vals = [s[lab][key][0] for lab in meth]
+            bars = ax.bar(xm, vals, yerr=err(vals, [s[lab][key][1] for lab in meth]), capsize=3, color="tab:gray")
+            if "SFR-on" in meth:
+                bars[meth.index("SFR-on")].set_color("tab:red")
+            if log:
+                ax.set_yscale("log")
+            ax.set_xticks(xm, meth, rotation=30)
+            ax.set_title(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,159 @@
+"""The benchmark harness: its cases, its byte model, its baselines' math and one smoke run of the command.
+
+Nothing here times anything: speed is measured by ``python -m benchmarks.run``.
+"""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import cases, report, run, suite
+from benchmarks.ops import OPS
+
+
+def test_model_cases_have_the_published_parameter_counts():
+    resnet = cases.build_case("resnet18_cifar")
+    vit = cases.build_case("vit_b16")
+    assert (resnet.n_tensors, resnet.numel) == (62, 11_173_962)
+    assert (vit.n_tensors, vit.numel) == (152, 85_806_346)
+
+
+def test_synthetic_cases_have_the_requested_sizes():
+    assert cases.build_case("flat", "cuda").shapes == ((1 << 28,),)
+    assert cases.build_case("flat", "cpu").shapes == ((1 << 24,),)
+    tiny = cases.build_case("many_tiny", "cpu")
+    assert tiny.n_tensors == 10_000 and set(tiny.shapes) == {(1024,)}
+
+
+def test_ragged_case_is_odd_sized_and_misaligned():
+    case = cases.build_case("ragged", "cpu", "smoke")
+    state = cases.make_state(case, torch.float32, "cpu", ("params",))
+    sizes = [p.numel() for p in state.params]
+    assert {8, 9, 64, 65} <= set(sizes)
+    assert sum(n % 8 in (1, 3) for n in sizes) >= len(sizes) - 4
+    offsets = [p.storage_offset() for p in state.params]
+    assert offsets == list(case.offsets) and 1 in offsets
+    assert all(p.data_ptr() % 16 != 0 for p, off in zip(state.params, offsets) if off)
+    copy = state.copy()
+    assert [p.storage_offset() for p in copy.params] == offsets
+    assert all(torch.equal(a, b) and a.data_ptr() != b.data_ptr() for a, b in zip(copy.params, state.params))
+
+
+def test_byte_model_matches_the_performance_notes():
+    # fp32 bytes per parameter from the byte model in performance.md, section 4
+    expected = {"forget_plain": 13, "forget_clip": 18, "forget_full": 26, "fisher": 12, "saliency_mask": 9,
+                "slow_sync_0.5": 16, "slow_sync_1": 8}
+    for op, per_param in expected.items():
+        assert OPS[op].modelled_bytes(1000, torch.float32) == per_param * 1000, op
+    assert OPS["fisher"].modelled_bytes(1000, torch.bfloat16) == 10 * 1000
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_every_contender_computes_what_the_reference_computes(op):
+    contenders, _ = suite.contenders("cpu")
+    assert {"reference", "torch", "official"} <= {c.name for c in contenders}
+    errors = suite.verify(op, cases.build_case("ragged", "cpu", "smoke"), torch.float32, "cpu", contenders)
+    assert set(errors) == {c.name for c in contenders}
+    for name, err in errors.items():
+        if name != "reference":
+            assert err <= run.VERIFY_RTOL["fp32"], f"{op}: {name} differs from the reference by {err:.2e}"
+
+
+def test_smoke_run_writes_json_markdown_and_chart(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    results = run.main(["--smoke", "--device", "cpu", "--out", str(tmp_path)])
+    assert torch.get_num_threads() == threads  # the run restores the thread count it changed
+    assert run.failures(results) == []
+    saved = json.loads((tmp_path / "cpu-smoke.json").read_text())
+    assert saved["meta"]["torch"] == torch.__version__ and saved["meta"]["date_utc"]
+    contenders = saved["contenders"]
+    assert {"reference", "foreach", "torch", "official"} <= set(contenders)
+    measured = {(r["op"], r["dtype"], r["contender"]) for r in saved["rows"]}
+    expected = {(op, d, c) for op, spec in OPS.items() for d in spec.dtypes for c in contenders}
+    assert measured == expected
+    for r in saved["rows"]:
+        assert 0 < r["p20_s"] <= r["median_s"] <= r["p80_s"], r
+        assert r["gbs"] == pytest.approx(r["modelled_bytes"] / r["median_s"] / 1e9)
+    assert {r["contender"] for r in saved["e2e"]} >= {"official", "torch", "fwd_bwd", "reference"}
+
+    def row(op, contender):
+        return next(r for r in saved["rows"] if (r["op"], r["dtype"], r["contender"]) == (op, "fp32", contender))
+
+    # the memory probe sees the official deepcopy (a whole copy of the slow weights per sync) ...
+    numel = row("slow_sync_0.5", "official")["numel"]
+    assert row("slow_sync_0.5", "official")["memory"]["device_bytes"] >= 4 * numel
+    # ... and nothing for an in-place foreach op
+    assert row("fisher", "torch")["memory"]["device_bytes"] < 4 * numel / 10
+
+    markdown = (tmp_path / "cpu-smoke.md").read_text()
+    for op in OPS:
+        assert f"### `{op}`" in markdown
+    assert "## End to end" in markdown and "## Same math" in markdown
+    assert (tmp_path / "cpu-smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (tmp_path / "cpu-smoke-summary.md").read_text()
+    assert "## End to end" in summary and "### `" not in summary
+    assert "wrote" in capsys.readouterr().out
+
+
+def _fake_results(device, rows):
+    roofs = {"copy_gbs": 100.0, "inplace_gbs": 50.0, "roof_gbs": 100.0 if device == "cuda" else 50.0}
+    return {"meta": {"device": device}, "roofs": roofs, "unavailable": {}, "rows": rows}
+
+
+def _fake_row(op, case, contender, seconds, roof_share, **extra):
+    return {"op": op, "case": case, "dtype": "fp32", "contender": contender, "median_s": seconds, "numel": 1 << 24,
+            "roof_share": roof_share, **extra}
+
+
+def test_cpu_targets_are_judged_from_the_measured_rows():
+    results = _fake_results("cpu", [
+        _fake_row("forget_full", "flat", "fused", 0.010, 0.85),
+        _fake_row("forget_full", "flat", "foreach", 0.014, 0.6),
+        _fake_row("fisher", "flat", "fused", 0.010, 0.70),
+    ])
+    rows = {r[0]: r for r in report.targets(results)}
+    assert rows["C++ `forget_full` bandwidth, flat 16,777,216, fp32"][3] == "met"
+    assert rows["C++ `fisher` bandwidth, flat 16,777,216, fp32"][3] == "**not met**"
+    speedup = rows["C++ forget step (clip + momentum + wd) vs `foreach`, flat 16,777,216, fp32"]
+    assert speedup[1] == "1.40×" and speedup[3] == "**not met**"
+
+
+def test_cuda_targets_include_the_floor_and_the_baseline_ratios():
+    results = _fake_results("cuda", [
+        _fake_row("forget_full", "flat", "fused", 0.010, 0.92),
+        _fake_row("forget_full", "flat", "triton", 0.0105, 0.88),
+        _fake_row("forget_full", "resnet18_cifar", "fused", 0.004, 0.5, modelled_bytes=2.6e8, vs_torch=2.0,
+                  vs_official=2.5),
+    ])
+    rows = {r[0]: r for r in report.targets(results)}
+    assert rows["`triton` vs `fused` `forget_full`, flat 16,777,216, fp32"][3] == "met"
+    floor = next(r for name, r in rows.items() if "byte-model floor" in name)
+    assert floor[1] == "1.54×" and floor[3] == "**not met**"  # 4 ms against 2.6e8 B / 100 GB/s = 2.6 ms
+    assert rows["`fused` forget step vs `torch`, resnet18_cifar, fp32"][3] == "met"
+    assert rows["`fused` forget step vs `official`, resnet18_cifar, fp32"][3] == "**not met**"
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32])
+@pytest.mark.parametrize("op", list(OPS))
+def test_every_cuda_contender_computes_what_the_reference_computes(op, dtype):
+    contenders, _ = suite.contenders("cuda")
+    errors = suite.verify(op, cases.build_case("ragged", "cuda", "smoke"), dtype, "cuda", contenders)
+    for name, err in errors.items():
+        if name != "reference":
+            assert err <= run.VERIFY_RTOL["fp32"], f"{op}: {name} differs from the reference by {err:.2e}"
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_smoke_run(tmp_path):
+    results = run.main(["--smoke", "--device", "cuda", "--out", str(tmp_path)])
+    assert run.failures(results) == []
+    assert results["roofs"]["roof"] == "copy" and results["roofs"]["copy_gbs"] > 0
+    assert all(r["memory"]["device_bytes"] is not None for r in results["rows"])
+    assert (tmp_path / "cuda-smoke.md").exists() and (tmp_path / "cuda-smoke.png").exists()

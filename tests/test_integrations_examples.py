@@ -1,0 +1,73 @@
+"""The runnable examples in examples/ run and unlearn (each in a fresh process, offline)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+def run(args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               HF_HUB_DISABLE_TELEMETRY="1", WANDB_DISABLED="true")
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(map(str, args))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc.stdout
+
+
+def accuracies(out):
+    """{'before': (forget, retain), 'after': (forget, retain)} from the examples' report lines."""
+    found = re.findall(r"(before|after): forget accuracy ([\d.]+)\s+retain accuracy ([\d.]+)", out)
+    return {k: (float(f), float(r)) for k, f, r in found}
+
+
+def assert_unlearned(out):
+    acc = accuracies(out)
+    assert acc["after"][0] < acc["before"][0] - 0.5, acc  # the forget set is no longer fitted
+    assert acc["after"][1] > 0.95, acc  # the retain set still is
+
+
+@pytest.mark.parametrize("example", ["accelerate_loop.py", "amp.py", "lightning_module.py"])
+def test_example_unlearns(example):
+    pytest.importorskip({"accelerate_loop.py": "accelerate", "lightning_module.py": "lightning"}.get(example, "torch"))
+    assert_unlearned(run([sys.executable, EXAMPLES / example]))
+
+
+@pytest.mark.slow
+def test_compile_example_compiles_a_few_graphs_once():
+    out = run([sys.executable, EXAMPLES / "compile.py", "--iters", "40"])
+    assert_unlearned(out)
+    graphs = int(re.search(r"compiled graphs: (\d+) for 40 iterations", out).group(1))
+    assert 1 <= graphs <= 4
+    kept, total, stored = map(int, re.search(r"keeps (\d+) of (\d+) weights, stored in (\d+) bytes", out).groups())
+    assert stored < total / 7
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_distributed_example(mode):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    out = run(cmd + ["--standalone", "--nproc_per_node=2", EXAMPLES / "distributed.py", "--mode", mode])
+    assert f"{mode} on 2 ranks" in out and "parameters equal = True" in out
+    assert ("['DTensor']" if mode == "fsdp2" else "['Tensor']") in out
+    acc = accuracies(out)["after"]
+    assert acc[0] < 0.5 and acc[1] > 0.95
+
+
+@pytest.mark.slow
+def test_hf_trainer_example():
+    pytest.importorskip("transformers")
+    out = run([sys.executable, EXAMPLES / "hf_trainer.py", "--steps", "10", "--memorise-steps", "40"])
+    before = re.search(r"before: forget loss ([\d.]+)\s+retain loss ([\d.]+)", out).groups()
+    after = re.search(r"after: forget loss ([\d.]+)\s+retain loss ([\d.]+)", out).groups()
+    assert float(after[0]) > 2 * float(before[0])  # the forget sequences are no longer memorised

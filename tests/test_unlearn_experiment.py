@@ -1,0 +1,141 @@
+"""Scenarios end to end: the CLI, outputs, tuning, experiment-level resume, and the demo's quality bar."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from sfron_ops import demo
+from sfron_ops.unlearn import cli, experiment, presets
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tiny(mode="random", methods=("FT", "SFR-on")):
+    scenario = presets.digits_scenario(mode, epochs=2)
+    scenario.methods = {k: dict(v, iterations=4) for k, v in scenario.methods.items() if k in methods}
+    return scenario
+
+
+def test_cli_run_writes_table_json_and_plot(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    code = cli.main(["run", "--scenario", "digits-random", "--epochs", "2", "--set", "*.iterations=4", "--seeds", "0",
+                     "--methods", "FT,SFR-on", "--out", out, "--no-progress", "--threads", "1"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "SFR-on" in printed and "Avg.D" in printed
+    with open(os.path.join(out, "results.json")) as fh:
+        results = json.load(fh)
+    assert results["order"] == ["Original", "RT", "FT", "SFR-on"]
+    assert results["summary"]["RT"]["Avg.D"] == [0.0, 0.0]
+    assert results["methods"]["SFR-on"]["iterations"] == 4
+    row = results["per_seed"]["0"]["SFR-on"]
+    assert set(experiment.METRIC_KEYS) <= set(row) and row["RTE"] > 0
+    assert row["Avg.D"] == pytest.approx(sum(abs(row[k] - results["per_seed"]["0"]["RT"][k])
+                                             for k in ("FA", "RA", "TA", "MIA")) / 4)
+    with open(os.path.join(out, "table.md")) as fh:
+        table = fh.read()
+    assert "| SFR-on |" in table and "| Method |" in table
+    assert os.path.getsize(os.path.join(out, "results.png")) > 10_000
+
+
+def test_cli_presets_and_errors(capsys):
+    assert cli.main(["presets"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["sfron_paper"]["cifar10-random"]["forget_alpha"] == 25.0
+    with pytest.raises(SystemExit, match="LABEL.key=value"):
+        cli.main(["run", "--set", "lr=1", "--seeds", "0"])
+    with pytest.raises(SystemExit, match="no method 'XX'"):
+        cli.main(["run", "--set", "XX.lr=1", "--seeds", "0"])
+    with pytest.raises(SystemExit, match="needs --root"):
+        cli.main(["run", "--dataset", "cifar10", "--seeds", "0"])
+
+
+def test_paper_presets_are_valid_methods():
+    from sfron_ops.unlearn import make_method
+
+    for preset in list(presets.SFRON_PAPER.values()) + list(presets.DIGITS_RANDOM.values()) + \
+            list(presets.DIGITS_CLASS.values()):
+        spec = dict(preset)
+        make_method(spec.pop("method"), **spec)
+    cifar = presets.SFRON_PAPER["cifar10-random"]
+    assert (cifar["lr"], cifar["iterations"], cifar["forget_freq"], cifar["max_grad_norm"]) == (0.01, 1500, 5, 7.0)
+    tiny = presets.SFRON_PAPER["tinyimagenet-random"]
+    assert (tiny["base"], tiny["lr"], tiny["weight_decay"], tiny["forget_alpha"], tiny["lambd"]) == \
+        ("adamw", 2e-5, 0.05, 500.0, 0.6)
+    assert all(len(g) == 18 for g in presets.TUNING_GRIDS.values())
+    assert all(c["iterations"] <= 60 for g in presets.TUNING_GRIDS.values() for c in g)
+
+
+def test_tune_picks_the_lowest_avg_gap():
+    scenario = _tiny(methods=())
+    grids = {"FT": [dict(method="ft", iterations=4, lr=0.0), dict(method="ft", iterations=4, lr=0.5)]}
+    result = experiment.tune(scenario, grids, seeds=(3,), echo=lambda s: None)
+    scores = [t["Avg.D"] for t in result["trials"]]
+    assert result["best"]["FT"] == grids["FT"][scores.index(min(scores))]
+    assert len(result["trials"]) == 2
+
+
+def test_run_scenario_resumes_from_its_checkpoints(tmp_path):
+    scenario = _tiny(methods=("SFR-on",))
+    first = experiment.run_scenario(scenario, seeds=(0,), checkpoint_dir=str(tmp_path), echo=lambda s: None)
+    assert os.path.exists(tmp_path / "seed0" / "SFR-on.pt")
+    again = experiment.run_scenario(scenario, seeds=(0,), checkpoint_dir=str(tmp_path), echo=lambda s: None)
+    for label in first["order"]:
+        for key in ("FA", "RA", "TA", "MIA", "KL", "RTE"):
+            a, b = first["per_seed"]["0"][label][key], again["per_seed"]["0"][label][key]
+            assert a == b or (a != a and b != b), (label, key)
+
+
+def _summary(rows):
+    return {"order": ["Original", "RT"] + [r for r in rows if r != "RT"],
+            "summary": {k: {m: (v, 0.0) for m, v in row.items()} for k, row in rows.items()}}
+
+
+def test_demo_quality_bar_logic():
+    rt = {"FA": 70.0, "RA": 100.0, "TA": 70.0, "MIA": 40.0, "Avg.D": 0.0, "KL": 0.0, "RTE": 2.0}
+    random_rows = {"RT": rt, "Original": dict(rt, **{"Avg.D": 20.0, "KL": 1.0, "RTE": float("nan")}),
+                   "FT": dict(rt, **{"Avg.D": 5.0, "KL": 0.5, "RTE": 0.1}),
+                   "SFR-on": dict(rt, **{"Avg.D": 3.0, "KL": 0.6, "RTE": 0.1}),
+                   "FT (long)": dict(rt, **{"Avg.D": 1.0, "KL": 0.2, "RTE": 0.8})}
+    class_rows = {"RT": dict(rt, FA=0.0), "Original": rt, "SFR-on": dict(rt, FA=0.5, RA=98.5)}
+    checks = dict((s, met) for met, s in demo.quality_bar(_summary(random_rows), _summary(class_rows)))
+    assert checks["random 10 %: lowest Avg.D within the compute ceiling: SFR-on (3)"]
+    assert not checks["random 10 %: lowest KL within the compute ceiling: FT (0.5)"]
+    assert not checks["random 10 %: lowest Avg.D of all rows: FT (long) (1, RTE 0.80s)"]
+    assert checks["random 10 %: SFR-on RTE = 5.0 % of RT's (0.100s vs 2.00s)"]
+    assert checks["class-wise: SFR-on FA = 0.50 %"]
+    assert not checks["class-wise: SFR-on RA 98.50 vs RT 100.00 (gap 1.50 points)"]
+
+
+def test_digits_class_preset_reproduces_its_tuning_run():
+    """The shipped class-wise SFR-on preset on its first tuning seed: the class is forgotten (FA = 0,
+    as recorded when it was selected) and RA stays within 1 point of RT's. (On report seed 0 it
+    leaves FA at 25 %; docs/unlearning.md has the table.)"""
+    scenario = presets.digits_scenario("class")
+    scenario.methods = {"SFR-on": scenario.methods["SFR-on"]}
+    seed = presets.TUNING_SEEDS[0]
+    result = experiment.run_scenario(scenario, seeds=(seed,), echo=lambda s: None)
+    row, rt = result["per_seed"][str(seed)]["SFR-on"], result["per_seed"][str(seed)]["RT"]
+    assert row["FA"] <= 1.0
+    assert abs(row["RA"] - rt["RA"]) <= 1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_scenario_on_cuda(tmp_path):
+    scenario = _tiny(methods=("SFR-on", "SCRUB"))
+    result = experiment.run_scenario(scenario, seeds=(0,), device="cuda", echo=lambda s: None)
+    assert result["device"].startswith("cuda")
+    row = result["per_seed"]["0"]["SFR-on"]
+    assert 0.0 <= row["FA"] <= 100.0 and row["RTE"] > 0 and row["KL"] >= 0
