@@ -206,13 +206,22 @@ def _sgd_call(kernel, lists, norm_state, packed, max_norm, hyper):
            max_norm=max_norm, packed_masks=packed, **hyper)
 
 
-@pytest.mark.parametrize("norm", ["none", "clip", "skip"])
+@pytest.mark.parametrize("norm", ["none", "clip"])
 @pytest.mark.parametrize("case", ["sizes", "many"])
 @pytest.mark.parametrize("mask_kind", ["none", "zeros", "bool", "bf16", "packed"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("hyper", range(len(SGD_HYPER)))
 def test_sgd_update_matches_reference(fused_device, hyper, dtype, mask_kind, case, norm):
-    hyper = SGD_HYPER[hyper]
+    _check_sgd(fused_device, SGD_HYPER[hyper], dtype, mask_kind, case, norm)
+
+
+@pytest.mark.parametrize("case", ["sizes", "many"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_sgd_update_skips_on_the_non_finite_flag(fused_device, dtype, case):
+    _check_sgd(fused_device, SGD_HYPER[0], dtype, "bool", case, "skip")
+
+
+def _check_sgd(fused_device, hyper, dtype, mask_kind, case, norm):
     shapes = _shapes(case)
     params, grads, bufs = (_tensors(shapes, dtype, fused_device) for _ in range(3))
     masks, packed = _masks(mask_kind, shapes, fused_device)
@@ -228,6 +237,7 @@ def test_sgd_update_matches_reference(fused_device, hyper, dtype, mask_kind, cas
     if norm == "skip":
         assert_lists_close(actual[0], params, "params", rtol=0, atol=0)
         assert_lists_close(actual[3], bufs, "momentum_buffers", rtol=0, atol=0)
+        assert_lists_close(actual[4], _steps(len(shapes), fused_device), "steps", rtol=0, atol=0)
 
 
 ADAM_HYPER = [
@@ -242,13 +252,22 @@ def _adam_call(kernel, lists, norm_state, packed, max_norm, hyper):
            **hyper)
 
 
-@pytest.mark.parametrize("norm", ["none", "clip", "skip"])
+@pytest.mark.parametrize("norm", ["none", "clip"])
 @pytest.mark.parametrize("case", ["sizes", "many"])
 @pytest.mark.parametrize("mask_kind", ["ones", "uint8", "f16", "f64", "packed"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("hyper", range(len(ADAM_HYPER)))
 def test_adamw_update_matches_reference(fused_device, hyper, dtype, mask_kind, case, norm):
-    hyper = ADAM_HYPER[hyper]
+    _check_adamw(fused_device, ADAM_HYPER[hyper], dtype, mask_kind, case, norm)
+
+
+@pytest.mark.parametrize("case", ["sizes", "many"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_adamw_update_skips_on_the_non_finite_flag(fused_device, dtype, case):
+    _check_adamw(fused_device, ADAM_HYPER[1], dtype, "packed", case, "skip")
+
+
+def _check_adamw(fused_device, hyper, dtype, mask_kind, case, norm):
     shapes = _shapes(case)
     params, grads, m1 = (_tensors(shapes, dtype, fused_device) for _ in range(3))
     m2 = [t.abs() for t in _tensors(shapes, dtype, fused_device)]
@@ -264,6 +283,8 @@ def test_adamw_update_matches_reference(fused_device, hyper, dtype, mask_kind, c
     assert_lists_close(actual[5], expected[5], "steps", rtol=0, atol=0)
     if norm == "skip":
         assert_lists_close(actual[0], params, "params", rtol=0, atol=0)
+        assert_lists_close(actual[3], m1, "exp_avgs", rtol=0, atol=0)
+        assert_lists_close(actual[5], _steps(len(shapes), fused_device), "steps", rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("case", ["sizes", "many"])

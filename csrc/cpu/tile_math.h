@@ -63,6 +63,17 @@ void from_float(const float* __restrict src, int64_t n, void* dst, Storage stora
   }
 }
 
+// The eight bits of every byte value as floats (0 or 1), least significant bit first.
+struct BitFloats {
+  float row[256][8];
+  constexpr BitFloats() : row{} {
+    for (int value = 0; value < 256; ++value) {
+      for (int bit = 0; bit < 8; ++bit) row[value][bit] = static_cast<float>((value >> bit) & 1);
+    }
+  }
+};
+constexpr BitFloats BIT_FLOATS{};
+
 void mask_to_float(const void* mask, MaskKind kind, int64_t begin, int64_t n, float* __restrict dst) {
   switch (kind) {
     case MaskKind::Byte: {
@@ -77,10 +88,7 @@ void mask_to_float(const void* mask, MaskKind kind, int64_t begin, int64_t n, fl
       for (; j < n && ((begin + j) & 7) != 0; ++j) {
         dst[j] = static_cast<float>((bytes[(begin + j) >> 3] >> ((begin + j) & 7)) & 1);
       }
-      for (; j + 8 <= n; j += 8) {
-        const uint32_t byte = bytes[(begin + j) >> 3];
-        for (int b = 0; b < 8; ++b) dst[j + b] = static_cast<float>((byte >> b) & 1u);
-      }
+      for (; j + 8 <= n; j += 8) __builtin_memcpy(dst + j, BIT_FLOATS.row[bytes[(begin + j) >> 3]], 8 * sizeof(float));
       for (; j < n; ++j) dst[j] = static_cast<float>((bytes[(begin + j) >> 3] >> ((begin + j) & 7)) & 1);
       return;
     }
