@@ -97,6 +97,12 @@ def _header(results, chart_name) -> list[str]:
         f"Python {meta['python']}; {meta['cpu_count']} CPUs ({meta['cpu']}), {meta['torch_threads']} torch threads"
         + (f"; compute capability {meta.get('capability')}, CUDA {meta.get('cuda')}" if meta.get("cuda") else "")
         + ".")
+    runs = results.get("runs", [])
+    if len(runs) > 1:
+        lines += ["", f"Collected over {len(runs)} runs (`--resume`); each (op, case, dtype) table comes from one "
+                  "process, and its \"% roof\" from that process's own bandwidth measurement: "
+                  + "; ".join(f"{r['date_utc']} at `{(r.get('commit') or 'unknown')[:10]}` ({r['wall_s']:.0f} s, "
+                              f"load {r['loadavg_start'][0]:.2f}–{r['loadavg_end'][0]:.2f})" for r in runs) + "."]
     la0 = ", ".join(f"{x:.2f}" for x in meta["loadavg_start"])
     la1 = ", ".join(f"{x:.2f}" for x in meta.get("loadavg_end") or ())
     lines += ["", f"Load average (1, 5, 15 min) at the start: {la0}; at the end: {la1}."
@@ -114,8 +120,10 @@ def _header(results, chart_name) -> list[str]:
     lines += ["", "How to read the tables: *time* is the median over the repetitions with the 20th–80th percentile "
               "range; *host* is the wall time of submitting one call (on CPU, calls are synchronous and host = time); "
               "*GB/s* is the minimal byte model of the op divided by the median time, the same bytes for every "
-              "contender; *peak* is the extra memory one call allocates at its peak; *×torch* and *×official* are the "
-              "baseline's time over this row's time (above 1: faster than that baseline)."]
+              "contender (a share of the roof above 100 % means part of the data stayed in a cache despite the "
+              "flush, or the contender moved fewer bytes than the model); *peak* is the extra memory one call "
+              "allocates at its peak; *×torch* and *×official* are the baseline's time over this row's time "
+              "(above 1: faster than that baseline)."]
     if chart_name:
         lines += ["", f"![benchmark chart]({chart_name})"]
     return lines

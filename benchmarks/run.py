@@ -57,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, help="seconds of repetitions per measurement")
     p.add_argument("--deadline", type=float, help="seconds for the whole run; later measurements are skipped")
     p.add_argument("--e2e-batch", type=int, help="batch size of the end-to-end iteration")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the results saved under the same tag: keep what they hold, measure what they lack")
     p.add_argument("--no-e2e", action="store_true")
     p.add_argument("--no-verify", action="store_true")
     p.add_argument("--no-memory", action="store_true")
@@ -79,6 +81,37 @@ def _add_ratios(rows):
         for name, t in baseline.items():
             if r.get("median_s"):
                 r[f"vs_{name}"] = t / r["median_s"]
+
+
+def _resume(results, path, env, log) -> set:
+    """Take over a previous run's results (same device and mode); the (case, op, dtype) groups it completed.
+
+    A group counts as done when every contender of this run measured it without error
+    there; other groups are measured again in full, so that the ratios in a group
+    always come from one process.
+    """
+    if not os.path.exists(path):
+        log(f"  --resume: no {path} yet, starting afresh")
+        return set()
+    with open(path) as f:
+        previous = json.load(f)
+    if (previous["meta"]["device"], previous["meta"]["mode"]) != (env["device"], env["mode"]):
+        raise SystemExit(f"--resume: {path} holds a {previous['meta']['mode']} run on {previous['meta']['device']}")
+    groups = {}
+    for r in previous["rows"]:
+        groups.setdefault((r["case"], r["op"], r["dtype"]), []).append(r)
+    wanted = set(results["contenders"])
+    done = {key for key, rows in groups.items()
+            if {r["contender"] for r in rows if "error" not in r} >= wanted}
+    results["rows"] = [r for key in done for r in groups[key] if r["contender"] in wanted]
+    if set(previous.get("contenders", ())) >= wanted:
+        results["e2e"] = [r for r in previous.get("e2e", []) if r["contender"] in wanted | {"fwd_bwd"}]
+        results["verification"] = previous.get("verification", {})
+        results["verification_tolerance"] = previous.get("verification_tolerance")
+        results["verification_failures"] = previous.get("verification_failures", [])
+    results["runs"] = previous.get("runs", [])
+    log(f"  --resume: kept {len(done)} measured groups from {path}")
+    return done
 
 
 def main(argv=None) -> dict:
@@ -124,15 +157,20 @@ def _run(args, mode, device) -> dict:
     if args.budget is not None:
         settings["budget_s"] = args.budget
     timer = Timer(device, flush=not args.no_flush and mode != "smoke", **settings)
-    results = {"meta": env, "roofs": roofs, "unavailable": unavailable, "settings": settings,
+    results = {"meta": env, "runs": [], "roofs": roofs, "unavailable": unavailable, "settings": settings,
                "contenders": [c.name for c in the_contenders], "verification": {}, "rows": [], "e2e": [],
                "skipped": [], "ops": {name: {"title": s.title, "family": s.family, "bytes_formula": s.bytes_formula,
                                              "notes": s.notes} for name, s in OPS.items()}}
     op_names = args.ops or list(OPS)
     dtypes = args.dtypes or list(cases.DTYPES)
+    os.makedirs(args.out, exist_ok=True)
+    tag = args.tag or device.type + ("" if mode == "full" else f"-{mode}")
+    paths = {ext: os.path.join(args.out, f"{tag}.{ext}") for ext in ("json", "md", "png")}
+    paths["summary"] = os.path.join(args.out, f"{tag}-summary.md")
+    done = _resume(results, paths["json"], env, log) if args.resume else set()
 
     # every contender must compute what the reference computes, or the timings compare different work
-    if not args.no_verify and "reference" in ours:
+    if not args.no_verify and "reference" in ours and not results["verification"]:
         small = cases.build_case("ragged", device, "smoke")
         failures = []
         for op in op_names:
@@ -145,7 +183,7 @@ def _run(args, mode, device) -> dict:
         log("  verification against the reference: " + ("all agree" if not failures else "; ".join(failures)))
         results["verification_failures"] = failures
 
-    if not args.no_e2e:
+    if not args.no_e2e and not results["e2e"]:
         batch = args.e2e_batch or (E2E_BATCH_CPU_QUICK if mode == "quick" and device.type == "cpu" else E2E_BATCH[mode])
         e2e_timer = Timer(device, budget_s=settings["budget_s"] * 4, min_reps=settings["min_reps"] if mode != "full"
                           else 3, max_reps=20, warmup=1, flush=False)
@@ -160,6 +198,8 @@ def _run(args, mode, device) -> dict:
         for op in op_names:
             spec = OPS[op]
             for dtype_name in (d for d in spec.dtypes if d in dtypes):
+                if (case_name, op, dtype_name) in done:
+                    continue
                 if deadline is not None and time.perf_counter() > deadline:
                     results["skipped"].append({"case": case_name, "op": op, "dtype": dtype_name, "why": "deadline"})
                     continue
@@ -181,6 +221,7 @@ def _run(args, mode, device) -> dict:
                                modelled_bytes=modelled, mask_bytes=mask_bytes)
                     if row.get("median_s"):
                         row["gbs"] = modelled / row["median_s"] / 1e9
+                        row["roof_gbs"] = roofs["roof_gbs"]
                         row["roof_share"] = row["gbs"] / roofs["roof_gbs"]
                     group.append(row)
                 _add_ratios(group)
@@ -194,10 +235,7 @@ def _run(args, mode, device) -> dict:
 
     env["loadavg_end"] = os.getloadavg()
     env["wall_s"] = time.perf_counter() - started
-    os.makedirs(args.out, exist_ok=True)
-    tag = args.tag or device.type + ("" if mode == "full" else f"-{mode}")
-    paths = {ext: os.path.join(args.out, f"{tag}.{ext}") for ext in ("json", "md", "png")}
-    paths["summary"] = os.path.join(args.out, f"{tag}-summary.md")
+    results["runs"].append({k: env[k] for k in ("date_utc", "commit", "loadavg_start", "loadavg_end", "wall_s")})
     with open(paths["json"], "w") as f:
         json.dump(results, f, indent=1)
     chart_name = os.path.basename(paths["png"])

@@ -157,3 +157,15 @@ def test_cuda_smoke_run(tmp_path):
     assert results["roofs"]["roof"] == "copy" and results["roofs"]["copy_gbs"] > 0
     assert all(r["memory"]["device_bytes"] is not None for r in results["rows"])
     assert (tmp_path / "cuda-smoke.md").exists() and (tmp_path / "cuda-smoke.png").exists()
+
+
+def test_resume_keeps_finished_groups_and_measures_the_rest(tmp_path):
+    common = ["--smoke", "--device", "cpu", "--out", str(tmp_path), "--no-e2e", "--no-verify", "--no-memory",
+              "--dtypes", "fp32"]
+    first = run.main(common + ["--ops", "fisher"])
+    second = run.main(common + ["--ops", "fisher,slow_sync_1", "--resume"])
+    kept = {r["contender"]: r["median_s"] for r in first["rows"]}
+    assert {r["contender"]: r["median_s"] for r in second["rows"] if r["op"] == "fisher"} == kept
+    assert {r["op"] for r in second["rows"]} == {"fisher", "slow_sync_1"}
+    assert len(second["runs"]) == 2
+    assert "Collected over 2 runs" in (tmp_path / "cpu-smoke.md").read_text()
