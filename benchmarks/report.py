@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections import defaultdict
 
@@ -103,6 +104,9 @@ def _header(results, chart_name) -> list[str]:
                   "process, and its \"% roof\" from that process's own bandwidth measurement: "
                   + "; ".join(f"{r['date_utc']} at `{(r.get('commit') or 'unknown')[:10]}` ({r['wall_s']:.0f} s, "
                               f"load {r['loadavg_start'][0]:.2f}–{r['loadavg_end'][0]:.2f})" for r in runs) + "."]
+    if meta.get("torch_threads", 0) < (meta.get("cpu_count") or 0) and not meta["device"].startswith("cuda"):
+        lines += ["", f"The CPU ops ran on {meta['torch_threads']} of the machine's {meta['cpu_count']} cores "
+                  "(`--threads`); the bandwidth roof was measured with the same number of threads."]
     la0 = ", ".join(f"{x:.2f}" for x in meta["loadavg_start"])
     la1 = ", ".join(f"{x:.2f}" for x in meta.get("loadavg_end") or ())
     lines += ["", f"Load average (1, 5, 15 min) at the start: {la0}; at the end: {la1}."
@@ -350,18 +354,27 @@ def chart(results, path) -> None:
     plt.close(fig)
 
 
+def write(results, json_path) -> dict:
+    """Write the report, its summary and the chart next to ``json_path`` (``cpu.json`` -> ``cpu.md`` ...)."""
+    stem = json_path[: -len(".json")] if json_path.endswith(".json") else json_path
+    paths = {"md": f"{stem}.md", "summary": f"{stem}-summary.md", "png": f"{stem}.png"}
+    chart_name = os.path.basename(paths["png"])
+    with open(paths["md"], "w") as f:
+        f.write(markdown(results, chart_name=chart_name))
+    with open(paths["summary"], "w") as f:
+        f.write(markdown(results, chart_name=chart_name, summary=True))
+    chart(results, paths["png"])
+    return paths
+
+
 def main(argv=None):
+    """``python -m benchmarks.report RESULTS.json``: render the Markdown, summary and chart again from the JSON."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        raise SystemExit("usage: python -m benchmarks.report RESULTS.json [OUT.md]")
+    if len(argv) != 1:
+        raise SystemExit("usage: python -m benchmarks.report RESULTS.json")
     with open(argv[0]) as f:
         results = json.load(f)
-    text = markdown(results)
-    if len(argv) > 1:
-        with open(argv[1], "w") as f:
-            f.write(text)
-    else:
-        print(text)
+    print("wrote " + ", ".join(write(results, argv[0]).values()))
 
 
 if __name__ == "__main__":

@@ -166,7 +166,7 @@ def _run(args, mode, device) -> dict:
     os.makedirs(args.out, exist_ok=True)
     tag = args.tag or device.type + ("" if mode == "full" else f"-{mode}")
     paths = {ext: os.path.join(args.out, f"{tag}.{ext}") for ext in ("json", "md", "png")}
-    paths["summary"] = os.path.join(args.out, f"{tag}-summary.md")
+    paths["summary"] = os.path.join(args.out, f"{tag}-summary.md")  # written by report.write
     done = _resume(results, paths["json"], env, log) if args.resume else set()
 
     # every contender must compute what the reference computes, or the timings compare different work
@@ -238,15 +238,9 @@ def _run(args, mode, device) -> dict:
     results["runs"].append({k: env[k] for k in ("date_utc", "commit", "loadavg_start", "loadavg_end", "wall_s")})
     with open(paths["json"], "w") as f:
         json.dump(results, f, indent=1)
-    chart_name = os.path.basename(paths["png"])
-    markdown = report.markdown(results, chart_name=chart_name)
-    with open(paths["md"], "w") as f:
-        f.write(markdown)
-    with open(paths["summary"], "w") as f:
-        f.write(report.markdown(results, chart_name=chart_name, summary=True))
-    report.chart(results, paths["png"])
+    report.write(results, paths["json"])
     log("")
-    log(markdown)
+    log(report.markdown(results, chart_name=os.path.basename(paths["png"])))
     log(f"wrote {', '.join(paths.values())} in {env['wall_s']:.0f} s")
     return results
 
