@@ -49,6 +49,8 @@ void saliency_mask_cpu(at::TensorList forget_fishers, at::TensorList remain_fish
       const at::Tensor& remain = flat.at(1, t);
       const at::Tensor& mask = flat.at(2, t);
       for_each_tile(begin, end, [&](int64_t pos, int64_t n) {
+        prefetch_ahead(forget.const_data_ptr(), sizeof(float), pos);
+        prefetch_ahead(remain.const_data_ptr(), sizeof(float), pos);
         // bool and uint8 are both one byte holding 0 or 1
         count += math.saliency(n, forget.const_data_ptr<float>() + pos, remain.const_data_ptr<float>() + pos,
                                static_cast<uint8_t*>(mask.data_ptr()) + pos, threshold);

@@ -31,9 +31,20 @@ namespace sfron_ops::cpu {
 
 // ---------------------------------------------------------------- tiles
 
+// Asks for the cache lines PREFETCH_TILES tiles ahead of the tile at `begin`. A
+// single core streaming one array reaches only about three quarters of its read
+// bandwidth on the hardware prefetcher alone; prefetch instructions never fault,
+// so running past the end of the tensor is harmless.
+constexpr int64_t PREFETCH_TILES = 2;
+inline void prefetch_ahead(const void* data, int64_t element_size, int64_t begin) {
+  const char* ahead = static_cast<const char*>(data) + (begin + PREFETCH_TILES * TILE) * element_size;
+  for (int64_t b = 0; b < TILE * element_size; b += 64) __builtin_prefetch(ahead + b);
+}
+
 // Elements [begin, begin + n) of a tensor's data as float32: the data itself when it
 // is float32, else converted into `scratch`.
 inline const float* read_tile(const void* data, at::ScalarType dtype, int64_t begin, int64_t n, float* scratch) {
+  prefetch_ahead(data, at::elementSize(dtype), begin);
   switch (dtype) {
     case at::kFloat: return static_cast<const float*>(data) + begin;
     case at::kBFloat16:
@@ -54,7 +65,10 @@ inline const float* read_tile(const void* data, at::ScalarType dtype, int64_t be
 // A tile to update in place: the data itself when it is float32, else a float copy
 // in `scratch` that write_back() rounds into the tensor.
 inline float* edit_tile(void* data, at::ScalarType dtype, int64_t begin, int64_t n, float* scratch) {
-  if (dtype == at::kFloat) return static_cast<float*>(data) + begin;
+  if (dtype == at::kFloat) {
+    prefetch_ahead(data, sizeof(float), begin);
+    return static_cast<float*>(data) + begin;
+  }
   read_tile(data, dtype, begin, n, scratch);
   return scratch;
 }
@@ -85,10 +99,15 @@ inline void write_back(void* data, at::ScalarType dtype, int64_t begin, int64_t 
 inline const float* read_mask_tile(const void* data, MaskKind kind, int64_t begin, int64_t n, float* scratch) {
   switch (kind) {
     case MaskKind::None: return nullptr;
-    case MaskKind::Float32: return static_cast<const float*>(data) + begin;
+    case MaskKind::Float32: return read_tile(data, at::kFloat, begin, n, scratch);
     case MaskKind::Float16: return read_tile(data, at::kHalf, begin, n, scratch);
-    default: tile_kernels().mask_to_float(data, kind, begin, n, scratch); return scratch;
+    case MaskKind::Byte: prefetch_ahead(data, 1, begin); break;
+    case MaskKind::BFloat16: prefetch_ahead(data, 2, begin); break;
+    case MaskKind::Float64: prefetch_ahead(data, 8, begin); break;
+    case MaskKind::Packed: break;  // a tile is a single cache line: left to the hardware prefetcher
   }
+  tile_kernels().mask_to_float(data, kind, begin, n, scratch);
+  return scratch;
 }
 
 // ---------------------------------------------------------------- work split
