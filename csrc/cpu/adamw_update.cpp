@@ -20,18 +20,7 @@ void adamw_update_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                       at::TensorList exp_avg_sqs, at::TensorList steps, const std::optional<at::Tensor>& norm_state,
                       double lr, double scale, double beta1, double beta2, double eps, double weight_decay,
                       double max_norm, bool packed_masks) {
-  constexpr const char* op = "adamw_update_";
-  check_aligned(op, "grads", grads, params);
-  check_aligned(op, "exp_avgs", exp_avgs, params);
-  check_aligned(op, "exp_avg_sqs", exp_avg_sqs, params);
-  check_masks(op, masks, params, packed_masks);
-  check_steps(op, steps, params);
-  check_norm_state(op, norm_state, params, "params");
-  check_floating(op, "params", params);
-  check_dtype_like(op, "grads", grads, params);
-  check_dtype_like(op, "exp_avgs", exp_avgs, params);
-  check_dtype_like(op, "exp_avg_sqs", exp_avg_sqs, params);
-  check_one_device(op, "params", params);
+  check_adamw_update_args(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state, packed_masks);
   if (params.empty()) return;
 
   float coef = static_cast<float>(scale);

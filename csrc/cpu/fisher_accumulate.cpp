@@ -10,11 +10,7 @@ namespace sfron_ops::cpu {
 namespace {
 
 void fisher_accumulate_cpu(at::TensorList fishers, at::TensorList grads, double scale) {
-  constexpr const char* op = "fisher_accumulate_";
-  check_aligned(op, "fishers", fishers, grads);
-  check_dtype(op, "fishers", fishers, at::kFloat);
-  check_floating(op, "grads", grads);
-  check_one_device(op, "grads", grads);
+  check_fisher_accumulate_args(fishers, grads);
   if (grads.empty()) return;
 
   Flattened flat({{fishers, Access::Write}, {grads, Access::Read}}, grads.size());

@@ -17,10 +17,7 @@ namespace {
 
 void masked_sq_norm_cpu(at::TensorList grads, at::TensorList masks, const at::Tensor& norm_state, double alpha,
                         bool packed_masks) {
-  constexpr const char* op = "masked_sq_norm_";
-  check_masks(op, masks, grads, packed_masks);
-  check_norm_state(op, norm_state, grads, "grads");
-  check_floating(op, "grads", grads);
+  check_masked_sq_norm_args(grads, masks, norm_state, packed_masks);
   if (grads.empty()) return;
 
   Flattened flat({{grads, Access::Read}, {masks, packed_masks ? Access::Packed : Access::Read}}, grads.size());

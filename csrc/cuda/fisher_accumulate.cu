@@ -34,11 +34,7 @@ struct FisherFunctor {
 };
 
 void fisher_accumulate_cuda(at::TensorList fishers, at::TensorList grads, double scale) {
-  constexpr const char* op = "fisher_accumulate_";
-  check_aligned(op, "fishers", fishers, grads);
-  check_dtype(op, "fishers", fishers, at::kFloat);
-  check_floating(op, "grads", grads);
-  check_one_device(op, "grads", grads);
+  check_fisher_accumulate_args(fishers, grads);
   if (grads.empty()) return;
 
   const c10::cuda::CUDAGuard guard(grads[0].device());

@@ -86,10 +86,7 @@ __global__ void __launch_bounds__(FINISH_THREADS)
 
 void masked_sq_norm_cuda(at::TensorList grads, at::TensorList masks, const at::Tensor& norm_state, double alpha,
                          bool packed_masks) {
-  constexpr const char* op = "masked_sq_norm_";
-  check_masks(op, masks, grads, packed_masks);
-  check_norm_state(op, norm_state, grads, "grads");
-  check_floating(op, "grads", grads);
+  check_masked_sq_norm_args(grads, masks, norm_state, packed_masks);
   if (grads.empty()) return;
 
   const c10::cuda::CUDAGuard guard(norm_state.device());

@@ -48,22 +48,7 @@ struct SaliencyFunctor {
 
 void saliency_mask_cuda(at::TensorList forget_fishers, at::TensorList remain_fishers, at::TensorList masks,
                         const at::Tensor& kept, double gamma) {
-  constexpr const char* op = "saliency_mask_";
-  check_aligned(op, "remain_fishers", remain_fishers, forget_fishers);
-  check_aligned(op, "masks", masks, forget_fishers);
-  check_dtype(op, "forget_fishers", forget_fishers, at::kFloat);
-  check_dtype(op, "remain_fishers", remain_fishers, at::kFloat);
-  for (size_t i = 0; i < masks.size(); ++i) {
-    TORCH_CHECK(masks[i].scalar_type() == at::kBool || masks[i].scalar_type() == at::kByte, op, ": masks[", i,
-                "] must be bool or uint8, got ", dtype_name(masks[i].scalar_type()));
-  }
-  TORCH_CHECK(kept.scalar_type() == at::kLong && kept.numel() == 1, op, ": kept must be an int64 scalar, got ",
-              dtype_name(kept.scalar_type()), " with ", kept.numel(), " elements");
-  check_one_device(op, "forget_fishers", forget_fishers);
-  for (size_t i = 0; i < forget_fishers.size(); ++i) {
-    TORCH_CHECK(kept.device() == forget_fishers[i].device(), op, ": kept is on ", kept.device(),
-                " but forget_fishers[", i, "] is on ", forget_fishers[i].device());
-  }
+  check_saliency_mask_args(forget_fishers, remain_fishers, masks, kept);
   if (forget_fishers.empty()) return;
 
   const c10::cuda::CUDAGuard guard(kept.device());

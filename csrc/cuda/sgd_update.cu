@@ -76,18 +76,7 @@ void sgd_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      at::TensorList momentum_buffers, at::TensorList steps, const std::optional<at::Tensor>& norm_state,
                      double lr, double scale, double momentum, double dampening, double weight_decay, bool nesterov,
                      double max_norm, bool packed_masks) {
-  constexpr const char* op = "sgd_update_";
-  check_aligned(op, "grads", grads, params);
-  check_aligned_or_empty(op, "momentum_buffers", momentum_buffers, params);
-  TORCH_CHECK(momentum == 0 || momentum_buffers.size() == params.size(), op, ": momentum=", momentum,
-              " needs one momentum buffer per parameter");
-  check_masks(op, masks, params, packed_masks);
-  check_steps(op, steps, params);
-  check_norm_state(op, norm_state, params, "params");
-  check_floating(op, "params", params);
-  check_dtype_like(op, "grads", grads, params);
-  check_dtype_like(op, "momentum_buffers", momentum_buffers, params);
-  check_one_device(op, "params", params);
+  check_sgd_update_args(params, grads, masks, momentum_buffers, steps, norm_state, momentum, packed_masks);
   if (params.empty()) return;
 
   const c10::cuda::CUDAGuard guard(params[0].device());

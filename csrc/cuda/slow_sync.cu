@@ -42,11 +42,7 @@ struct SlowSyncFunctor {
 };
 
 void slow_sync_cuda(at::TensorList slow_params, at::TensorList params, double alpha, bool reset_fast) {
-  constexpr const char* op = "slow_sync_";
-  check_aligned(op, "slow_params", slow_params, params);
-  check_floating(op, "params", params);
-  check_dtype_like(op, "slow_params", slow_params, params);
-  check_one_device(op, "params", params);
+  check_slow_sync_args(slow_params, params);
   if (params.empty()) return;
 
   const c10::cuda::CUDAGuard guard(params[0].device());

@@ -152,4 +152,85 @@ inline void check_steps(const char* op, at::TensorList steps, at::TensorList lik
   }
 }
 
+// ---------------------------------------------------------------- per op
+// Everything one op checks, called by its CPU and its CUDA kernel alike.
+
+inline void check_masked_sq_norm_args(at::TensorList grads, at::TensorList masks, const at::Tensor& norm_state,
+                                      bool packed_masks) {
+  constexpr const char* op = "masked_sq_norm_";
+  check_masks(op, masks, grads, packed_masks);
+  check_norm_state(op, norm_state, grads, "grads");
+  check_floating(op, "grads", grads);
+}
+
+inline void check_sgd_update_args(at::TensorList params, at::TensorList grads, at::TensorList masks,
+                                  at::TensorList momentum_buffers, at::TensorList steps,
+                                  const std::optional<at::Tensor>& norm_state, double momentum, bool packed_masks) {
+  constexpr const char* op = "sgd_update_";
+  check_aligned(op, "grads", grads, params);
+  check_aligned_or_empty(op, "momentum_buffers", momentum_buffers, params);
+  TORCH_CHECK(momentum == 0 || momentum_buffers.size() == params.size(), op, ": momentum=", momentum,
+              " needs one momentum buffer per parameter");
+  check_masks(op, masks, params, packed_masks);
+  check_steps(op, steps, params);
+  check_norm_state(op, norm_state, params, "params");
+  check_floating(op, "params", params);
+  check_dtype_like(op, "grads", grads, params);
+  check_dtype_like(op, "momentum_buffers", momentum_buffers, params);
+  check_one_device(op, "params", params);
+}
+
+inline void check_adamw_update_args(at::TensorList params, at::TensorList grads, at::TensorList masks,
+                                    at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps,
+                                    const std::optional<at::Tensor>& norm_state, bool packed_masks) {
+  constexpr const char* op = "adamw_update_";
+  check_aligned(op, "grads", grads, params);
+  check_aligned(op, "exp_avgs", exp_avgs, params);
+  check_aligned(op, "exp_avg_sqs", exp_avg_sqs, params);
+  check_masks(op, masks, params, packed_masks);
+  check_steps(op, steps, params);
+  check_norm_state(op, norm_state, params, "params");
+  check_floating(op, "params", params);
+  check_dtype_like(op, "grads", grads, params);
+  check_dtype_like(op, "exp_avgs", exp_avgs, params);
+  check_dtype_like(op, "exp_avg_sqs", exp_avg_sqs, params);
+  check_one_device(op, "params", params);
+}
+
+inline void check_fisher_accumulate_args(at::TensorList fishers, at::TensorList grads) {
+  constexpr const char* op = "fisher_accumulate_";
+  check_aligned(op, "fishers", fishers, grads);
+  check_dtype(op, "fishers", fishers, at::kFloat);
+  check_floating(op, "grads", grads);
+  check_one_device(op, "grads", grads);
+}
+
+inline void check_saliency_mask_args(at::TensorList forget_fishers, at::TensorList remain_fishers,
+                                     at::TensorList masks, const at::Tensor& kept) {
+  constexpr const char* op = "saliency_mask_";
+  check_aligned(op, "remain_fishers", remain_fishers, forget_fishers);
+  check_aligned(op, "masks", masks, forget_fishers);
+  check_dtype(op, "forget_fishers", forget_fishers, at::kFloat);
+  check_dtype(op, "remain_fishers", remain_fishers, at::kFloat);
+  for (size_t i = 0; i < masks.size(); ++i) {
+    TORCH_CHECK(masks[i].scalar_type() == at::kBool || masks[i].scalar_type() == at::kByte, op, ": masks[", i,
+                "] must be bool or uint8, got ", dtype_name(masks[i].scalar_type()));
+  }
+  TORCH_CHECK(kept.scalar_type() == at::kLong && kept.numel() == 1, op, ": kept must be an int64 scalar, got ",
+              dtype_name(kept.scalar_type()), " with ", kept.numel(), " elements");
+  check_one_device(op, "forget_fishers", forget_fishers);
+  for (size_t i = 0; i < forget_fishers.size(); ++i) {
+    TORCH_CHECK(kept.device() == forget_fishers[i].device(), op, ": kept is on ", kept.device(),
+                " but forget_fishers[", i, "] is on ", forget_fishers[i].device());
+  }
+}
+
+inline void check_slow_sync_args(at::TensorList slow_params, at::TensorList params) {
+  constexpr const char* op = "slow_sync_";
+  check_aligned(op, "slow_params", slow_params, params);
+  check_floating(op, "params", params);
+  check_dtype_like(op, "slow_params", slow_params, params);
+  check_one_device(op, "params", params);
+}
+
 }  // namespace sfron_ops
