@@ -17,10 +17,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from helpers import dtype_id  # noqa: E402
+from helpers import clones, dtype_id, make, make_masks  # noqa: E402
 
 from sfron_ops import SFRon, _impl, _ops, mask, reference  # noqa: E402
-from sfron_ops.reference import pack_mask  # noqa: E402
 
 TRITON_ON_CPU = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = ([pytest.param("cpu", id="cpu-interpreted")] if TRITON_ON_CPU else []) + (
@@ -51,29 +50,6 @@ def device(request):
 def _fresh_caches():
     _common.clear_caches()
     yield
-
-
-def make(shapes, dtype, device, low=-1.0, high=1.0):
-    return [(torch.rand(s, device=device) * (high - low) + low).to(dtype) for s in shapes]
-
-
-def make_masks(kind, shapes, device, dtype):
-    """(masks, packed) of one kind."""
-    if kind == "none":
-        return [], False
-    if kind == "zeros":
-        return [torch.zeros(s, dtype=torch.bool, device=device) for s in shapes], False
-    if kind == "ones":
-        return [torch.ones(s, dtype=torch.uint8, device=device) for s in shapes], False
-    if kind == "random":
-        return [torch.rand(s, device=device) < 0.5 for s in shapes], False
-    if kind == "float":
-        return [torch.rand(s, device=device).to(dtype) for s in shapes], False
-    return [pack_mask(torch.rand(s, device=device) < 0.5) for s in shapes], True
-
-
-def clones(tensors):
-    return [t.clone() for t in tensors]
 
 
 def assert_lists(actual, expected, what, exact=False):

@@ -13,12 +13,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(mode="random", methods=("FT", "SFR-on")):

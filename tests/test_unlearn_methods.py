@@ -13,14 +13,7 @@ from sfron_ops.unlearn import adaptive_forget_loss, make_method, run
 from sfron_ops.unlearn.data import TensorLoader
 from sfron_ops.unlearn.methods import distill_kl, magnitude_mask
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one thread is fastest, and two threads thrash on a shared machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _overfit_linear():

@@ -10,13 +10,7 @@ from sfron_ops.unlearn import metrics as M
 pytest.importorskip("sklearn")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one thread is fastest, and two threads thrash on a shared machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_accuracy_hand_case_and_nonfinite_rows_count_as_wrong():

@@ -13,14 +13,7 @@ from sfron_ops.unlearn import METHODS, make_method, run
 from sfron_ops.unlearn import runner as R
 from sfron_ops.unlearn.data import TensorLoader
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one thread is fastest, and two threads thrash on a shared machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(seed=0, n=96, n_forget=16, classes=3):
