@@ -23,13 +23,9 @@ void adamw_update_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   check_adamw_update_args(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state, packed_masks);
   if (params.empty()) return;
 
-  float coef = static_cast<float>(scale);
-  if (norm_state.has_value()) {
-    const at::Tensor ns = norm_state->contiguous();
-    const float* values = ns.const_data_ptr<float>();
-    if (values[1] > 0) return;  // a non-finite direction: the step changes nothing
-    if (max_norm > 0) coef = clipped_scale(coef, static_cast<float>(max_norm), values[0]);
-  }
+  const std::optional<float> coefficient = step_coefficient(norm_state, scale, max_norm);
+  if (!coefficient) return;  // a non-finite direction: the step changes nothing
+  const float coef = *coefficient;
   const AdamScalars s{static_cast<float>(lr),         static_cast<float>(beta1),
                       static_cast<float>(beta2),      static_cast<float>(1.0 - beta1),
                       static_cast<float>(1.0 - beta2), static_cast<float>(eps),

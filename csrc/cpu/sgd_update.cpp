@@ -9,7 +9,6 @@
 
 #include <sfron_ops/checks.h>
 #include <sfron_ops/flat.h>
-#include <sfron_ops/math.h>
 
 #include "tiles.h"
 
@@ -23,13 +22,9 @@ void sgd_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   check_sgd_update_args(params, grads, masks, momentum_buffers, steps, norm_state, momentum, packed_masks);
   if (params.empty()) return;
 
-  float coef = static_cast<float>(scale);
-  if (norm_state.has_value()) {
-    const at::Tensor ns = norm_state->contiguous();
-    const float* values = ns.const_data_ptr<float>();
-    if (values[1] > 0) return;  // a non-finite direction: the step changes nothing
-    if (max_norm > 0) coef = clipped_scale(coef, static_cast<float>(max_norm), values[0]);
-  }
+  const std::optional<float> coefficient = step_coefficient(norm_state, scale, max_norm);
+  if (!coefficient) return;  // a non-finite direction: the step changes nothing
+  const float coef = *coefficient;
   const SgdScalars s{static_cast<float>(lr),           static_cast<float>(momentum),
                      static_cast<float>(1.0 - dampening), static_cast<float>(weight_decay),
                      momentum != 0,                   weight_decay != 0,

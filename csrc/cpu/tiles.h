@@ -19,10 +19,12 @@
 #include <c10/util/Half.h>
 
 #include <sfron_ops/flat.h>
+#include <sfron_ops/math.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "tile_abi.h"
@@ -108,6 +110,22 @@ inline const float* read_mask_tile(const void* data, MaskKind kind, int64_t begi
   }
   tile_kernels().mask_to_float(data, kind, begin, n, scratch);
   return scratch;
+}
+
+// ---------------------------------------------------------------- update steps
+
+// The direction coefficient of an update step: `scale`, clipped by the squared norm in
+// norm_state when max_norm > 0; nothing when norm_state flags a non-finite direction,
+// in which case the step must leave every tensor as it was.
+inline std::optional<float> step_coefficient(const std::optional<at::Tensor>& norm_state, double scale,
+                                             double max_norm) {
+  float coef = static_cast<float>(scale);
+  if (!norm_state.has_value()) return coef;
+  const at::Tensor ns = norm_state->contiguous();
+  const float* values = ns.const_data_ptr<float>();
+  if (values[1] > 0) return std::nullopt;
+  if (max_norm > 0) coef = clipped_scale(coef, static_cast<float>(max_norm), values[0]);
+  return coef;
 }
 
 // ---------------------------------------------------------------- work split
