@@ -12,7 +12,7 @@ from . import _impl
 from . import distributed as _dist
 from . import functional as F
 from . import packing as _packing
-from .mask import canonical_name, density_cutoff
+from .mask import canonical_name
 
 PHASES = ("forget", "remain")
 BASES = ("sgd", "adamw")
@@ -235,7 +235,7 @@ class SFRon(Optimizer):
             raise TypeError(f"mask must be None, a list or a dict, got {type(mask).__name__}")
         checked = [(p, self._checked_mask(p, label, m)) for p, label, m in assigned]
         if self.mask_format == "packed":
-            for p, label, m in assigned:
+            for _, label, m in assigned:
                 if m.is_floating_point():
                     raise ValueError(f"mask for parameter {label} is floating point (soft saliency); "
                                      "mask_format='packed' stores binary masks only")
@@ -372,7 +372,7 @@ class SFRon(Optimizer):
             norm_states = self._norm_states(devices)
             # FSDP2: each rank adds its shards once and the norm state is summed over the ranks
             reduce_group = _dist.norm_reduce_group([grads for _, grads, _, _ in gathered])
-            for group, (params, grads, masks, _) in zip(self.param_groups, gathered):
+            for group, (_, grads, masks, _) in zip(self.param_groups, gathered):
                 masks = masks if forget else [None] * len(grads)
                 if reduce_group is not None:
                     grads, masks = _dist.norm_share(grads, masks, reduce_group)
