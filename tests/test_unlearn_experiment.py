@@ -70,6 +70,11 @@ def test_paper_presets_are_valid_methods():
         ("adamw", 2e-5, 0.05, 500.0, 0.6)
     assert all(len(g) == 18 for g in presets.TUNING_GRIDS.values())
     assert all(c["iterations"] <= 60 for g in presets.TUNING_GRIDS.values() for c in g)
+    # class-wise tuning sees every class once (class = seed mod 10), and never a reported seed
+    assert sorted(s % 10 for s in presets.TUNING_SEEDS["class"]) == list(range(10))
+    assert not set(presets.TUNING_SEEDS["class"] + presets.TUNING_SEEDS["random"]) & {0, 1, 2}
+    assert presets.digits_scenario("class").tuning_max_fa == 1.0
+    assert presets.digits_scenario("random").tuning_max_fa is None
 
 
 def test_tune_picks_the_lowest_avg_gap():
@@ -79,6 +84,32 @@ def test_tune_picks_the_lowest_avg_gap():
     scores = [t["Avg.D"] for t in result["trials"]]
     assert result["best"]["FT"] == grids["FT"][scores.index(min(scores))]
     assert len(result["trials"]) == 2
+
+
+def test_tune_eligibility_by_forget_accuracy(monkeypatch):
+    """Hand-made metrics per (config, seed): only configurations with FA <= max_fa on every seed are
+    eligible; with none eligible the lowest Avg.D wins; a NaN FA is never eligible."""
+    table = {  # lr -> [(Avg.D, FA) per seed]
+        1: [(1.0, 0.0), (1.0, 5.0)],            # lowest Avg.D, but leaves 5 % on one seed
+        2: [(2.0, 0.0), (2.0, 0.5)],            # forgets on both seeds
+        3: [(0.1, float("nan")), (0.1, 0.0)],   # NaN FA on one seed
+        4: [(3.0, 0.0), (3.0, 0.0)],
+    }
+    monkeypatch.setattr(experiment, "prepare_seed", lambda scenario, seed, **kw: seed)
+    monkeypatch.setattr(experiment, "evaluate_method", lambda scenario, seed, label, config, **kw: dict(
+        zip(("Avg.D", "FA"), table[config["lr"]][seed]), KL=0.0))
+    scenario = _tiny(mode="class", methods=())
+    scenario.tuning_seeds = (0, 1)
+    grids = {"FT": [dict(method="ft", lr=lr) for lr in table]}
+    picks = {}
+    for max_fa in (1.0, 0.25, 10.0, -1.0):
+        result = experiment.tune(scenario, grids, max_fa=max_fa, echo=lambda s: None)
+        picks[max_fa] = result["best"]["FT"]["lr"]
+        assert result["seeds"] == [0, 1] and result["max_fa"] == max_fa
+        assert [t["eligible"] for t in result["trials"]] == [t["max FA"] <= max_fa for t in result["trials"]]
+    assert picks == {1.0: 2, 0.25: 4, 10.0: 1, -1.0: 3}  # -1: none eligible, so the lowest Avg.D
+    scenario.tuning_max_fa = None
+    assert experiment.tune(scenario, grids, echo=lambda s: None)["best"]["FT"]["lr"] == 3
 
 
 def test_run_scenario_resumes_from_its_checkpoints(tmp_path):
@@ -113,13 +144,13 @@ def test_demo_quality_bar_logic():
     assert not checks["class-wise: SFR-on RA 98.50 vs RT 100.00 (gap 1.50 points)"]
 
 
-def test_digits_class_preset_reproduces_its_tuning_run():
-    """The shipped class-wise SFR-on preset on its first tuning seed: the class is forgotten (FA = 0,
-    as recorded when it was selected) and RA stays within 1 point of RT's. (On report seed 0 it
-    leaves FA at 25 %; docs/unlearning.md has the table.)"""
+@pytest.mark.parametrize("seed", [presets.TUNING_SEEDS["class"][0], 107])
+def test_digits_class_preset_reproduces_its_tuning_run(seed):
+    """The shipped class-wise SFR-on preset on two of its tuning seeds forgets the class (FA <= 1 %, the
+    eligibility rule it was selected under) and keeps RA within 1 point of RT's. Seed 107 (class 7) is
+    where the lowest-Avg.D configuration, lr 0.03, left 7.5 % of the class recognised."""
     scenario = presets.digits_scenario("class")
     scenario.methods = {"SFR-on": scenario.methods["SFR-on"]}
-    seed = presets.TUNING_SEEDS[0]
     result = experiment.run_scenario(scenario, seeds=(seed,), echo=lambda s: None)
     row, rt = result["per_seed"][str(seed)]["SFR-on"], result["per_seed"][str(seed)]["RT"]
     assert row["FA"] <= 1.0

@@ -41,6 +41,10 @@ class Scenario:
     methods: dict = field(default_factory=dict)
     num_workers: int = 0
     description: str = ""
+    # How `tune` picks presets: the seeds it averages over, and, for class-wise forgetting, the largest FA
+    # (in %) a configuration may leave on any of them and still be eligible (None: no such condition).
+    tuning_seeds: tuple = (100, 101, 102)
+    tuning_max_fa: float | None = None
 
 
 def _loaders(split: Split, scenario: Scenario, seed: int):
@@ -127,10 +131,17 @@ def _ckpt(checkpoint_dir, seed, tag):
     return None if checkpoint_dir is None else os.path.join(checkpoint_dir, f"seed{seed}", f"{tag}.pt")
 
 
-def tune(scenario: Scenario, grids: dict, seeds=(100,), *, device=None, progress=None, echo=print) -> dict:
+def tune(scenario: Scenario, grids: dict, seeds=None, *, max_fa=None, device=None, progress=None,
+         echo=print) -> dict:
     """Pick, for every method label, the configuration of ``grids[label]`` with the lowest Avg.D to RT
-    (mean over ``seeds``; keep them apart from the seeds you report). A run whose metrics are not
-    finite ranks last. Returns ``{"best": {label: config}, "trials": [...]}``."""
+    (mean over ``seeds``, default ``scenario.tuning_seeds``; keep them apart from the seeds you report).
+
+    With ``max_fa`` (default ``scenario.tuning_max_fa``), only configurations whose FA is at most
+    ``max_fa`` % on every seed are eligible, so that a class-wise pick really forgets the class; when
+    none is, the label falls back to the lowest Avg.D of all. A run whose metrics are not finite ranks
+    last. Returns ``{"best": {label: config}, "trials": [...], "seeds": [...], "max_fa": max_fa}``."""
+    seeds = tuple(scenario.tuning_seeds if seeds is None else seeds)
+    max_fa = scenario.tuning_max_fa if max_fa is None else max_fa
     bases = [prepare_seed(scenario, s, device=device, progress=progress) for s in seeds]
     best, trials = {}, []
     for label, grid in grids.items():
@@ -141,12 +152,16 @@ def tune(scenario: Scenario, grids: dict, seeds=(100,), *, device=None, progress
             kl = sum(r.get("KL", math.nan) for r in rows) / len(rows)
             if not math.isfinite(score):
                 score = math.inf
-            trials.append({"label": label, "config": config, "Avg.D": score, "KL": kl,
-                           "rows": [_plain(r) for r in rows]})
-            scored.append((score, len(scored), config))
-            echo(f"[tune {scenario.name}] {label} {config}: Avg.D={score:.3f} KL={kl:.4f}")
-        best[label] = min(scored, key=lambda t: (t[0], t[1]))[2]
-    return {"best": best, "trials": trials, "seeds": list(seeds)}
+            fas = [r["FA"] for r in rows]
+            worst_fa = math.nan if any(math.isnan(f) for f in fas) else max(fas)
+            eligible = max_fa is None or worst_fa <= max_fa  # a NaN FA is never eligible
+            trials.append({"label": label, "config": config, "Avg.D": score, "KL": kl, "max FA": worst_fa,
+                           "eligible": eligible, "rows": [_plain(r) for r in rows]})
+            scored.append((not eligible, score, len(scored), config))
+            echo(f"[tune {scenario.name}] {label} {config}: Avg.D={score:.3f} KL={kl:.4f} max FA={worst_fa:.1f}"
+                 + ("" if eligible else " (not eligible)"))
+        best[label] = min(scored, key=lambda t: t[:3])[3]
+    return {"best": best, "trials": trials, "seeds": list(seeds), "max_fa": max_fa}
 
 
 def run_scenario(scenario: Scenario, seeds=(0, 1, 2), methods=None, *, device=None, progress: bool | None = None,

@@ -2,9 +2,9 @@
 
 ``SFRON_PAPER`` holds the official hyperparameters of SFR-on (CIFAR-10 random 10 % with SGD,
 TinyImageNet with AdamW). The class-wise preset and all baseline settings for CIFAR are starting
-points of this package, not numbers from the paper. The digits presets were tuned on seed 100
-with the same grid size for every method (see ``TUNING_GRIDS`` and docs/unlearning.md), and are
-reported on seeds 0, 1, 2.
+points of this package, not numbers from the paper. The digits presets were tuned with the same
+grid for every method (see ``TUNING_GRIDS`` and docs/unlearning.md) on seeds 100-102 (random) or
+100-109 (class-wise: every class once), and are reported on seeds 0, 1, 2.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def _grid(method, fixed, **axes):
     return configs
 
 
-# The tuning protocol: 18 configurations per method, picked by the lowest Avg.D on TUNING_SEEDS,
-# and one compute ceiling for all: at most 60 iterations (RT takes 760), so that every method
+# The tuning protocol: 18 configurations per method, picked by the lowest mean Avg.D on the tuning
+# seeds, and one compute ceiling for all: at most 60 iterations (RT takes 760), so that every method
 # runs in about 10 % of RT's time or less. Baselines vary their learning rate and length; SFR-on
 # (whose iterations cost more: a forget step every 2nd, plus one Fisher pass over D_f and D_r)
 # keeps 20 iterations and varies its learning rate and max_grad_norm.
@@ -62,11 +62,16 @@ TUNING_GRIDS = {
 # time) was the best FT of an uncapped search (lr 0.05-0.5, 30-240 iterations) on both scenarios.
 # It is shown as an extra row so that the table also says what more compute buys.
 FT_LONG = dict(method="ft", lr=0.3, iterations=240)
-TUNING_SEEDS = (100, 101, 102)
+TUNING_SEEDS = {"random": (100, 101, 102), "class": tuple(range(100, 110))}
+# Class-wise forgetting has one goal RT meets by construction, FA = 0. Averaged Avg.D alone (where the
+# seed-to-seed swings of MIA dominate) can pick a step size at the edge of forgetting the class, so
+# class-wise tuning covers all ten classes and only configurations that leave FA <= 1 % on every
+# tuning seed are eligible (a method with none eligible keeps its lowest-Avg.D configuration).
+TUNING_MAX_FA = {"random": None, "class": 1.0}
 
 _SFRON_DIGITS = dict(method="sfron", iterations=20, forget_freq=2, forget_alpha=300.0, lambd=0.5, gamma=1.0,
                     loss_floor=1e-4, check_finite=False)
-# Selected by `sfron-unlearn tune --scenario digits-random` (lowest Avg.D over TUNING_SEEDS).
+# Selected by `sfron-unlearn tune --scenario digits-random`.
 DIGITS_RANDOM = {
     "FT": dict(method="ft", lr=0.3, iterations=60),
     "GA": dict(method="ga", lr=0.006, iterations=60),
@@ -76,14 +81,14 @@ DIGITS_RANDOM = {
     "SFR-on": dict(_SFRON_DIGITS, lr=0.1, max_grad_norm=1.0),
     "FT (long)": dict(FT_LONG),
 }
-# Selected by `sfron-unlearn tune --scenario digits-class`.
+# Selected by `sfron-unlearn tune --scenario digits-class` (ten seeds, FA <= 1 % on each).
 DIGITS_CLASS = {
-    "FT": dict(method="ft", lr=0.5, iterations=45),
-    "GA": dict(method="ga", lr=0.002, iterations=30),
-    "RL": dict(method="rl", lr=0.001, iterations=45),
+    "FT": dict(method="ft", lr=0.5, iterations=60),
+    "GA": dict(method="ga", lr=0.008, iterations=45),
+    "RL": dict(method="rl", lr=0.005, iterations=60),
     "SalUn": dict(method="salun", density=0.5, lr=0.005, iterations=60),
-    "SCRUB": dict(method="scrub", lr=0.002, iterations=45),
-    "SFR-on": dict(_SFRON_DIGITS, lr=0.03, max_grad_norm=1.0),
+    "SCRUB": dict(method="scrub", lr=0.002, iterations=60),
+    "SFR-on": dict(_SFRON_DIGITS, lr=0.05, max_grad_norm=1.0),
     "FT (long)": dict(FT_LONG),
 }
 
@@ -107,7 +112,8 @@ def digits_scenario(mode: str = "random", *, methods: dict | None = None, noise:
                 + "; TA on the test images of the other classes")
     chosen = methods if methods is not None else (DIGITS_RANDOM if mode == "random" else DIGITS_CLASS)
     return Scenario(name=f"digits-{mode}", split=split, model=model, train=dict(DIGITS_TRAIN), epochs=epochs,
-                    batch_size=64, methods=copy.deepcopy(chosen), description=desc)
+                    batch_size=64, methods=copy.deepcopy(chosen), description=desc,
+                    tuning_seeds=TUNING_SEEDS[mode], tuning_max_fa=TUNING_MAX_FA[mode])
 
 
 # ---------------------------------------------------------------------------------------------- image datasets
@@ -151,4 +157,5 @@ def image_scenario(dataset: str, root: str, *, mode: str = "random", fraction: f
     return Scenario(name=f"{dataset}-{mode}", split=split, model=model,
                     train=dict(base="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4), epochs=epochs,
                     batch_size=batch_size, methods=copy.deepcopy(methods or _paper_methods(mode)),
-                    num_workers=num_workers, description=f"{dataset} from {root}, {mode} forgetting")
+                    num_workers=num_workers, description=f"{dataset} from {root}, {mode} forgetting",
+                    tuning_max_fa=TUNING_MAX_FA[mode])
