@@ -112,6 +112,22 @@ def test_tune_eligibility_by_forget_accuracy(monkeypatch):
     assert experiment.tune(scenario, grids, echo=lambda s: None)["best"]["FT"]["lr"] == 3
 
 
+def test_table_and_plot_with_a_diverged_method(tmp_path, recwarn):
+    """A method whose model diverged on some seed (KL = inf, std NaN) is shown as such, not as a crash."""
+    rt = {"FA": 0.0, "RA": 100.0, "TA": 97.0, "MIA": 40.0, "Avg.D": 0.0, "KL": 0.0, "JS": 0.0, "RTE": 1.0}
+    rows = {"RT": rt, "Original": dict(rt, FA=100.0), "GA": dict(rt, KL=float("inf"), JS=float("inf")),
+            "SFR-on": dict(rt, KL=0.5)}
+    results = dict(_summary(rows), scenario="digits-class")
+    results["summary"]["GA"]["KL"] = (float("inf"), float("nan"))
+    table = experiment.format_table(results)
+    ga = next(line for line in table.splitlines() if line.startswith("| GA |"))
+    assert "| inf |" in ga and "nan" not in ga
+    path = tmp_path / "plot.png"
+    experiment.plot_results([results], str(path))
+    assert path.stat().st_size > 10_000
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
 def test_run_scenario_resumes_from_its_checkpoints(tmp_path):
     scenario = _tiny(methods=("SFR-on",))
     first = experiment.run_scenario(scenario, seeds=(0,), checkpoint_dir=str(tmp_path), echo=lambda s: None)

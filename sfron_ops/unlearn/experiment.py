@@ -220,6 +220,8 @@ COLUMNS = (("FA", "FA", 2), ("RA", "RA", 2), ("TA", "TA", 2), ("MIA", "MIA", 2),
 def _cell(mean, std, digits):
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "–"
+    if math.isinf(mean):  # a diverged model on some seed: the mean says it all, the std is undefined
+        return f"{mean}"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
@@ -268,8 +270,17 @@ def plot_results(results_list: list, path: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    def err(values, stds):  # error bars that stop at zero
-        return [[min(s, v) for v, s in zip(values, stds)], list(stds)]
+    def bars(ax, xs, values, stds, **kw):
+        """Bars with error bars that stop at zero; a non-finite mean (a method whose model diverged)
+        gets no bar but a "not finite" mark, so that one run cannot break the axis."""
+        keep = [i for i, v in enumerate(values) if math.isfinite(v)]
+        sd = [stds[i] if math.isfinite(stds[i]) else 0.0 for i in keep]
+        drawn = ax.bar([xs[i] for i in keep], [values[i] for i in keep], kw.pop("width", 0.8),
+                       yerr=[[min(e, values[i]) for i, e in zip(keep, sd)], sd], **kw)
+        for i in set(range(len(values))) - set(keep):
+            ax.annotate("not finite", (xs[i], 0), xycoords=("data", "axes fraction"), rotation=90, ha="center",
+                        va="bottom", fontsize=7)
+        return dict(zip(keep, drawn))
 
     fig, axes = plt.subplots(len(results_list), 3, figsize=(15, 3.6 * len(results_list)), squeeze=False)
     for row, results in zip(axes, results_list):
@@ -278,9 +289,8 @@ def plot_results(results_list: list, path: str) -> None:
         x = np.arange(len(labels))
         width = 0.27
         for j, key in enumerate(("FA", "TA", "MIA")):
-            vals = [s[lab][key][0] for lab in labels]
-            row[0].bar(x + (j - 1) * width, vals, width, yerr=err(vals, [s[lab][key][1] for lab in labels]),
-                       label=key, capsize=2)
+            bars(row[0], x + (j - 1) * width, [s[lab][key][0] for lab in labels], [s[lab][key][1] for lab in labels],
+                 width=width, label=key, capsize=2)
         row[0].set_xticks(x, labels, rotation=30)
         row[0].set_ylabel("%")
         row[0].set_title(f"{results['scenario']}: FA, TA, MIA (mean ± std)")
@@ -289,10 +299,10 @@ def plot_results(results_list: list, path: str) -> None:
         xm = np.arange(len(meth))
         for ax, key, title, log in ((row[1], "Avg.D", "Avg.D to RT, % points (lower is better)", False),
                                     (row[2], "KL", "KL(p_RT || p) on D_f, nats (lower is better)", True)):
-            vals = [s[lab][key][0] for lab in meth]
-            bars = ax.bar(xm, vals, yerr=err(vals, [s[lab][key][1] for lab in meth]), capsize=3, color="tab:gray")
-            if "SFR-on" in meth:
-                bars[meth.index("SFR-on")].set_color("tab:red")
+            drawn = bars(ax, xm, [s[lab][key][0] for lab in meth], [s[lab][key][1] for lab in meth], capsize=3,
+                         color="tab:gray")
+            if "SFR-on" in meth and meth.index("SFR-on") in drawn:
+                drawn[meth.index("SFR-on")].set_color("tab:red")
             if log:
                 ax.set_yscale("log")
             ax.set_xticks(xm, meth, rotation=30)
