@@ -1,6 +1,7 @@
 """Evaluation metrics against hand-computed cases."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -98,6 +99,12 @@ def test_avg_gap_and_mean_std():
         M.avg_gap({"FA": 1.0, "RA": 1.0, "TA": 1.0}, rt)
     assert M.mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
     assert M.mean_std([4.0]) == (4.0, 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mean, std = M.mean_std([1.0, math.inf, 3.0])
+        assert mean == math.inf and math.isnan(std)
+        mean, std = M.mean_std([math.inf, -math.inf])
+        assert math.isnan(mean) and math.isnan(std)
 
 
 def test_evaluate_on_a_fixed_linear_model():

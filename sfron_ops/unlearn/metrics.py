@@ -133,11 +133,16 @@ def avg_gap(metrics: Mapping[str, float], reference: Mapping[str, float], keys: 
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof = 1; 0 for a single value)."""
+    """Mean and sample standard deviation (ddof = 1; 0 for a single value). With a non-finite value
+    among them (a diverged run) the mean is that of the values as they are and the std is NaN."""
     arr = np.asarray(list(values), dtype=np.float64)
     if arr.size == 0:
         return math.nan, math.nan
-    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+    with np.errstate(invalid="ignore"):
+        mean = float(arr.mean())
+    if not np.isfinite(arr).all():
+        return mean, math.nan
+    return mean, float(arr.std(ddof=1)) if arr.size > 1 else 0.0
 
 
 def _probs_or_uniform(logits):
