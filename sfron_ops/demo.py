@@ -5,7 +5,7 @@ memorised, and forgetting one whole class. For each seed: train the original, re
 remain set, unlearn with FT, GA, RL, SalUn, SCRUB and SFR-on (presets in
 ``sfron_ops.unlearn.presets``), evaluate against RT. Prints the tables, checks them against the
 project's quality bar, and writes ``results.json``, ``table.md`` and ``results.png`` under ``--out``
-(``runs/demo`` by default). About two minutes on two CPU cores.
+(``runs/demo`` by default). About half a minute on one CPU core.
 """
 
 from __future__ import annotations
