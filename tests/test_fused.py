@@ -341,6 +341,30 @@ def test_slow_sync_matches_reference(fused_device, dtype, alpha, reset_fast, cas
         assert_lists_close(actual_slow, params, "slow_params", rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("alpha", [0.0, 1.0, 0.75])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_slow_sync_special_values_match_the_reference_bit_for_bit(fused_device, dtype, alpha):
+    """Infinities, NaNs and signed zeros, where the two-sided lerp does not return an end point as
+    it is (p = -0.0 with slow > 0 gives +0.0 at a = 1; an infinite slow gives NaN): a kernel that
+    skips writing p where slow already equals it must still write these."""
+    special = [0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), float("nan"), 3e38, -3e38]
+    pairs = torch.tensor([(a, b) for a in special for b in special]).T
+    n = 2 * 4099  # the pairs twice over, then zeros: several tiles and an odd tail
+    slow = torch.zeros(n, dtype=dtype, device=fused_device)
+    params = torch.zeros(n, dtype=dtype, device=fused_device)
+    for start in (0, n // 2):
+        slow[start:start + pairs.shape[1]] = pairs[0].to(dtype)
+        params[start:start + pairs.shape[1]] = pairs[1].to(dtype)
+    expected, actual = ([slow.clone()], [params.clone()]), ([slow.clone()], [params.clone()])
+    REFERENCE["slow_sync"](*expected, alpha=alpha, reset_fast=True)
+    FUSED["slow_sync"](*actual, alpha=alpha, reset_fast=True)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    for what, a, e in (("slow", actual[0][0], expected[0][0]), ("params", actual[1][0], expected[1][0])):
+        assert torch.equal(a.isnan(), e.isnan()), what
+        keep = ~e.isnan()
+        assert torch.equal(a[keep].view(bits), e[keep].view(bits)), what
+
+
 def test_cpu_elementwise_kernels_round_like_the_reference():
     """On CPU the kernels apply the reference's float32 operations in its order (no FMA contraction),
     so SGD, the slow-weight lerp and the mask agree bit for bit."""

@@ -8,6 +8,7 @@
 #include <sfron_ops/flat.h>
 
 #include "tiles.h"
+#include <cstring>
 
 namespace sfron_ops::cpu {
 namespace {
@@ -35,8 +36,15 @@ void slow_sync_cpu(at::TensorList slow_params, at::TensorList params, double alp
         const float* p = read_tile(param.const_data_ptr(), param.scalar_type(), pos, n, param_tile);
         math.lerp(n, s, p, weight, one_minus_weight, from_slow);
         write_back(slow.data_ptr(), slow.scalar_type(), pos, n, s);
-        // both tensors share a dtype, so p rounds to exactly the stored slow value
-        if (reset_fast) write_back(param.data_ptr(), param.scalar_type(), pos, n, s);
+        // p <- slow: both tensors share a dtype, so this is a byte copy of the tile just stored. A tile
+        // that already holds those bytes (all of them at a = 1, where slow becomes p) is not written,
+        // which keeps its cache lines clean and saves a quarter of the memory traffic.
+        if (reset_fast) {
+          const int64_t size = slow.element_size();
+          const char* from = static_cast<const char*>(slow.const_data_ptr()) + pos * size;
+          char* to = static_cast<char*>(param.data_ptr()) + pos * size;
+          if (std::memcmp(to, from, n * size) != 0) std::memcpy(to, from, n * size);
+        }
       });
     });
   });
