@@ -180,12 +180,14 @@ void adamw(int64_t n, float* __restrict param, const float* __restrict grad, con
            const AdamScalars& s, float* __restrict u) {
   direction(n, grad, mask, coef, u);
   const float b1 = s.beta1, b2 = s.beta2, omb1 = s.one_minus_beta1, omb2 = s.one_minus_beta2;
-  const float lr = s.lr, eps = s.eps, decay = s.decay;
+  const float eps = s.eps, decay = s.decay;
+  // torch.optim.AdamW's arrangement: one square root and two divisions per element
+  const float step_size = s.lr / bias1, bias2_sqrt = __builtin_sqrtf(bias2);
   for (int64_t j = 0; j < n; ++j) {
     const float m1 = b1 * exp_avg[j] + omb1 * u[j];
     const float m2 = b2 * exp_avg_sq[j] + (omb2 * u[j]) * u[j];
-    const float denom = __builtin_sqrtf(m2 / bias2) + eps;
-    param[j] = param[j] * decay - (lr * (m1 / bias1)) / denom;
+    const float denom = __builtin_sqrtf(m2) / bias2_sqrt + eps;
+    param[j] = param[j] * decay - step_size * (m1 / denom);
     exp_avg[j] = m1;
     exp_avg_sq[j] = m2;
   }
