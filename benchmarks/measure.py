@@ -164,32 +164,50 @@ def peak_extra_bytes(fn, device) -> dict:
 # ------------------------------------------------------------------ roofs
 
 
+def _roof_arrays(device, mode):
+    device = torch.device(device)
+    log2 = 28 if device.type == "cuda" else {"full": 26, "quick": 26, "smoke": 22}[mode]
+    n = 1 << log2
+    timer = Timer(device, budget_s=1.0 if mode != "smoke" else 0.1, min_reps=5 if mode != "smoke" else 2,
+                  max_reps=50, warmup=2, flush=mode != "smoke")
+    return torch.randn(n, device=device), torch.randn(n, device=device), timer
+
+
 def bandwidth_roofs(device, mode="full") -> dict:
     """Streaming bandwidth measured in this process.
 
     ``inplace``: ``a += s * b * b`` (``addcmul_``) over two arrays larger than the
     caches, 12 bytes per element, the shape of our kernels. ``copy``: ``a.copy_(b)``,
-    8 bytes per element. The reference roof is ``copy`` on CUDA and ``inplace`` on CPU.
+    8 bytes per element. ``read``: ``a.sum()``, 4 bytes per element, the read-only
+    stream that bounds the norm. The reference roof is ``copy`` on CUDA and ``inplace``
+    on CPU (see ``reference_roof``).
     """
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    log2 = 28 if cuda else {"full": 26, "quick": 26, "smoke": 22}[mode]
-    n = 1 << log2
-    a = torch.randn(n, device=device)
-    b = torch.randn(n, device=device)
-    timer = Timer(device, budget_s=1.0 if mode != "smoke" else 0.1, min_reps=5 if mode != "smoke" else 2,
-                  max_reps=50, warmup=2, flush=mode != "smoke")
+    a, b, timer = _roof_arrays(device, mode)
+    n = a.numel()
     inplace = timer(lambda: a.addcmul_(b, b, value=1e-6))
     copy = timer(lambda: a.copy_(b))
+    read = timer(lambda: a.sum())
+    cuda = a.device.type == "cuda"
     result = {
         "elements": n,
         "inplace_gbs": 12 * n / inplace["median_s"] / 1e9,
         "copy_gbs": 8 * n / copy["median_s"] / 1e9,
+        "read_gbs": 4 * n / read["median_s"] / 1e9,
         "threads": torch.get_num_threads(),
     }
     result["roof"] = "copy" if cuda else "inplace"
     result["roof_gbs"] = result["copy_gbs"] if cuda else result["inplace_gbs"]
     return result
+
+
+def reference_roof(device, mode="full") -> float:
+    """The reference roof alone (GB/s), measured again now: the benchmark takes it next to every
+    group of measurements, so that a drift of the machine's bandwidth during a long run (other
+    work on a shared host, frequency changes) moves the roof and the kernels together."""
+    a, b, timer = _roof_arrays(device, mode)
+    if a.device.type == "cuda":
+        return 8 * a.numel() / timer(lambda: a.copy_(b))["median_s"] / 1e9
+    return 12 * a.numel() / timer(lambda: a.addcmul_(b, b, value=1e-6))["median_s"] / 1e9
 
 
 # ------------------------------------------------------------------ environment

@@ -118,9 +118,14 @@ def _header(results, chart_name) -> list[str]:
     if results.get("unavailable"):
         lines += ["Not measured here: " + "; ".join(f"`{k}` ({v})" for k, v in results["unavailable"].items()) + "."]
     roof_name = "device-to-device copy" if roofs["roof"] == "copy" else "in-place stream `a += s*b*b`"
-    lines += ["", f"Bandwidth measured in the same process over {roofs['elements']:,}-element fp32 arrays: "
-              f"in-place stream `a += s*b*b` {roofs['inplace_gbs']:.1f} GB/s, copy {roofs['copy_gbs']:.1f} GB/s. "
-              f"\"% roof\" is relative to the {roof_name} ({roofs['roof_gbs']:.1f} GB/s)."]
+    read = f", read-only `a.sum()` {roofs['read_gbs']:.1f} GB/s" if roofs.get("read_gbs") else ""
+    local = [r["roof_gbs"] for r in results["rows"] if r.get("roof_gbs")]
+    again = (f", measured again right before each (op, case, dtype) group: {min(local):.1f}–{max(local):.1f} GB/s "
+             "over this run; each table's *roof* column gives its own" if len(set(local)) > 1 else
+             f" ({roofs['roof_gbs']:.1f} GB/s)")
+    lines += ["", f"Bandwidth measured in the same process over {roofs['elements']:,}-element fp32 arrays at the "
+              f"start: in-place stream `a += s*b*b` {roofs['inplace_gbs']:.1f} GB/s, copy {roofs['copy_gbs']:.1f} GB/s"
+              f"{read}. \"% roof\" is relative to the {roof_name}{again}."]
     lines += ["", "How to read the tables: *time* is the median over the repetitions with the 20th–80th percentile "
               "range; *host* is the wall time of submitting one call (on CPU, calls are synchronous and host = time); "
               "*GB/s* is the minimal byte model of the op divided by the median time, the same bytes for every "
@@ -272,14 +277,14 @@ def _per_op_section(results) -> list[str]:
             rows = []
             for r in rows_:
                 if "error" in r:
-                    rows.append([r["dtype"], r["contender"], "failed: " + r["error"][:80]] + [""] * 7)
+                    rows.append([r["dtype"], r["contender"], "failed: " + r["error"][:80]] + [""] * 8)
                     continue
                 rows.append([r["dtype"], r["contender"], fmt_time(r["median_s"]),
                              f"{fmt_time(r['p20_s'])} – {fmt_time(r['p80_s'])}", fmt_time(r["host_median_s"]),
-                             f"{r['gbs']:.1f}", f"{100 * r['roof_share']:.0f}%", fmt_bytes(_peak(r)),
-                             fmt_ratio(r.get("vs_torch")), fmt_ratio(r.get("vs_official"))])
-            lines += _table(["dtype", "contender", "time", "p20 – p80", "host", "GB/s", "% roof", "peak", "×torch",
-                             "×official"], rows)
+                             f"{r['gbs']:.1f}", f"{r['roof_gbs']:.1f}", f"{100 * r['roof_share']:.0f}%",
+                             fmt_bytes(_peak(r)), fmt_ratio(r.get("vs_torch")), fmt_ratio(r.get("vs_official"))])
+            lines += _table(["dtype", "contender", "time", "p20 – p80", "host", "GB/s", "roof", "% roof", "peak",
+                             "×torch", "×official"], rows)
     if results["skipped"]:
         lines += ["", f"{len(results['skipped'])} measurements were skipped at the run's deadline: "
                   + ", ".join(sorted({f"{s['case']}/{s['op']}" for s in results["skipped"]})) + "."]

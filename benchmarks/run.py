@@ -21,7 +21,7 @@ import time
 import torch
 
 from . import cases, e2e, report, suite
-from .measure import Timer, bandwidth_roofs, environment
+from .measure import Timer, bandwidth_roofs, environment, reference_roof
 from .ops import OPS
 
 #: per mode and device type: budget seconds per measurement, min and max repetitions, warmup calls
@@ -151,7 +151,8 @@ def _run(args, mode, device) -> dict:
         log(f"  backend {impl} not measured: {why}")
 
     roofs = bandwidth_roofs(device, mode)
-    log(f"  bandwidth: in-place a += s*b*b {roofs['inplace_gbs']:.1f} GB/s, copy {roofs['copy_gbs']:.1f} GB/s")
+    log(f"  bandwidth: in-place a += s*b*b {roofs['inplace_gbs']:.1f} GB/s, copy {roofs['copy_gbs']:.1f} GB/s, "
+        f"read {roofs['read_gbs']:.1f} GB/s")
 
     settings = dict(SETTINGS[mode, device.type])
     if args.budget is not None:
@@ -210,6 +211,8 @@ def _run(args, mode, device) -> dict:
                 mask_key = next((k for k in ("packed_masks", "masks") if k in spec.needs), None)
                 mask_bytes = sum(m.nbytes for m in template.tensors[mask_key]) if mask_key else 0
                 group = []
+                # the roof of this group, measured right before it (the start-of-run roofs stay in "roofs")
+                roof_gbs = reference_roof(device, mode)
                 for contender in the_contenders:
                     try:
                         row = suite.measure(op, template, contender, timer, memory=not args.no_memory)
@@ -221,8 +224,8 @@ def _run(args, mode, device) -> dict:
                                modelled_bytes=modelled, mask_bytes=mask_bytes)
                     if row.get("median_s"):
                         row["gbs"] = modelled / row["median_s"] / 1e9
-                        row["roof_gbs"] = roofs["roof_gbs"]
-                        row["roof_share"] = row["gbs"] / roofs["roof_gbs"]
+                        row["roof_gbs"] = roof_gbs
+                        row["roof_share"] = row["gbs"] / roof_gbs
                     group.append(row)
                 _add_ratios(group)
                 for row in group:
