@@ -174,13 +174,16 @@ def _roof_arrays(device, mode):
 
 
 def bandwidth_roofs(device, mode="full") -> dict:
-    """Streaming bandwidth measured in this process.
+    """Streaming bandwidth measured in this process, in GB/s.
 
     ``inplace``: ``a += s * b * b`` (``addcmul_``) over two arrays larger than the
-    caches, 12 bytes per element, the shape of our kernels. ``copy``: ``a.copy_(b)``,
-    8 bytes per element. ``read``: ``a.sum()``, 4 bytes per element, the read-only
-    stream that bounds the norm. The reference roof is ``copy`` on CUDA and ``inplace``
-    on CPU (see ``reference_roof``).
+    caches, 12 bytes per element, the shape of our update kernels. ``copy``:
+    ``a.copy_(b)``, 8 bytes per element. ``read``: ``a.sum()``, 4 bytes per element,
+    the read-only stream of a norm. The reference roof (``roof_gbs``) is ``copy`` on
+    CUDA and ``inplace`` on CPU. The benchmark measures these again next to every
+    group of measurements, so that a drift of the machine's bandwidth during a long
+    run (other work on a shared host, frequency changes) moves the roofs and the
+    kernels together.
     """
     a, b, timer = _roof_arrays(device, mode)
     n = a.numel()
@@ -200,14 +203,13 @@ def bandwidth_roofs(device, mode="full") -> dict:
     return result
 
 
-def reference_roof(device, mode="full") -> float:
-    """The reference roof alone (GB/s), measured again now: the benchmark takes it next to every
-    group of measurements, so that a drift of the machine's bandwidth during a long run (other
-    work on a shared host, frequency changes) moves the roof and the kernels together."""
-    a, b, timer = _roof_arrays(device, mode)
-    if a.device.type == "cuda":
-        return 8 * a.numel() / timer(lambda: a.copy_(b))["median_s"] / 1e9
-    return 12 * a.numel() / timer(lambda: a.addcmul_(b, b, value=1e-6))["median_s"] / 1e9
+def stream_bound_s(modelled_bytes: float, read_bytes: float, copy_bytes: float, roofs: dict) -> float:
+    """The time an op's modelled bytes take at the measured streams of their access pattern: bytes
+    of passes that only read at the read-only rate, bytes of copy-like passes (read one array, write
+    another) at the copy rate, the rest (read-modify-write) at the reference roof. A CPU core streams
+    reads alone, or a copy, well below its in-place rate, so this is the physical limit of each op."""
+    return (read_bytes / roofs["read_gbs"] + copy_bytes / roofs["copy_gbs"]
+            + (modelled_bytes - read_bytes - copy_bytes) / roofs["roof_gbs"]) / 1e9
 
 
 # ------------------------------------------------------------------ environment

@@ -58,9 +58,19 @@ class OpSpec:
     ours: Callable
     dtypes: tuple = ("fp32", "bf16")
     notes: str = field(default="")
+    # of bytes_per_param, those moved by passes that only read, and by copy-like passes (read one
+    # array, write another); the rest is read-modify-write (measure.stream_bound_s)
+    read_bytes_per_param: Callable[[int], float] = lambda p: 0
+    copy_bytes_per_param: Callable[[int], float] = lambda p: 0
 
     def modelled_bytes(self, numel: int, dtype: torch.dtype) -> float:
         return self.bytes_per_param(torch.empty((), dtype=dtype).element_size()) * numel
+
+    def read_bytes(self, numel: int, dtype: torch.dtype) -> float:
+        return self.read_bytes_per_param(torch.empty((), dtype=dtype).element_size()) * numel
+
+    def copy_bytes(self, numel: int, dtype: torch.dtype) -> float:
+        return self.copy_bytes_per_param(torch.empty((), dtype=dtype).element_size()) * numel
 
 
 def backend(name: str):
@@ -155,7 +165,7 @@ OPS = {
     spec.name: spec
     for spec in (
         OpSpec("masked_norm", "masked_norm", "squared norm of the masked forget direction and the non-finite flag",
-               ("grads", "masks"), "P + 1", lambda p: p + 1, _ours_masked_norm),
+               ("grads", "masks"), "P + 1", lambda p: p + 1, _ours_masked_norm, read_bytes_per_param=lambda p: p + 1),
         OpSpec("forget_plain", "sgd_update", "forget step, plain: p -= lr * (-alpha * m * g)",
                _SGD_NEEDS, "3P + 1", lambda p: 3 * p + 1,
                _ours_sgd(forget=True, clip=False, momentum=0.0, weight_decay=0.0, check_finite=False),
@@ -163,33 +173,38 @@ OPS = {
         OpSpec("forget_clip", "sgd_update", "forget step with the global-norm clip (max 7)",
                _SGD_NEEDS, "4P + 2", lambda p: 4 * p + 2,
                _ours_sgd(forget=True, clip=True, momentum=0.0, weight_decay=0.0, check_finite=True),
-               notes="norm pass, then the update"),
+               notes="norm pass, then the update", read_bytes_per_param=lambda p: p + 1),
         OpSpec("forget_full", "sgd_update", "forget step: clip + momentum 0.9 + weight decay 5e-4 (official CIFAR)",
                _SGD_NEEDS + ("momentum_buffers",), "6P + 2", lambda p: 6 * p + 2,
                _ours_sgd(forget=True, clip=True, momentum=SGD_MOMENTUM, weight_decay=SGD_WEIGHT_DECAY,
-                         check_finite=True)),
+                         check_finite=True), read_bytes_per_param=lambda p: p + 1),
         OpSpec("forget_full_packed", "sgd_update", "forget_full with bit-packed masks (one bit per weight)",
                _SGD_NEEDS + ("momentum_buffers", "packed_masks"), "6P + 2/8", lambda p: 6 * p + 0.25,
                _ours_sgd(forget=True, clip=True, momentum=SGD_MOMENTUM, weight_decay=SGD_WEIGHT_DECAY,
-                         check_finite=True, packed=True),
+                         check_finite=True, packed=True), read_bytes_per_param=lambda p: p + 0.125,
                notes="our backends read the packed masks (SFRon(mask_format='packed')); the baselines have no "
                      "packed form and use their dense masks, as in forget_full"),
         OpSpec("remain", "sgd_update", "remain step: SGD momentum 0.9 + weight decay 5e-4, no mask",
                ("params", "grads", "momentum_buffers"), "6P", lambda p: 6 * p,
                _ours_sgd(forget=False, clip=False, momentum=SGD_MOMENTUM, weight_decay=SGD_WEIGHT_DECAY,
                          check_finite=True),
-               notes="ours includes SFRon's default non-finite check (a P-byte read pass); the baselines have none"),
+               notes="ours includes SFRon's default non-finite check (a P-byte read pass); the baselines have none",
+               read_bytes_per_param=lambda p: p),
         OpSpec("adamw", "adamw_update", "AdamW forget step: mask + clip 7, lr 2e-5, weight decay 0.05, alpha 500",
-               ("params", "grads", "masks", "exp_avgs", "exp_avg_sqs"), "8P + 2", lambda p: 8 * p + 2, _ours_adamw),
+               ("params", "grads", "masks", "exp_avgs", "exp_avg_sqs"), "8P + 2", lambda p: 8 * p + 2, _ours_adamw,
+               read_bytes_per_param=lambda p: p + 1),
         OpSpec("fisher", "fisher_accumulate", "Fisher accumulation F += g^2 / batches (F float32)",
                ("grads", "fishers"), "P + 8", lambda p: p + 8, _ours_fisher),
         OpSpec("saliency_mask", "saliency_mask", "saliency mask (F_f + eps) / (F_r + eps) >= gamma, with the count",
                ("forget_fishers", "remain_fishers", "saliency_masks"), "9", lambda p: 9, _ours_saliency,
-               dtypes=("fp32",), notes="Fisher is float32 whatever the parameters are: one dtype"),
+               dtypes=("fp32",), notes="Fisher is float32 whatever the parameters are: one dtype; the pass writes "
+               "one byte for every eight it reads, so its reads count at the read-only stream and its write at the "
+               "copy stream", read_bytes_per_param=lambda p: 8, copy_bytes_per_param=lambda p: 1),
         OpSpec("slow_sync_0.5", "slow_sync", "slow sync a = 0.5: slow += a (p - slow); p = slow",
                ("params", "slow_params"), "4P", lambda p: 4 * p, _ours_slow_sync(0.5)),
         OpSpec("slow_sync_1", "slow_sync", "slow sync a = 1 (official CIFAR setting): slow = p",
                ("params", "slow_params"), "2P", lambda p: 2 * p, _ours_slow_sync(1.0),
-               notes="a direct kernel call; SFRon itself skips a = 1 syncs entirely (zero cost)"),
+               notes="a direct kernel call; SFRon itself skips a = 1 syncs entirely (zero cost)",
+               copy_bytes_per_param=lambda p: 2 * p),
     )
 }

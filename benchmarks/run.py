@@ -21,7 +21,7 @@ import time
 import torch
 
 from . import cases, e2e, report, suite
-from .measure import Timer, bandwidth_roofs, environment, reference_roof
+from .measure import Timer, bandwidth_roofs, environment, stream_bound_s
 from .ops import OPS
 
 #: per mode and device type: budget seconds per measurement, min and max repetitions, warmup calls
@@ -211,8 +211,9 @@ def _run(args, mode, device) -> dict:
                 mask_key = next((k for k in ("packed_masks", "masks") if k in spec.needs), None)
                 mask_bytes = sum(m.nbytes for m in template.tensors[mask_key]) if mask_key else 0
                 group = []
-                # the roof of this group, measured right before it (the start-of-run roofs stay in "roofs")
-                roof_gbs = reference_roof(device, mode)
+                # the roofs of this group, measured right before it (the start-of-run roofs stay in "roofs")
+                local = {k: v for k, v in bandwidth_roofs(device, mode).items() if k.endswith("_gbs")}
+                read_bytes, copy_bytes = spec.read_bytes(case.numel, dtype), spec.copy_bytes(case.numel, dtype)
                 for contender in the_contenders:
                     try:
                         row = suite.measure(op, template, contender, timer, memory=not args.no_memory)
@@ -224,8 +225,9 @@ def _run(args, mode, device) -> dict:
                                modelled_bytes=modelled, mask_bytes=mask_bytes)
                     if row.get("median_s"):
                         row["gbs"] = modelled / row["median_s"] / 1e9
-                        row["roof_gbs"] = roof_gbs
-                        row["roof_share"] = row["gbs"] / roof_gbs
+                        row.update(local, roof_share=row["gbs"] / local["roof_gbs"], read_bytes=read_bytes,
+                                   copy_bytes=copy_bytes)
+                        row["bound_share"] = stream_bound_s(modelled, read_bytes, copy_bytes, local) / row["median_s"]
                     group.append(row)
                 _add_ratios(group)
                 for row in group:

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import cases, report, run, suite
+from benchmarks import cases, measure, report, run, suite
 from benchmarks.ops import OPS
 
 
@@ -49,6 +49,20 @@ def test_byte_model_matches_the_performance_notes():
     assert OPS["fisher"].modelled_bytes(1000, torch.bfloat16) == 10 * 1000
 
 
+def test_stream_bound_splits_the_bytes_by_access_pattern():
+    roofs = {"read_gbs": 1.0, "copy_gbs": 2.0, "roof_gbs": 5.0}
+    # 20 B read-only at 1 GB/s, 30 B copied at 2 GB/s, 50 B in place at 5 GB/s
+    assert measure.stream_bound_s(100, 20, 30, roofs) == pytest.approx((20 + 15 + 10) * 1e-9)
+    for name, spec in OPS.items():
+        for dtype in (torch.float32, torch.bfloat16):
+            total, read, copy = (f(1000, dtype) for f in (spec.modelled_bytes, spec.read_bytes, spec.copy_bytes))
+            assert 0 <= read + copy <= total, name
+    # the norm only reads; a sync at a = 1 is a copy of p into slow; a plain forget step is all in place
+    assert OPS["masked_norm"].read_bytes(10, torch.float32) == OPS["masked_norm"].modelled_bytes(10, torch.float32)
+    assert OPS["slow_sync_1"].copy_bytes(10, torch.float32) == OPS["slow_sync_1"].modelled_bytes(10, torch.float32)
+    assert OPS["forget_plain"].read_bytes(10, torch.float32) == OPS["forget_plain"].copy_bytes(10, torch.float32) == 0
+
+
 @pytest.mark.parametrize("op", list(OPS))
 def test_every_contender_computes_what_the_reference_computes(op):
     contenders, _ = suite.contenders("cpu")
@@ -75,6 +89,10 @@ def test_smoke_run_writes_json_markdown_and_chart(tmp_path, capsys):
     for r in saved["rows"]:
         assert 0 < r["p20_s"] <= r["median_s"] <= r["p80_s"], r
         assert r["gbs"] == pytest.approx(r["modelled_bytes"] / r["median_s"] / 1e9)
+        # the roofs measured next to the group, and the share of the op's stream bound
+        assert r["roof_share"] == pytest.approx(r["gbs"] / r["roof_gbs"]) and r["read_gbs"] > 0
+        bound = measure.stream_bound_s(r["modelled_bytes"], r["read_bytes"], r["copy_bytes"], r)
+        assert r["bound_share"] == pytest.approx(bound / r["median_s"])
     assert {r["contender"] for r in saved["e2e"]} >= {"official", "torch", "fwd_bwd", "reference"}
 
     def row(op, contender):
@@ -110,10 +128,11 @@ def test_cpu_targets_are_judged_from_the_measured_rows():
     results = _fake_results("cpu", [
         _fake_row("forget_full", "flat", "fused", 0.010, 0.85),
         _fake_row("forget_full", "flat", "foreach", 0.014, 0.6),
-        _fake_row("fisher", "flat", "fused", 0.010, 0.70),
+        _fake_row("fisher", "flat", "fused", 0.010, 0.70, bound_share=0.93),
     ])
     rows = {r[0]: r for r in report.targets(results)}
     assert rows["C++ `forget_full` bandwidth, flat 16,777,216, fp32"][3] == "met"
+    assert rows["C++ `fisher` bandwidth, flat 16,777,216, fp32"][1] == "70 % of in-place (93 % of its stream bound)"
     assert rows["C++ `fisher` bandwidth, flat 16,777,216, fp32"][3] == "**not met**"
     speedup = rows["C++ forget step (clip + momentum + wd) vs `foreach`, flat 16,777,216, fp32"]
     assert speedup[1] == "1.40×" and speedup[3] == "**not met**"
