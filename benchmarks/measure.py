@@ -164,28 +164,32 @@ def peak_extra_bytes(fn, device) -> dict:
 # ------------------------------------------------------------------ roofs
 
 
-def _roof_arrays(device, mode):
+def _roof_arrays(device, mode, quick):
     device = torch.device(device)
     log2 = 28 if device.type == "cuda" else {"full": 26, "quick": 26, "smoke": 22}[mode]
     n = 1 << log2
-    timer = Timer(device, budget_s=1.0 if mode != "smoke" else 0.1, min_reps=5 if mode != "smoke" else 2,
-                  max_reps=50, warmup=2, flush=mode != "smoke")
+    if quick:  # arrays this large leave nothing useful in the caches: no flush needed
+        timer = Timer(device, budget_s=0.25 if mode != "smoke" else 0.03, min_reps=3 if mode != "smoke" else 2,
+                      max_reps=20, warmup=1, flush=False)
+    else:
+        timer = Timer(device, budget_s=1.0 if mode != "smoke" else 0.1, min_reps=5 if mode != "smoke" else 2,
+                      max_reps=50, warmup=2, flush=mode != "smoke")
     return torch.randn(n, device=device), torch.randn(n, device=device), timer
 
 
-def bandwidth_roofs(device, mode="full") -> dict:
+def bandwidth_roofs(device, mode="full", *, quick=False) -> dict:
     """Streaming bandwidth measured in this process, in GB/s.
 
     ``inplace``: ``a += s * b * b`` (``addcmul_``) over two arrays larger than the
     caches, 12 bytes per element, the shape of our update kernels. ``copy``:
     ``a.copy_(b)``, 8 bytes per element. ``read``: ``a.sum()``, 4 bytes per element,
     the read-only stream of a norm. The reference roof (``roof_gbs``) is ``copy`` on
-    CUDA and ``inplace`` on CPU. The benchmark measures these again next to every
-    group of measurements, so that a drift of the machine's bandwidth during a long
-    run (other work on a shared host, frequency changes) moves the roofs and the
-    kernels together.
+    CUDA and ``inplace`` on CPU. The benchmark measures these again (``quick``: a
+    quarter second each) right before and right after every measurement, so that a
+    drift of the machine's bandwidth during a long run (other work on a shared host,
+    frequency changes) moves the roofs and the kernels together.
     """
-    a, b, timer = _roof_arrays(device, mode)
+    a, b, timer = _roof_arrays(device, mode, quick)
     n = a.numel()
     inplace = timer(lambda: a.addcmul_(b, b, value=1e-6))
     copy = timer(lambda: a.copy_(b))
@@ -201,6 +205,14 @@ def bandwidth_roofs(device, mode="full") -> dict:
     result["roof"] = "copy" if cuda else "inplace"
     result["roof_gbs"] = result["copy_gbs"] if cuda else result["inplace_gbs"]
     return result
+
+
+def around(before: dict, after: dict) -> dict:
+    """The roofs of one measurement: the mean of those taken right before and right after it, and
+    how far they moved in between (``roof_drift``, relative)."""
+    out = {k: (before[k] + after[k]) / 2 for k in before if k.endswith("_gbs")}
+    out["roof_drift"] = abs(after["roof_gbs"] - before["roof_gbs"]) / out["roof_gbs"]
+    return out
 
 
 def stream_bound_s(modelled_bytes: float, read_bytes: float, copy_bytes: float, roofs: dict) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 from collections import defaultdict
 
@@ -125,15 +126,17 @@ def _header(results, chart_name) -> list[str]:
     roof_name = "device-to-device copy" if roofs["roof"] == "copy" else "in-place stream `a += s*b*b`"
     read = f", read-only `a.sum()` {roofs['read_gbs']:.1f} GB/s" if roofs.get("read_gbs") else ""
     local = [r["roof_gbs"] for r in results["rows"] if r.get("roof_gbs")]
-    again = (f", measured again right before each (op, case, dtype) group: {min(local):.1f}–{max(local):.1f} GB/s "
-             "over this run; each table's *roof* column gives its own" if len(set(local)) > 1 else
-             f" ({roofs['roof_gbs']:.1f} GB/s)")
+    drift = [r["roof_drift"] for r in results["rows"] if r.get("roof_drift") is not None]
+    again = (f", measured again right before and right after every row (the row uses their mean): "
+             f"{min(local):.1f}–{max(local):.1f} GB/s over this run, and it moved by up to {100 * max(drift):.0f} % "
+             f"(median {100 * statistics.median(drift):.0f} %) during one row; each table's *roof* column gives the "
+             "row's own" if drift else f" ({roofs['roof_gbs']:.1f} GB/s)")
     lines += ["", f"Bandwidth measured in the same process over {roofs['elements']:,}-element fp32 arrays at the "
               f"start: in-place stream `a += s*b*b` {roofs['inplace_gbs']:.1f} GB/s, copy {roofs['copy_gbs']:.1f} GB/s"
               f"{read}. \"% roof\" is relative to the {roof_name}{again}."]
     lines += ["", "*% bound* is the share of the op's stream bound: the bytes of its read-only passes (a norm, a "
               "finiteness check, the saliency ratio's reads) at the read-only stream, those of copy-like passes at "
-              "the copy stream, the rest at the roof, all measured right before the group. A CPU core streams reads "
+              "the copy stream, the rest at the roof, all measured around the row. A CPU core streams reads "
               "alone, or a copy, well below its in-place rate, so this is the physical limit of each op."]
     lines += ["", "How to read the tables: *time* is the median over the repetitions with the 20th–80th percentile "
               "range; *host* is the wall time of submitting one call (on CPU, calls are synchronous and host = time); "

@@ -21,7 +21,7 @@ import time
 import torch
 
 from . import cases, e2e, report, suite
-from .measure import Timer, bandwidth_roofs, environment, stream_bound_s
+from .measure import Timer, around, bandwidth_roofs, environment, stream_bound_s
 from .ops import OPS
 
 #: per mode and device type: budget seconds per measurement, min and max repetitions, warmup calls
@@ -211,10 +211,10 @@ def _run(args, mode, device) -> dict:
                 mask_key = next((k for k in ("packed_masks", "masks") if k in spec.needs), None)
                 mask_bytes = sum(m.nbytes for m in template.tensors[mask_key]) if mask_key else 0
                 group = []
-                # the roofs of this group, measured right before it (the start-of-run roofs stay in "roofs")
-                local = {k: v for k, v in bandwidth_roofs(device, mode).items() if k.endswith("_gbs")}
                 read_bytes, copy_bytes = spec.read_bytes(case.numel, dtype), spec.copy_bytes(case.numel, dtype)
                 for contender in the_contenders:
+                    # each row's roofs: measured right before and right after it (the run's first are in "roofs")
+                    before = bandwidth_roofs(device, mode, quick=True)
                     try:
                         row = suite.measure(op, template, contender, timer, memory=not args.no_memory)
                     except Exception as exc:  # one broken contender must not lose the others' results
@@ -224,6 +224,7 @@ def _run(args, mode, device) -> dict:
                     row.update(case=case_name, op=op, dtype=dtype_name, numel=case.numel, tensors=case.n_tensors,
                                modelled_bytes=modelled, mask_bytes=mask_bytes)
                     if row.get("median_s"):
+                        local = around(before, bandwidth_roofs(device, mode, quick=True))
                         row["gbs"] = modelled / row["median_s"] / 1e9
                         row.update(local, roof_share=row["gbs"] / local["roof_gbs"], read_bytes=read_bytes,
                                    copy_bytes=copy_bytes)

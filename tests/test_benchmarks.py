@@ -53,6 +53,9 @@ def test_stream_bound_splits_the_bytes_by_access_pattern():
     roofs = {"read_gbs": 1.0, "copy_gbs": 2.0, "roof_gbs": 5.0}
     # 20 B read-only at 1 GB/s, 30 B copied at 2 GB/s, 50 B in place at 5 GB/s
     assert measure.stream_bound_s(100, 20, 30, roofs) == pytest.approx((20 + 15 + 10) * 1e-9)
+    # a row's roofs: the mean of those measured before and after it, and the drift in between
+    mid = measure.around({"roof_gbs": 10.0, "read_gbs": 4.0, "elements": 7}, {"roof_gbs": 12.0, "read_gbs": 6.0})
+    assert mid == pytest.approx({"roof_gbs": 11.0, "read_gbs": 5.0, "roof_drift": 2 / 11})
     for name, spec in OPS.items():
         for dtype in (torch.float32, torch.bfloat16):
             total, read, copy = (f(1000, dtype) for f in (spec.modelled_bytes, spec.read_bytes, spec.copy_bytes))
@@ -91,6 +94,7 @@ def test_smoke_run_writes_json_markdown_and_chart(tmp_path, capsys):
         assert r["gbs"] == pytest.approx(r["modelled_bytes"] / r["median_s"] / 1e9)
         # the roofs measured next to the group, and the share of the op's stream bound
         assert r["roof_share"] == pytest.approx(r["gbs"] / r["roof_gbs"]) and r["read_gbs"] > 0
+        assert 0 <= r["roof_drift"] < 2
         bound = measure.stream_bound_s(r["modelled_bytes"], r["read_bytes"], r["copy_bytes"], r)
         assert r["bound_share"] == pytest.approx(bound / r["median_s"])
     assert {r["contender"] for r in saved["e2e"]} >= {"official", "torch", "fwd_bwd", "reference"}
