@@ -273,8 +273,11 @@ def plot_results(results_list: list, path: str) -> None:
     def bars(ax, xs, values, stds, **kw):
         """Bars with error bars that stop at zero; a non-finite mean (a method whose model diverged)
         gets no bar but a "not finite" mark, so that one run cannot break the axis."""
-        keep = [i for i, v in enumerate(values) if math.isfinite(v)]
-        sd = [stds[i] if math.isfinite(stds[i]) else 0.0 for i in keep]
+        def finite(x):  # results read back from JSON carry None for NaN
+            return x is not None and math.isfinite(x)
+
+        keep = [i for i, v in enumerate(values) if finite(v)]
+        sd = [stds[i] if finite(stds[i]) else 0.0 for i in keep]
         drawn = ax.bar([xs[i] for i in keep], [values[i] for i in keep], kw.pop("width", 0.8),
                        yerr=[[min(e, values[i]) for i, e in zip(keep, sd)], sd], **kw)
         for i in set(range(len(values))) - set(keep):
