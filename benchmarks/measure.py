@@ -164,17 +164,24 @@ def peak_extra_bytes(fn, device) -> dict:
 # ------------------------------------------------------------------ roofs
 
 
+_ROOF_ARRAYS: dict = {}
+
+
 def _roof_arrays(device, mode, quick):
     device = torch.device(device)
     log2 = 28 if device.type == "cuda" else {"full": 26, "quick": 26, "smoke": 22}[mode]
     n = 1 << log2
+    # made once per device and size: the roofs are taken around every row, and filling 2^26 random
+    # values costs more than measuring them
+    if (device, n) not in _ROOF_ARRAYS:
+        _ROOF_ARRAYS[device, n] = (torch.randn(n, device=device), torch.randn(n, device=device))
     if quick:  # arrays this large leave nothing useful in the caches: no flush needed
         timer = Timer(device, budget_s=0.25 if mode != "smoke" else 0.03, min_reps=3 if mode != "smoke" else 2,
                       max_reps=20, warmup=1, flush=False)
     else:
         timer = Timer(device, budget_s=1.0 if mode != "smoke" else 0.1, min_reps=5 if mode != "smoke" else 2,
                       max_reps=50, warmup=2, flush=mode != "smoke")
-    return torch.randn(n, device=device), torch.randn(n, device=device), timer
+    return (*_ROOF_ARRAYS[device, n], timer)
 
 
 def bandwidth_roofs(device, mode="full", *, quick=False) -> dict:
