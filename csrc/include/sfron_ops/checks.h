@@ -163,19 +163,25 @@ inline void check_masked_sq_norm_args(at::TensorList grads, at::TensorList masks
   check_floating(op, "grads", grads);
 }
 
-inline void check_sgd_update_args(at::TensorList params, at::TensorList grads, at::TensorList masks,
-                                  at::TensorList momentum_buffers, at::TensorList steps,
-                                  const std::optional<at::Tensor>& norm_state, double momentum, bool packed_masks) {
-  constexpr const char* op = "sgd_update_";
+// What the two update ops share: parameters, gradients, masks, step counters and the norm state.
+inline void check_update_args(const char* op, at::TensorList params, at::TensorList grads, at::TensorList masks,
+                              at::TensorList steps, const std::optional<at::Tensor>& norm_state, bool packed_masks) {
   check_aligned(op, "grads", grads, params);
-  check_aligned_or_empty(op, "momentum_buffers", momentum_buffers, params);
-  TORCH_CHECK(momentum == 0 || momentum_buffers.size() == params.size(), op, ": momentum=", momentum,
-              " needs one momentum buffer per parameter");
   check_masks(op, masks, params, packed_masks);
   check_steps(op, steps, params);
   check_norm_state(op, norm_state, params, "params");
   check_floating(op, "params", params);
   check_dtype_like(op, "grads", grads, params);
+}
+
+inline void check_sgd_update_args(at::TensorList params, at::TensorList grads, at::TensorList masks,
+                                  at::TensorList momentum_buffers, at::TensorList steps,
+                                  const std::optional<at::Tensor>& norm_state, double momentum, bool packed_masks) {
+  constexpr const char* op = "sgd_update_";
+  check_update_args(op, params, grads, masks, steps, norm_state, packed_masks);
+  check_aligned_or_empty(op, "momentum_buffers", momentum_buffers, params);
+  TORCH_CHECK(momentum == 0 || momentum_buffers.size() == params.size(), op, ": momentum=", momentum,
+              " needs one momentum buffer per parameter");
   check_dtype_like(op, "momentum_buffers", momentum_buffers, params);
   check_one_device(op, "params", params);
 }
@@ -184,14 +190,9 @@ inline void check_adamw_update_args(at::TensorList params, at::TensorList grads,
                                     at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps,
                                     const std::optional<at::Tensor>& norm_state, bool packed_masks) {
   constexpr const char* op = "adamw_update_";
-  check_aligned(op, "grads", grads, params);
+  check_update_args(op, params, grads, masks, steps, norm_state, packed_masks);
   check_aligned(op, "exp_avgs", exp_avgs, params);
   check_aligned(op, "exp_avg_sqs", exp_avg_sqs, params);
-  check_masks(op, masks, params, packed_masks);
-  check_steps(op, steps, params);
-  check_norm_state(op, norm_state, params, "params");
-  check_floating(op, "params", params);
-  check_dtype_like(op, "grads", grads, params);
   check_dtype_like(op, "exp_avgs", exp_avgs, params);
   check_dtype_like(op, "exp_avg_sqs", exp_avg_sqs, params);
   check_one_device(op, "params", params);
