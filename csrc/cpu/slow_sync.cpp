@@ -4,11 +4,12 @@
 // which returns s itself at a = 0 and p itself at a = 1.
 #include <torch/library.h>
 
+#include <cstring>
+
 #include <sfron_ops/checks.h>
 #include <sfron_ops/flat.h>
 
 #include "tiles.h"
-#include <cstring>
 
 namespace sfron_ops::cpu {
 namespace {
