@@ -7,8 +7,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-
-from helpers import DEVICES, IMPLS_UNDER_TEST, impl_skip_reason  # noqa: E402
+from helpers import DEVICES, IMPLS_UNDER_TEST, KERNEL_IMPLS_UNDER_TEST, impl_skip_reason  # noqa: E402
 
 
 @pytest.fixture(params=DEVICES)
@@ -16,8 +15,9 @@ def device(request):
     return torch.device(request.param)
 
 
-@pytest.fixture(params=IMPLS_UNDER_TEST)
+@pytest.fixture(params=KERNEL_IMPLS_UNDER_TEST)
 def impl(request, device):
+    """A backend whose kernel table runs against the reference on ``device``."""
     reason = impl_skip_reason(request.param, device)
     if reason is not None:
         pytest.skip(reason)

@@ -13,18 +13,36 @@ from sfron_ops.reference import pack_mask
 DEVICES = [d for d in os.environ.get("SFRON_OPS_TEST_DEVICES", "cpu,cuda").split(",")
            if d == "cpu" or (d == "cuda" and torch.cuda.is_available())]
 
-#: backends compared against the reference
+#: the package's backends compared against the reference
 IMPLS_UNDER_TEST = ["foreach", "fused", "triton"]
+
+#: csrc/cuda compiled for the CPU and run under tests/cuda_emulation: the kernel suites run it too
+EMULATED_CUDA = "cuda_emulated"
+KERNEL_IMPLS_UNDER_TEST = [*IMPLS_UNDER_TEST, EMULATED_CUDA]
 
 #: backends that must be present (e.g. in CI): a missing one fails instead of skipping
 REQUIRED_IMPLS = [s for s in os.environ.get("SFRON_OPS_REQUIRE_IMPLS", "").split(",") if s]
 
 
 def impl_skip_reason(impl: str, device) -> str | None:
-    reason = _impl.why_unavailable(impl, device)
+    if impl == EMULATED_CUDA:
+        import cuda_emulation
+
+        reason = cuda_emulation.why_unavailable(device)
+    else:
+        reason = _impl.why_unavailable(impl, device)
     if reason is not None and impl in REQUIRED_IMPLS:
         pytest.fail(f"impl={impl!r} is required (SFRON_OPS_REQUIRE_IMPLS) but unavailable on {device}: {reason}")
     return reason
+
+
+def kernels(impl: str) -> dict:
+    """The kernel table of a backend under test (the package's, or the emulated CUDA kernels)."""
+    if impl == EMULATED_CUDA:
+        import cuda_emulation
+
+        return cuda_emulation.kernels()
+    return _impl.kernels(impl)
 
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

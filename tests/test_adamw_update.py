@@ -2,9 +2,20 @@
 
 import pytest
 import torch
-from helpers import DTYPES, MASK_KINDS, assert_lists_close, clones, dtype_id, make, make_masks, shapes_for, steps_for
+from helpers import (
+    DTYPES,
+    MASK_KINDS,
+    assert_lists_close,
+    clones,
+    dtype_id,
+    kernels,
+    make,
+    make_masks,
+    shapes_for,
+    steps_for,
+)
 
-from sfron_ops import _impl, reference
+from sfron_ops import reference
 
 HYPER = [
     dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2),
@@ -71,9 +82,9 @@ def test_matches_reference(impl, device, dtype, case, mask_kind, norm):
     reference.adamw_update_(expected[0], grads, masks, expected[1], expected[2], expected[3],
                             None if norm_state is None else norm_state.clone(), scale=scale, max_norm=max_norm,
                             packed_masks=packed, **hyper)
-    _impl.kernels(impl)["adamw_update"](actual[0], grads, masks, actual[1], actual[2], actual[3],
-                                        None if norm_state is None else norm_state.clone(), scale=scale,
-                                        max_norm=max_norm, packed_masks=packed, **hyper)
+    kernels(impl)["adamw_update"](actual[0], grads, masks, actual[1], actual[2], actual[3],
+                                  None if norm_state is None else norm_state.clone(), scale=scale,
+                                  max_norm=max_norm, packed_masks=packed, **hyper)
     assert_lists_close(actual[0], expected[0], "params")
     assert_lists_close(actual[1], expected[1], "exp_avgs")
     assert_lists_close(actual[2], expected[2], "exp_avg_sqs")

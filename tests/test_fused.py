@@ -6,6 +6,11 @@ CPU (and CUDA when built with it), that the C++ schema fragment of the stand-alo
 the Python schemas, the CPU work split and instruction-set choice (bitwise reproducible), the
 non-contiguous fallback, mixed dtypes in one call, error messages, whole optimizer trajectories,
 ``torch.compile`` and CUDA-graph capture. GPU tests run by themselves when CUDA is present.
+
+The kernel tests also run csrc/cuda without a GPU: the ``cuda_emulated`` target compiles the CUDA
+sources for the CPU under tests/cuda_emulation, and ``FUSED`` (and ``impl="fused"``) then call them
+on CPU tensors. What needs the dispatcher's own ops (opcheck, ``torch.compile``) or a real device
+(CUDA graphs) runs on ``dispatch_device`` only.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REQUIRED_IMPLS, assert_lists_close, clones, dtype_id
+from helpers import EMULATED_CUDA, REQUIRED_IMPLS, assert_lists_close, clones, dtype_id, impl_skip_reason, kernels
 
 import sfron_ops
 from sfron_ops import _impl, _ops, reference
@@ -42,12 +47,45 @@ def _require_fused(device="cpu"):
         pytest.skip(reason)
 
 
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def fused_device(request):
-    if request.param == "cuda" and not CUDA:
+def _real_device(name):
+    if name == "cuda" and not CUDA:
         pytest.skip("CUDA is not available")
-    _require_fused(request.param)
-    return torch.device(request.param)
+    _require_fused(name)
+    return torch.device(name)
+
+
+def _emulated_cuda(monkeypatch):
+    """CPU tensors, with FUSED and impl="fused" running csrc/cuda under the emulation."""
+    reason = impl_skip_reason(EMULATED_CUDA, "cpu")
+    if reason is not None:
+        pytest.skip(reason)
+    emulated = kernels(EMULATED_CUDA)
+    package_kernels = _impl.kernels
+    monkeypatch.setattr(sys.modules[__name__], "FUSED", emulated)
+    monkeypatch.setattr(_impl, "kernels", lambda impl: emulated if impl == "fused" else package_kernels(impl))
+    return torch.device("cpu")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu), EMULATED_CUDA])
+def fused_device(request, monkeypatch):
+    """Where the compiled kernels under test run: the CPU, the GPU, or the CUDA kernels emulated on the CPU."""
+    if request.param == EMULATED_CUDA:
+        return _emulated_cuda(monkeypatch)
+    return _real_device(request.param)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def dispatch_device(request):
+    """A device whose kernels the dispatcher itself calls (torch.ops.sfron_ops.*)."""
+    return _real_device(request.param)
+
+
+@pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.gpu), EMULATED_CUDA])
+def cuda_device(request, monkeypatch):
+    """The CUDA kernels: on the GPU when there is one, and emulated on the CPU."""
+    if request.param == EMULATED_CUDA:
+        return _emulated_cuda(monkeypatch)
+    return _real_device("cuda")
 
 
 gpu = pytest.mark.skipif(not CUDA, reason="CUDA is not available")
@@ -668,8 +706,8 @@ def _opcheck_samples(device):
 
 
 @pytest.mark.parametrize("sample", range(8))
-def test_opcheck(fused_device, sample):
-    stem, args, kwargs = _opcheck_samples(fused_device)[sample]
+def test_opcheck(dispatch_device, sample):
+    stem, args, kwargs = _opcheck_samples(dispatch_device)[sample]
     torch.library.opcheck(_ops.op(stem), args, kwargs)
 
 
@@ -770,10 +808,10 @@ def _step_inputs(device):
     return params, grads, masks, bufs, steps, torch.zeros(2, device=device)
 
 
-def test_compiled_fullgraph_step_runs_the_fused_ops(fused_device):
+def test_compiled_fullgraph_step_runs_the_fused_ops(dispatch_device):
     torch._dynamo.reset()
-    eager = _step_inputs(fused_device)
-    compiled = _step_inputs(fused_device)
+    eager = _step_inputs(dispatch_device)
+    compiled = _step_inputs(dispatch_device)
     step = torch.compile(_forget_step, fullgraph=True)
     for _ in range(3):
         _forget_step(*eager)
@@ -814,37 +852,33 @@ def test_cuda_graph_replays_a_forget_step():
     assert_lists_close(captured[4], steps_before, "steps", rtol=0, atol=0)
 
 
-@gpu
-def test_cuda_many_tensors_split_over_launches_and_misaligned_views():
+def test_cuda_many_tensors_split_over_launches_and_misaligned_views(cuda_device):
     """More tensors than one kernel-argument table holds, plus views off the vector alignment."""
-    _require_fused("cuda")
     shapes = [(1 + (13 * i) % 97,) for i in range(1200)] + [(1 << 20,)]
-    base = torch.randn(sum(s[0] for s in shapes) + 1, device="cuda")
+    base = torch.randn(sum(s[0] for s in shapes) + 1, device=cuda_device)
     params, offset = [], 1  # offset 1: every view starts off a 16-byte boundary
     for (n,) in shapes:
         params.append(base[offset:offset + n])
         offset += n
-    grads = _tensors(shapes, torch.float32, "cuda")
-    m1 = _tensors(shapes, torch.float32, "cuda")
-    m2 = [t.abs() for t in _tensors(shapes, torch.float32, "cuda")]
-    masks = [torch.rand(s, device="cuda") < 0.5 for s in shapes]
-    state_e, state_a = torch.zeros(2, device="cuda"), torch.zeros(2, device="cuda")
+    grads = _tensors(shapes, torch.float32, cuda_device)
+    m1 = _tensors(shapes, torch.float32, cuda_device)
+    m2 = [t.abs() for t in _tensors(shapes, torch.float32, cuda_device)]
+    masks = [torch.rand(s, device=cuda_device) < 0.5 for s in shapes]
+    state_e, state_a = torch.zeros(2, device=cuda_device), torch.zeros(2, device=cuda_device)
     REFERENCE["masked_norm"](grads, masks, state_e, alpha=2.0)
     FUSED["masked_norm"](grads, masks, state_a, alpha=2.0)
     torch.testing.assert_close(state_a, state_e, rtol=1e-5, atol=0)
-    expected = [[p.clone() for p in params], grads, masks, clones(m1), clones(m2), _steps(len(shapes), "cuda")]
-    actual = [params, grads, masks, clones(m1), clones(m2), _steps(len(shapes), "cuda")]
+    expected = [[p.clone() for p in params], grads, masks, clones(m1), clones(m2), _steps(len(shapes), cuda_device)]
+    actual = [params, grads, masks, clones(m1), clones(m2), _steps(len(shapes), cuda_device)]
     _adam_call(REFERENCE["adamw_update"], expected, state_e, False, 0.5, ADAM_HYPER[1])
     _adam_call(FUSED["adamw_update"], actual, state_e, False, 0.5, ADAM_HYPER[1])
     for what, k in (("params", 0), ("exp_avgs", 3), ("exp_avg_sqs", 4), ("steps", 5)):
         assert_lists_close(actual[k], expected[k], what)
 
 
-@gpu
-def test_cuda_norm_is_bitwise_reproducible():
-    _require_fused("cuda")
+def test_cuda_norm_is_bitwise_reproducible(cuda_device):
     shapes = [(1 << 22,), (70000,), (3,)]
-    grads = _tensors(shapes, torch.float32, "cuda", scale=10.0)
-    masks, _ = _masks("f32", shapes, "cuda")
+    grads = _tensors(shapes, torch.float32, cuda_device, scale=10.0)
+    masks, _ = _masks("f32", shapes, cuda_device)
     first = _norm_of(grads, masks)
     assert all(torch.equal(_norm_of(grads, masks), first) for _ in range(5))

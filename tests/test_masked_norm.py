@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
-from helpers import DTYPES, MASK_KINDS, clones, dtype_id, make, make_masks, shapes_for
+from helpers import DTYPES, MASK_KINDS, clones, dtype_id, kernels, make, make_masks, shapes_for
 
-from sfron_ops import _impl, reference
+from sfron_ops import reference
 
 
 def test_reference_hand_checked():
@@ -38,7 +38,7 @@ def test_matches_reference(impl, device, dtype, case, mask_kind):
     actual = expected.clone()
     reference.masked_sq_norm_(grads, masks, expected, alpha=3.5, packed_masks=packed)
     before = clones(grads)
-    _impl.kernels(impl)["masked_norm"](grads, masks, actual, alpha=3.5, packed_masks=packed)
+    kernels(impl)["masked_norm"](grads, masks, actual, alpha=3.5, packed_masks=packed)
     # summation order differs between backends over up to 10^5 float32 terms
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=0)
     for g, b in zip(grads, before):
@@ -51,8 +51,8 @@ def test_non_finite_detected(impl, device, dtype, bad):
     grads = make(shapes_for("sizes"), dtype, device)
     grads[3][4000] = bad
     state = torch.zeros(2, device=device)
-    _impl.kernels(impl)["masked_norm"](grads, [], state, alpha=1.0)
+    kernels(impl)["masked_norm"](grads, [], state, alpha=1.0)
     assert state[1].item() == 1.0
     state = torch.zeros(2, device=device)
-    _impl.kernels(impl)["masked_norm"](grads[:3] + grads[4:], [], state, alpha=1.0)
+    kernels(impl)["masked_norm"](grads[:3] + grads[4:], [], state, alpha=1.0)
     assert state[1].item() == 0.0

@@ -2,9 +2,20 @@
 
 import pytest
 import torch
-from helpers import DTYPES, MASK_KINDS, assert_lists_close, clones, dtype_id, make, make_masks, shapes_for, steps_for
+from helpers import (
+    DTYPES,
+    MASK_KINDS,
+    assert_lists_close,
+    clones,
+    dtype_id,
+    kernels,
+    make,
+    make_masks,
+    shapes_for,
+    steps_for,
+)
 
-from sfron_ops import _impl, reference
+from sfron_ops import reference
 
 HYPER = [
     dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=False),
@@ -80,7 +91,7 @@ def test_matches_reference(impl, device, dtype, case, mask_kind, norm):
     grads_before = clones(grads)
     _sgd(reference.sgd_update_, expected[0], grads, masks, expected[1], expected[2],
          None if norm_state is None else norm_state.clone(), packed, scale, max_norm, **hyper)
-    _sgd(_impl.kernels(impl)["sgd_update"], actual[0], grads, masks, actual[1], actual[2],
+    _sgd(kernels(impl)["sgd_update"], actual[0], grads, masks, actual[1], actual[2],
          None if norm_state is None else norm_state.clone(), packed, scale, max_norm, **hyper)
     assert_lists_close(actual[0], expected[0], "params")
     assert_lists_close(actual[1], expected[1], "momentum_buffers")
