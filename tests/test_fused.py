@@ -491,6 +491,24 @@ def test_one_call_mixes_dtypes_and_mask_kinds(fused_device):
         assert_lists_close(actual[k], expected[k], what)
 
 
+def test_thousands_of_step_counters_advance_once_or_not_at_all(fused_device):
+    """More step counters than one CUDA launch's table holds (3,900); empty tensors count steps too."""
+    n = 4001
+    params = [torch.zeros(0, device=fused_device) for _ in range(n - 1)] + [torch.ones(5, device=fused_device)]
+    grads = [torch.full_like(p, 2.0) for p in params]
+    hyper = ADAM_HYPER[0]
+    for flag in (0.0, 1.0):  # a non-finite flag skips the whole step, counters included
+        state = torch.tensor([1.0, flag], device=fused_device)
+        expected = [clones(params), grads, [], clones(params), clones(params), _steps(n, fused_device)]
+        actual = [clones(params), grads, [], clones(params), clones(params), _steps(n, fused_device)]
+        _adam_call(REFERENCE["adamw_update"], expected, state, False, 0.0, hyper)
+        _adam_call(FUSED["adamw_update"], actual, state, False, 0.0, hyper)
+        advanced = torch.stack(expected[5]) - torch.stack(_steps(n, fused_device))
+        assert torch.equal(advanced, torch.full_like(advanced, 1.0 - flag))
+        assert torch.equal(torch.stack(actual[5]), torch.stack(expected[5]))
+        assert_lists_close(actual[0], expected[0], "params")
+
+
 def test_empty_lists_do_nothing(fused_device):
     state = torch.tensor([1.0, 0.0], device=fused_device)
     FUSED["masked_norm"]([], [], state, alpha=1.0)
