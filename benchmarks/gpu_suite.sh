@@ -6,7 +6,7 @@
 # Phases, each under its own time limit (seconds, overridable):
 #   1. environment: the Python with torch, the GPU, versions, date and commit   (SUITE_ENV_S, 60)
 #   2. build: the compiled extension in place, for this GPU's architecture     (SUITE_BUILD_S, 240)
-#   3. tests: the GPU tests (pytest -m gpu)                                     (SUITE_TEST_S, 120)
+#   3. tests: the GPU tests (pytest -m gpu)                                     (SUITE_TEST_S, 180)
 #   4. benchmarks: python -m benchmarks.run --device cuda, with a deadline     (what is left of SUITE_TOTAL_S, 570)
 # Results: benchmarks/results/cuda.{json,md,png}, cuda-summary.md and this run's log, cuda-suite.log.
 # A failed build or failed tests do not stop the benchmarks, which then measure the backends
@@ -26,7 +26,7 @@ START=$(date +%s)
 TOTAL_S=${SUITE_TOTAL_S:-570}
 ENV_S=${SUITE_ENV_S:-60}
 BUILD_S=${SUITE_BUILD_S:-240}
-TEST_S=${SUITE_TEST_S:-120}
+TEST_S=${SUITE_TEST_S:-180}
 OUT=${SUITE_OUT:-benchmarks/results}
 DEVICE=${SUITE_DEVICE:-cuda}
 PHASES=",${SUITE_PHASES:-build,tests,bench},"

@@ -10,7 +10,8 @@ import pytest  # noqa: E402
 from helpers import DEVICES, IMPLS_UNDER_TEST, KERNEL_IMPLS_UNDER_TEST, impl_skip_reason  # noqa: E402
 
 
-@pytest.fixture(params=DEVICES)
+# `pytest -m gpu` (benchmarks/gpu_suite.sh) selects every test that runs on the GPU
+@pytest.fixture(params=[pytest.param(d, marks=pytest.mark.gpu) if d == "cuda" else d for d in DEVICES])
 def device(request):
     return torch.device(request.param)
 

@@ -22,7 +22,10 @@ divide ends the process, as it would fault on a GPU.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -73,6 +76,9 @@ def _sources() -> list[str]:
 
 def _build() -> None:
     from torch.utils import cpp_extension
+
+    if shutil.which("ninja") is None:  # the build runs ninja; a virtual environment has it next to python
+        os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
     # the schemas and the default kernel of sfron_ops, so a call without tensors behaves alike
     library = torch.library.Library(NAMESPACE, "DEF")
