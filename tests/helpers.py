@@ -26,6 +26,8 @@ REQUIRED_IMPLS = [s for s in os.environ.get("SFRON_OPS_REQUIRE_IMPLS", "").split
 
 def impl_skip_reason(impl: str, device) -> str | None:
     if impl == EMULATED_CUDA:
+        if torch.device(device).type != "cpu":
+            return "the CUDA emulation runs on CPU tensors"  # a skip even where the emulation is required
         import cuda_emulation
 
         reason = cuda_emulation.why_unavailable(device)

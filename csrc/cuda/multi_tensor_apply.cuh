@@ -227,7 +227,8 @@ constexpr int ilp_for() {
 
 // ------------------------------------------------------------------ block reductions
 
-// Sum over the block in a fixed order (the result is the same on every run).
+// Sum over the block in a fixed order (the result is the same on every run). Once per buffer: a
+// second call on `shared` could overwrite it while warp 0 still reads it (put a barrier between).
 template <typename T>
 __device__ __forceinline__ T block_sum(T value, T* shared /* BLOCK_THREADS / 32 entries */) {
 #pragma unroll
