@@ -64,13 +64,13 @@ class OpSpec:
     copy_bytes_per_param: Callable[[int], float] = lambda p: 0
 
     def modelled_bytes(self, numel: int, dtype: torch.dtype) -> float:
-        return self.bytes_per_param(torch.empty((), dtype=dtype).element_size()) * numel
+        return self.bytes_per_param(dtype.itemsize) * numel
 
     def read_bytes(self, numel: int, dtype: torch.dtype) -> float:
-        return self.read_bytes_per_param(torch.empty((), dtype=dtype).element_size()) * numel
+        return self.read_bytes_per_param(dtype.itemsize) * numel
 
     def copy_bytes(self, numel: int, dtype: torch.dtype) -> float:
-        return self.copy_bytes_per_param(torch.empty((), dtype=dtype).element_size()) * numel
+        return self.copy_bytes_per_param(dtype.itemsize) * numel
 
 
 def backend(name: str):

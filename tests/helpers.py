@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import cuda_emulation
 import pytest
 import torch
 
@@ -28,8 +29,6 @@ def impl_skip_reason(impl: str, device) -> str | None:
     if impl == EMULATED_CUDA:
         if torch.device(device).type != "cpu":
             return "the CUDA emulation runs on CPU tensors"  # a skip even where the emulation is required
-        import cuda_emulation
-
         reason = cuda_emulation.why_unavailable(device)
     else:
         reason = _impl.why_unavailable(impl, device)
@@ -41,8 +40,6 @@ def impl_skip_reason(impl: str, device) -> str | None:
 def kernels(impl: str) -> dict:
     """The kernel table of a backend under test (the package's, or the emulated CUDA kernels)."""
     if impl == EMULATED_CUDA:
-        import cuda_emulation
-
         return cuda_emulation.kernels()
     return _impl.kernels(impl)
 

@@ -128,12 +128,12 @@ def _untouched(guard):
 def _inputs(dtype):
     g = torch.Generator().manual_seed(11)
 
-    def like(scale=1.0, low=None):
+    def like(scale=1.0, positive=False):
         ts = [(torch.randn(s, generator=g) * scale) for s in SHAPES]
-        return [(t.abs() if low == 0 else t).to(dtype) for t in ts]
+        return [(t.abs() if positive else t).to(dtype) for t in ts]
 
     return dict(
-        params=like(), grads=like(), bufs=like(), m1=like(0.1), m2=like(0.01, low=0), slow=like(),
+        params=like(), grads=like(), bufs=like(), m1=like(0.1), m2=like(0.01, positive=True), slow=like(),
         masks=[torch.rand(s, generator=g) < 0.6 for s in SHAPES],
         fishers=[torch.rand(s, generator=g) for s in SHAPES], remain=[torch.rand(s, generator=g) for s in SHAPES],
         steps=[torch.tensor(float(i % 3)) for i in range(len(SHAPES))],

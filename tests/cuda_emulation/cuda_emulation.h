@@ -72,7 +72,6 @@ struct Fiber {
 
 struct Block {
   std::function<void()> body;
-  std::vector<Fiber>* fibers;
   ucontext_t scheduler;
   unsigned current = 0;
   int block_result = 0;                // __syncthreads_or of the last block barrier
@@ -83,7 +82,7 @@ struct Block {
 inline thread_local Block* active = nullptr;
 inline thread_local std::vector<Fiber> pool;
 
-inline Fiber& self() { return (*active->fibers)[active->current]; }
+inline Fiber& self() { return pool[active->current]; }
 
 inline void fiber_entry() {
   try {
@@ -102,22 +101,26 @@ inline void park(Wait wait, uint64_t value) {
   swapcontext(&fiber.context, &active->scheduler);
 }
 
-inline std::string describe(const std::vector<Fiber>& fibers, unsigned n) {
+// How many of the first n threads have returned, wait at __syncthreads, wait at a shuffle.
+struct Waiting {
   unsigned done = 0, block = 0, warp = 0;
-  for (unsigned i = 0; i < n; ++i) {
-    done += fibers[i].wait == Wait::Done;
-    block += fibers[i].wait == Wait::Block;
-    warp += fibers[i].wait == Wait::Warp;
+  explicit Waiting(unsigned n) {
+    for (unsigned i = 0; i < n; ++i) {
+      done += pool[i].wait == Wait::Done;
+      block += pool[i].wait == Wait::Block;
+      warp += pool[i].wait == Wait::Warp;
+    }
   }
-  return std::to_string(block) + " threads at __syncthreads, " + std::to_string(warp) + " at a warp shuffle, " +
-         std::to_string(done) + " returned";
-}
+  std::string describe() const {
+    return std::to_string(block) + " threads at __syncthreads, " + std::to_string(warp) + " at a warp shuffle, " +
+           std::to_string(done) + " returned";
+  }
+};
 
 inline void run_block(const std::function<void()>& body, unsigned threads) {
   if (pool.size() < threads) pool.resize(threads);
   Block block;
   block.body = body;
-  block.fibers = &pool;
   block.warp_values.assign((threads + WARP - 1) / WARP * WARP, 0);
   Block* outer = active;
   active = &block;
@@ -144,21 +147,17 @@ inline void run_block(const std::function<void()>& body, unsigned threads) {
       active = outer;
       std::rethrow_exception(block.error);
     }
-    unsigned done = 0, at_block = 0;
-    for (unsigned i = 0; i < threads; ++i) {
-      done += pool[i].wait == Wait::Done;
-      at_block += pool[i].wait == Wait::Block;
-    }
-    if (done == threads) break;
+    const Waiting waiting(threads);
+    if (waiting.done == threads) break;
     bool released = false;
-    if (at_block == threads) {
+    if (waiting.block == threads) {
       int any = 0;
       for (unsigned i = 0; i < threads; ++i) any |= pool[i].posted != 0;
       block.block_result = any;
       for (unsigned i = 0; i < threads; ++i) pool[i].wait = Wait::Running;
       released = true;
     }
-    for (unsigned w = 0; w * WARP < threads && at_block != threads; ++w) {
+    for (unsigned w = 0; w * WARP < threads && waiting.block != threads; ++w) {
       const unsigned first = w * WARP;
       if (first + WARP > threads) continue;  // a partial warp cannot complete a full-mask shuffle
       bool all = true;
@@ -171,10 +170,9 @@ inline void run_block(const std::function<void()>& body, unsigned threads) {
       released = true;
     }
     if (!released) {
-      const std::string state = describe(pool, threads);
       active = outer;
       throw std::runtime_error("emulated CUDA: block " + std::to_string(block_index.x) +
-                               " cannot go on (a barrier that not every thread reaches): " + state);
+                               " cannot go on (a barrier that not every thread reaches): " + waiting.describe());
     }
   }
   active = outer;
