@@ -21,7 +21,16 @@ Conventions shared by all ops (see ``SPEC.md``):
   the whole update when the flag is set. ``None`` means neither;
 * ``steps`` are float32 scalars (0-dim) on the parameters' device. The update
   ops increment them unless the step is skipped, so an optimizer step needs no
-  host synchronisation.
+  host synchronisation;
+* tensor scalars: ``alpha_tensor``, ``lr_tensor`` and ``scale_tensor`` are
+  optional float32 0-dim tensors on the tensors' device that multiply
+  ``alpha``, ``lr`` and ``scale``. The kernels read them where they run, so a
+  schedule that updates them in place reaches a compiled step or a captured
+  CUDA graph without a host read;
+* ``slow_sync_`` with a ``counter`` (a float32 0-dim tensor on the device,
+  remain steps since the last sync) counts a step and syncs only when the
+  count reaches ``period`` (then restarts it from 0); with a ``norm_state``
+  whose flag is set it changes nothing, counter included.
 
 The plain per-tensor PyTorch implementation in :mod:`sfron_ops.reference` is
 registered as every op's default kernel; compiled kernels register for the
@@ -37,24 +46,30 @@ NAMESPACE = "sfron_ops"
 #: family stem -> schema (without the namespace). The op name is ``stem + "_"``.
 SCHEMAS = {
     "masked_norm": (
-        "masked_sq_norm_(Tensor[] grads, Tensor[] masks, Tensor(a!) norm_state, *, float alpha, bool packed_masks=False) -> ()"
+        "masked_sq_norm_(Tensor[] grads, Tensor[] masks, Tensor(a!) norm_state, *, float alpha, bool packed_masks=False, "
+        "Tensor? alpha_tensor=None) -> ()"
     ),
     "sgd_update": (
         "sgd_update_(Tensor(a!)[] params, Tensor[] grads, Tensor[] masks, Tensor(b!)[] momentum_buffers, "
         "Tensor(c!)[] steps, Tensor? norm_state, *, float lr, float scale, float momentum, float dampening, "
-        "float weight_decay, bool nesterov, float max_norm, bool packed_masks=False) -> ()"
+        "float weight_decay, bool nesterov, float max_norm, bool packed_masks=False, Tensor? lr_tensor=None, "
+        "Tensor? scale_tensor=None) -> ()"
     ),
     "adamw_update": (
         "adamw_update_(Tensor(a!)[] params, Tensor[] grads, Tensor[] masks, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor? norm_state, *, float lr, float scale, "
-        "float beta1, float beta2, float eps, float weight_decay, float max_norm, bool packed_masks=False) -> ()"
+        "float beta1, float beta2, float eps, float weight_decay, float max_norm, bool packed_masks=False, "
+        "Tensor? lr_tensor=None, Tensor? scale_tensor=None) -> ()"
     ),
     "fisher_accumulate": "fisher_accumulate_(Tensor(a!)[] fishers, Tensor[] grads, *, float scale) -> ()",
     "saliency_mask": (
         "saliency_mask_(Tensor[] forget_fishers, Tensor[] remain_fishers, Tensor(a!)[] masks, "
         "Tensor(b!) kept, *, float gamma) -> ()"
     ),
-    "slow_sync": "slow_sync_(Tensor(a!)[] slow_params, Tensor(b!)[] params, *, float alpha, bool reset_fast) -> ()",
+    "slow_sync": (
+        "slow_sync_(Tensor(a!)[] slow_params, Tensor(b!)[] params, *, float alpha, bool reset_fast, "
+        "Tensor? norm_state=None, Tensor(c!)? counter=None, int period=1) -> ()"
+    ),
 }
 
 #: family stem -> op name inside the namespace
@@ -138,6 +153,17 @@ def _check_norm_state(name: str, norm_state, like):
         )
 
 
+def _check_scalar_tensor(name: str, key: str, t, like):
+    if t is None:
+        return
+    torch._check(
+        t.dtype == torch.float32 and t.numel() == 1,
+        lambda: f"{name}: {key} must be a float32 scalar tensor, got {t.dtype} with {t.numel()} elements",
+    )
+    for i, p in enumerate(like):
+        torch._check(t.device == p.device, lambda: f"{name}: {key} is on {t.device} but tensor {i} is on {p.device}")
+
+
 def _check_steps(name: str, steps, like):
     torch._check(len(steps) == len(like), lambda: f"{name}: steps has {len(steps)} tensors, expected {len(like)}")
     for i, (s, p) in enumerate(zip(steps, like)):
@@ -148,17 +174,20 @@ def _check_steps(name: str, steps, like):
         torch._check(s.device == p.device, lambda: f"{name}: steps[{i}] is on {s.device}, expected {p.device}")
 
 
-def check_masked_sq_norm(grads, masks, norm_state, *, alpha, packed_masks=False):
+def check_masked_sq_norm(grads, masks, norm_state, *, alpha, packed_masks=False, alpha_tensor=None):
     name = OP_NAMES["masked_norm"]
     _check_masks(name, masks, grads, packed_masks)
     _check_norm_state(name, norm_state, grads)
+    _check_scalar_tensor(name, "alpha_tensor", alpha_tensor, grads)
     for i, g in enumerate(grads):
         torch._check(g.dtype in _FLOAT_DTYPES, lambda: f"{name}: grads[{i}] has non-floating dtype {g.dtype}")
 
 
 def check_sgd_update(params, grads, masks, momentum_buffers, steps, norm_state, *, lr, scale, momentum,
-                     dampening, weight_decay, nesterov, max_norm, packed_masks=False):
+                     dampening, weight_decay, nesterov, max_norm, packed_masks=False, lr_tensor=None, scale_tensor=None):
     name = OP_NAMES["sgd_update"]
+    _check_scalar_tensor(name, "lr_tensor", lr_tensor, params)
+    _check_scalar_tensor(name, "scale_tensor", scale_tensor, params)
     _check_aligned(name, {"grads": grads, "momentum_buffers": momentum_buffers}, params,
                    optional=("momentum_buffers",))
     torch._check(
@@ -174,8 +203,10 @@ def check_sgd_update(params, grads, masks, momentum_buffers, steps, norm_state, 
 
 
 def check_adamw_update(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state, *, lr, scale, beta1,
-                       beta2, eps, weight_decay, max_norm, packed_masks=False):
+                       beta2, eps, weight_decay, max_norm, packed_masks=False, lr_tensor=None, scale_tensor=None):
     name = OP_NAMES["adamw_update"]
+    _check_scalar_tensor(name, "lr_tensor", lr_tensor, params)
+    _check_scalar_tensor(name, "scale_tensor", scale_tensor, params)
     _check_aligned(name, {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}, params)
     _check_masks(name, masks, params, packed_masks)
     _check_steps(name, steps, params)
@@ -203,9 +234,12 @@ def check_saliency_mask(forget_fishers, remain_fishers, masks, kept, *, gamma):
                  lambda: f"{name}: kept must be an int64 scalar, got {kept.dtype} with {kept.numel()} elements")
 
 
-def check_slow_sync(slow_params, params, *, alpha, reset_fast):
+def check_slow_sync(slow_params, params, *, alpha, reset_fast, norm_state=None, counter=None, period=1):
     name = OP_NAMES["slow_sync"]
     _check_aligned(name, {"slow_params": slow_params}, params)
+    _check_norm_state(name, norm_state, params)
+    _check_scalar_tensor(name, "counter", counter, params)
+    torch._check(period >= 1, lambda: f"{name}: period must be at least 1, got {period}")
     for i, (s, p) in enumerate(zip(slow_params, params)):
         torch._check(s.dtype == p.dtype, lambda: f"{name}: slow_params[{i}] has dtype {s.dtype}, expected {p.dtype}")
 
