@@ -141,17 +141,30 @@ def resolve_impl(impl: str | None, device: torch.device | str) -> str:
     return impl
 
 
+def resolve_for(impl, device) -> str:
+    """:func:`resolve_impl` for an ``impl`` that may also be a callable ``device -> name`` (an optimizer's choice)."""
+    return impl(device) if callable(impl) else resolve_impl(impl, device)
+
+
+_TABLES: dict[str, dict] = {}
+
+
 def kernels(impl: str) -> dict:
-    """The kernel table of a backend."""
-    if impl == "reference":
-        return reference.KERNELS
-    if impl == "foreach":
-        return foreach.KERNELS
-    if impl == "fused":
-        return {stem: _ops.op(stem) for stem in _ops.SCHEMAS}
-    if impl == "triton":
-        backend = _load_triton()
-        if backend is None:
-            raise RuntimeError(f"the Triton backend did not import ({_TRITON_ERROR})")
-        return backend.KERNELS
-    raise ValueError(f"Invalid impl: {impl!r}; expected one of {IMPLS}")
+    """The kernel table ``{family stem: kernel}`` of a backend, built once."""
+    table = _TABLES.get(impl)
+    if table is None:
+        if impl == "reference":
+            table = reference.KERNELS
+        elif impl == "foreach":
+            table = foreach.KERNELS
+        elif impl == "fused":
+            table = {stem: _ops.op(stem) for stem in _ops.SCHEMAS}
+        elif impl == "triton":
+            backend = _load_triton()
+            if backend is None:
+                raise RuntimeError(f"the Triton backend did not import ({_TRITON_ERROR})")
+            table = backend.KERNELS
+        else:
+            raise ValueError(f"Invalid impl: {impl!r}; expected one of {IMPLS}")
+        _TABLES[impl] = table
+    return table

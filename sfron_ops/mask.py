@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import _dtensor
 from . import functional as F
 from .reference import saliency_ratio
 
@@ -20,6 +21,59 @@ def canonical_name(name: str) -> str:
     while len(parts) > 1 and parts[0] == "module":
         parts = parts[1:]
     return ".".join(p for p in parts if p not in _WRAPPER_PARTS)
+
+
+def assign(named, mask) -> list:
+    """Pair the masks a user gave with the parameters: ``[(param, label, checked mask)]``, nothing stored.
+
+    ``named``: ``[(canonical name or None, param, label for messages)]``. ``mask``: a list aligned
+    with the parameters (``None`` entries skipped), or a dict keyed by parameter name or by tensor.
+    Every mask is checked before the first is returned, so a bad one changes nothing.
+    """
+    assigned = []
+    if isinstance(mask, (list, tuple)):
+        if len(mask) != len(named):
+            raise ValueError(f"mask is a list of {len(mask)} entries but the optimizer has {len(named)} parameters")
+        assigned = [(p, label, m) for (_, p, label), m in zip(named, mask) if m is not None]
+    elif isinstance(mask, dict):
+        by_name = {n: (p, label) for n, p, label in named if n is not None}
+        by_tensor = {p: label for _, p, label in named}
+        for key, m in mask.items():
+            if isinstance(key, str):
+                if not by_name:
+                    raise ValueError(
+                        f"mask is keyed by name ({key!r}) but the parameters have no names; "
+                        "pass model.named_parameters()")
+                hit = by_name.get(canonical_name(key))
+                if hit is None:
+                    raise ValueError(f"mask for {key!r} names no parameter of this optimizer")
+                assigned.append((hit[0], hit[1], m))
+            elif torch.is_tensor(key):
+                if key not in by_tensor:
+                    raise ValueError(f"mask is keyed by a tensor of shape {tuple(key.shape)} that is not "
+                                     "a parameter of this optimizer")
+                assigned.append((key, by_tensor[key], m))
+            else:
+                raise TypeError(f"mask keys must be parameter names or tensors, got {type(key).__name__}")
+    else:
+        raise TypeError(f"mask must be None, a list or a dict, got {type(mask).__name__}")
+    return [(p, label, checked(p, label, m)) for p, label, m in assigned]
+
+
+def checked(p, label, m):
+    """``m`` checked as the mask of parameter ``p`` and placed like it (a copy when it must move)."""
+    if not torch.is_tensor(m):
+        raise TypeError(f"mask for parameter {label} must be a tensor, got {type(m).__name__}")
+    if not (m.dtype in (torch.bool, torch.uint8) or m.is_floating_point()):
+        raise ValueError(f"mask for parameter {label} has dtype {m.dtype}; expected bool, uint8 or floating point")
+    if m.shape != p.shape:
+        raise ValueError(f"mask for parameter {label} has shape {tuple(m.shape)}, expected {tuple(p.shape)}")
+    if m.device != p.device:
+        if m.device.type == "meta":
+            raise ValueError(f"mask for parameter {label} is on the meta device (no data); "
+                             f"the parameter is on {p.device}")
+        m = m.to(p.device)  # a copy on the parameter's device; the caller's tensor is untouched
+    return _dtensor.shard_like(m, p)  # placed like a DTensor (FSDP2) parameter
 
 
 class SaliencyMask(NamedTuple):

@@ -140,6 +140,19 @@ inline void check_norm_state(const char* op, const std::optional<at::Tensor>& no
   if (norm_state.has_value()) check_norm_state(op, *norm_state, like, key);
 }
 
+// An optional float32 0-dim tensor scalar (a tensor lr, a step counter) on the device of every tensor.
+inline void check_scalar_tensor(const char* op, const char* key, const std::optional<at::Tensor>& t,
+                                at::TensorList like) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == 1, op, ": ", key,
+              " must be a float32 scalar tensor, got ", dtype_name(t->scalar_type()), " with ", t->numel(),
+              " elements");
+  for (size_t i = 0; i < like.size(); ++i) {
+    TORCH_CHECK(like[i].device() == t->device(), op, ": ", key, " is on ", t->device(), " but tensor ", i, " is on ",
+                like[i].device());
+  }
+}
+
 // One float32 scalar step counter per parameter, on the parameter's device.
 inline void check_steps(const char* op, at::TensorList steps, at::TensorList like) {
   check_length(op, "steps", steps, like.size());
@@ -156,17 +169,22 @@ inline void check_steps(const char* op, at::TensorList steps, at::TensorList lik
 // Everything one op checks, called by its CPU and its CUDA kernel alike.
 
 inline void check_masked_sq_norm_args(at::TensorList grads, at::TensorList masks, const at::Tensor& norm_state,
-                                      bool packed_masks) {
+                                      bool packed_masks, const std::optional<at::Tensor>& alpha_tensor) {
   constexpr const char* op = "masked_sq_norm_";
   check_masks(op, masks, grads, packed_masks);
+  check_scalar_tensor(op, "alpha_tensor", alpha_tensor, grads);
   check_norm_state(op, norm_state, grads, "grads");
   check_floating(op, "grads", grads);
 }
 
 // What the two update ops share: parameters, gradients, masks, step counters and the norm state.
 inline void check_update_args(const char* op, at::TensorList params, at::TensorList grads, at::TensorList masks,
-                              at::TensorList steps, const std::optional<at::Tensor>& norm_state, bool packed_masks) {
+                              at::TensorList steps, const std::optional<at::Tensor>& norm_state, bool packed_masks,
+                              const std::optional<at::Tensor>& lr_tensor,
+                              const std::optional<at::Tensor>& scale_tensor) {
   check_aligned(op, "grads", grads, params);
+  check_scalar_tensor(op, "lr_tensor", lr_tensor, params);
+  check_scalar_tensor(op, "scale_tensor", scale_tensor, params);
   check_masks(op, masks, params, packed_masks);
   check_steps(op, steps, params);
   check_norm_state(op, norm_state, params, "params");
@@ -176,9 +194,11 @@ inline void check_update_args(const char* op, at::TensorList params, at::TensorL
 
 inline void check_sgd_update_args(at::TensorList params, at::TensorList grads, at::TensorList masks,
                                   at::TensorList momentum_buffers, at::TensorList steps,
-                                  const std::optional<at::Tensor>& norm_state, double momentum, bool packed_masks) {
+                                  const std::optional<at::Tensor>& norm_state, double momentum, bool packed_masks,
+                                  const std::optional<at::Tensor>& lr_tensor,
+                                  const std::optional<at::Tensor>& scale_tensor) {
   constexpr const char* op = "sgd_update_";
-  check_update_args(op, params, grads, masks, steps, norm_state, packed_masks);
+  check_update_args(op, params, grads, masks, steps, norm_state, packed_masks, lr_tensor, scale_tensor);
   check_aligned_or_empty(op, "momentum_buffers", momentum_buffers, params);
   TORCH_CHECK(momentum == 0 || momentum_buffers.size() == params.size(), op, ": momentum=", momentum,
               " needs one momentum buffer per parameter");
@@ -188,9 +208,11 @@ inline void check_sgd_update_args(at::TensorList params, at::TensorList grads, a
 
 inline void check_adamw_update_args(at::TensorList params, at::TensorList grads, at::TensorList masks,
                                     at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps,
-                                    const std::optional<at::Tensor>& norm_state, bool packed_masks) {
+                                    const std::optional<at::Tensor>& norm_state, bool packed_masks,
+                                    const std::optional<at::Tensor>& lr_tensor,
+                                    const std::optional<at::Tensor>& scale_tensor) {
   constexpr const char* op = "adamw_update_";
-  check_update_args(op, params, grads, masks, steps, norm_state, packed_masks);
+  check_update_args(op, params, grads, masks, steps, norm_state, packed_masks, lr_tensor, scale_tensor);
   check_aligned(op, "exp_avgs", exp_avgs, params);
   check_aligned(op, "exp_avg_sqs", exp_avg_sqs, params);
   check_dtype_like(op, "exp_avgs", exp_avgs, params);
@@ -226,9 +248,14 @@ inline void check_saliency_mask_args(at::TensorList forget_fishers, at::TensorLi
   }
 }
 
-inline void check_slow_sync_args(at::TensorList slow_params, at::TensorList params) {
+inline void check_slow_sync_args(at::TensorList slow_params, at::TensorList params,
+                                 const std::optional<at::Tensor>& norm_state, const std::optional<at::Tensor>& counter,
+                                 int64_t period) {
   constexpr const char* op = "slow_sync_";
   check_aligned(op, "slow_params", slow_params, params);
+  check_norm_state(op, norm_state, params, "params");
+  check_scalar_tensor(op, "counter", counter, params);
+  TORCH_CHECK(period >= 1, op, ": period must be at least 1, got ", period);
   check_floating(op, "params", params);
   check_dtype_like(op, "slow_params", slow_params, params);
   check_one_device(op, "params", params);
