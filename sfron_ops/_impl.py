@@ -34,12 +34,16 @@ ENV_VAR = "SFRON_OPS_IMPL"
 _PREFERENCE = {"cuda": ("fused", "triton", "foreach"), "cpu": ("fused", "foreach")}
 
 
+_EXTENSION = None
+
+
 def _load_extension() -> str | None:
     """Import the compiled kernels (they register with the dispatcher); the reason if that fails."""
+    global _EXTENSION
     if importlib.util.find_spec(f"{__package__}._C") is None:
         return "not built: no sfron_ops._C module (pip install --no-build-isolation -e . builds it)"
     try:
-        importlib.import_module(f"{__package__}._C")
+        _EXTENSION = importlib.import_module(f"{__package__}._C")
     except Exception as exc:  # ImportError, or OSError on an ABI mismatch with the installed torch
         return f"{type(exc).__name__}: {exc}"
     return None
@@ -141,6 +145,25 @@ def resolve_impl(impl: str | None, device: torch.device | str) -> str:
     return impl
 
 
+def _fused_kernel(stem: str):
+    """A compiled op: the extension's direct entry in eager code, the dispatcher op (``torch.ops``) while
+    torch.compile traces. Both run the same kernels; the direct entry skips the boxed calling convention
+    that ``torch.ops`` goes through (csrc/python.cpp)."""
+    op = _ops.op(stem)
+    direct = getattr(_EXTENSION, _ops.OP_NAMES[stem], None)
+    if direct is None:  # an extension built before the direct entries
+        return op
+
+    def kernel(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return op(*args, **kwargs)
+        return direct(*args, **kwargs)
+
+    kernel.__name__ = kernel.__qualname__ = _ops.OP_NAMES[stem]
+    kernel.op = op
+    return kernel
+
+
 def resolve_for(impl, device) -> str:
     """:func:`resolve_impl` for an ``impl`` that may also be a callable ``device -> name`` (an optimizer's choice)."""
     return impl(device) if callable(impl) else resolve_impl(impl, device)
@@ -158,7 +181,7 @@ def kernels(impl: str) -> dict:
         elif impl == "foreach":
             table = foreach.KERNELS
         elif impl == "fused":
-            table = {stem: _ops.op(stem) for stem in _ops.SCHEMAS}
+            table = {stem: _fused_kernel(stem) for stem in _ops.SCHEMAS}
         elif impl == "triton":
             backend = _load_triton()
             if backend is None:

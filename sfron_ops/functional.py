@@ -9,9 +9,9 @@ up the gradients.
 What depends only on the structure of a step (which tensors, on which devices,
 in which dtypes, with which masks and state, on which backend) is worked out
 once into a :class:`StepPlan` and reused: buckets (the tensors one kernel call
-takes: same device, dtype and mask kind), each bucket's kernel table, the norm
-buffers, the distributed reduction. A step then reads the gradients and the
-hyperparameters and calls one kernel per bucket and pass.
+takes: same device, dtype and mask kind), each bucket's kernels, the norm
+buffers, the distributed reduction, and the argument checks. A step then reads
+the gradients and the hyperparameters and calls one kernel per bucket and pass.
 
 Tensor hyperparameters (``lr``, ``forget_alpha``: float32 0-dim tensors on the
 parameters' device) go to the kernels as tensors, which read them where they
@@ -25,11 +25,18 @@ bucket their arguments on every call; the Fisher and mask helpers use them.
 from __future__ import annotations
 
 from collections import defaultdict
+from itertools import compress, repeat
+from operator import attrgetter, is_
 from typing import NamedTuple
 
 import torch
 
 from . import _dtensor, _impl, _ops
+
+#: backends whose kernels check their arguments on every call themselves (in C++, or by signature)
+SELF_CHECKING = ("fused", "triton")
+
+grad_of = attrgetter("grad")
 
 
 def is_packed(mask, like) -> bool:
@@ -61,15 +68,28 @@ class GroupTensors(NamedTuple):
 
 
 class _Bucket(NamedTuple):
-    index: list  # positions in the group's params
+    """The tensors of one group that one kernel call takes."""
+
+    index: list  # positions in the flat gradient list of the step
     device: torch.device
-    kernels: dict
+    norm: object  # the backend's kernels
+    sgd: object
+    adamw: object
     params: list
-    masks: list  # kernel-ready; [] for none
+    masks: list  # as the kernels take them; [] for none
     packed: bool
     steps: list
     state: list
-    local: bool  # DTensors: run on the local shards
+    local: bool  # DTensors: the kernels run on the local shards
+
+
+def _missing(grads) -> tuple:
+    """The positions of the parameters without a gradient."""
+    return tuple(compress(range(len(grads)), map(is_, grads, repeat(None))))
+
+
+def _signature(grads) -> tuple:
+    return tuple(None if g is None else (g.dtype, g.shape) for g in grads)
 
 
 def _kernel_scalar(value, device):
@@ -90,98 +110,115 @@ def _kernel_scalar(value, device):
 class StepPlan:
     """Everything about a step that does not change from one step to the next (see the module notes).
 
-    Built from the groups' tensors, one step's gradients (which parameters have one, in which shape
-    and dtype: every later step must match them) and a backend choice (``impl``: a name, ``None``, or a
-    callable ``device -> name``). Building runs every kernel's argument checks on the plan's lists, so
-    the steps that reuse it skip the Python backends' checks.
+    Built from the groups' tensors, one step's gradients (per group, aligned with its params; which
+    parameters have one, in which shape and dtype: later steps must match, see :meth:`matches`) and
+    a backend choice (``impl``: a name, ``None``, or a callable ``device -> name``). Building runs
+    every kernel's argument checks on the plan's lists, so the steps that reuse it skip the Python
+    backends' checks (the fused and Triton kernels check on every call anyway).
     """
 
     def __init__(self, groups: list[GroupTensors], grads: list[list], impl=None):
         self.groups = groups
-        present = [[g is not None for g in gs] for gs in grads]
-        self.devices = []
-        self.forget_buckets = []
-        self.remain_buckets = []
-        self.slow_buckets = []
-        kernel_tables = {}
+        self.params = [p for g in groups for p in g.params]
+        flat = [x for gs in grads for x in gs]
+        if len(flat) != len(self.params):
+            raise ValueError(f"{len(flat)} gradients for {len(self.params)} parameters")
+        self.missing = _missing(flat)
+        self.signature = _signature(flat)
+        names = {}
 
         def kernels(device):
-            if device not in kernel_tables:
-                kernel_tables[device] = _impl.kernels(_impl.resolve_for(impl, device))
-            return kernel_tables[device]
+            if device not in names:
+                names[device] = _impl.resolve_for(impl, device)
+            return _impl.kernels(names[device])
 
-        any_dtensor = False
-        for g, have in zip(groups, present):
-            idx = [i for i, h in enumerate(have) if h]
-            self.forget_buckets.append(self._bucket(g, idx, kernels, with_masks=True))
-            self.remain_buckets.append(self._bucket(g, idx, kernels, with_masks=False))
-            slow = []
-            if g.slow_params:
-                # one call per device: the kernel advances the group's sync counter once per call
-                by_device = defaultdict(list)
-                for i, p in enumerate(g.params):
-                    if g.slow_params[i] is not None:
-                        by_device[p.device].append(i)
-                for device, where in by_device.items():
-                    local = any(_dtensor.is_dtensor(g.params[i]) for i in where)
-                    slow.append((device, kernels(device)["slow_sync"], [g.slow_params[i] for i in where],
-                                 [g.params[i] for i in where], local))
-            self.slow_buckets.append(slow)
-            any_dtensor |= any(_dtensor.is_dtensor(g.params[i]) for i in idx)
+        self.devices = []
+        self.forget_buckets, self.remain_buckets, self.slow_buckets = [], [], []
+        start = 0
+        for g in groups:
+            idx = [i for i in range(len(g.params)) if flat[start + i] is not None]
+            self.forget_buckets.append(self._buckets(g, idx, start, kernels, with_masks=True))
+            self.remain_buckets.append(self._buckets(g, idx, start, kernels, with_masks=False))
+            self.slow_buckets.append(self._slow_buckets(g, kernels))
             for i in idx:
                 if g.params[i].device not in self.devices:
                     self.devices.append(g.params[i].device)
+            start += len(g.params)
+        self.self_checking = all(name in SELF_CHECKING for name in names.values())
         self.norm_states = {d: torch.zeros(2, dtype=torch.float32, device=d) for d in self.devices}
         self.flag = self.norm_states[self.devices[0]][1] if self.devices else None
         # FSDP2: each rank adds its shards' squares once and the norm state is summed over the ranks
-        self.reduce_group = _dtensor.norm_reduce_group([g.params for g in groups]) if any_dtensor else None
+        any_dtensor = any(_dtensor.is_dtensor(p) for p in self.params)
+        self.reduce_group = _dtensor.norm_reduce_group([self.params]) if any_dtensor else None
         # which tensors this rank adds to the summed norm (each element once over the ranks)
         self.counts = None
         if self.reduce_group is not None:
-            self.counts = [[_dtensor.counts_here(p, self.reduce_group) for p in g.params] for g in groups]
-        self._check(grads)
+            self.counts = [_dtensor.counts_here(p, self.reduce_group) for p in self.params]
+        self._check(flat)
 
-    def _check(self, grads) -> None:
-        """Every call a step on this plan makes, checked once with these gradients (in their shapes and dtypes)."""
-        for buckets, group_grads, g in zip(self.forget_buckets + self.remain_buckets, grads + grads,
-                                           self.groups + self.groups):
-            for b in buckets:
-                grad, params, masks, state = _gather(b, group_grads)
-                ns = self.norm_states[b.device]
-                _ops.check_masked_sq_norm(grad, masks, ns, alpha=1.0, packed_masks=b.packed)
-                if len(state) == 2:
-                    _ops.check_adamw_update(params, grad, masks, state[0], state[1], b.steps, ns, lr=1.0, scale=1.0,
-                                            beta1=0.9, beta2=0.9, eps=0.0, weight_decay=0.0, max_norm=0.0,
-                                            packed_masks=b.packed)
-                else:
-                    _ops.check_sgd_update(params, grad, masks, state[0] if state else [], b.steps, ns, lr=1.0,
-                                          scale=1.0, momentum=1.0 if state else 0.0, dampening=0.0,
-                                          weight_decay=0.0, nesterov=False, max_norm=0.0, packed_masks=b.packed)
-        for slow_buckets, g in zip(self.slow_buckets, self.groups):
-            for device, _, slow, params, local in slow_buckets:
-                if local:
-                    slow, params = [_dtensor.to_local(t) for t in slow], [_dtensor.to_local(t) for t in params]
-                _ops.check_slow_sync(slow, params, alpha=0.5, reset_fast=True, norm_state=self.norm_states[device])
+    def matches(self, grads) -> bool:
+        """Whether a step's flat gradient list fits this plan (the same ones present; for the Python
+        backends, also the same shapes and dtypes, which only the plan's checks looked at)."""
+        if _missing(grads) != self.missing:
+            return False
+        return self.self_checking or _signature(grads) == self.signature
 
     @staticmethod
-    def _bucket(g: GroupTensors, idx, kernels, with_masks: bool) -> list[_Bucket]:
+    def _buckets(g: GroupTensors, idx, start, kernels, with_masks: bool) -> list[_Bucket]:
         by_key = defaultdict(list)
         for i in idx:
             p, m = g.params[i], g.masks[i] if with_masks else None
             kind = None if m is None else ("packed" if is_packed(m, p) else m.dtype)
             by_key[(p.device, p.dtype, kind)].append(i)
-        return [_Bucket(index=where, device=device, kernels=kernels(device), params=[g.params[i] for i in where],
-                        masks=[] if kind is None else [g.masks[i] for i in where], packed=kind == "packed",
-                        steps=[g.steps[i] for i in where], state=[[lst[i] for i in where] for lst in g.state],
-                        local=any(_dtensor.is_dtensor(g.params[i]) for i in where))
-                for (device, _, kind), where in by_key.items()]
+        out = []
+        for (device, _, kind), where in by_key.items():
+            table = kernels(device)
+            out.append(_Bucket(
+                index=[start + i for i in where], device=device, norm=table["masked_norm"],
+                sgd=table["sgd_update"], adamw=table["adamw_update"], params=[g.params[i] for i in where],
+                masks=[] if kind is None else [g.masks[i] for i in where], packed=kind == "packed",
+                steps=[g.steps[i] for i in where], state=[[lst[i] for i in where] for lst in g.state],
+                local=any(_dtensor.is_dtensor(g.params[i]) for i in where)))
+        return out
+
+    @staticmethod
+    def _slow_buckets(g: GroupTensors, kernels) -> list:
+        if not g.slow_params:
+            return []
+        # one call per device: the kernel advances the group's sync counter once per call
+        by_device = defaultdict(list)
+        for i, p in enumerate(g.params):
+            if g.slow_params[i] is not None:
+                by_device[p.device].append(i)
+        return [(device, kernels(device)["slow_sync"], [g.slow_params[i] for i in where],
+                 [g.params[i] for i in where], any(_dtensor.is_dtensor(g.params[i]) for i in where))
+                for device, where in by_device.items()]
+
+    def _check(self, grads) -> None:
+        """Every call a step on this plan makes, checked once with these gradients."""
+        for b in (b for buckets in self.forget_buckets + self.remain_buckets for b in buckets):
+            grad, params, masks, state = _gather(b, grads)
+            ns = self.norm_states[b.device]
+            _ops.check_masked_sq_norm(grad, masks, ns, alpha=1.0, packed_masks=b.packed)
+            if len(state) == 2:
+                _ops.check_adamw_update(params, grad, masks, state[0], state[1], b.steps, ns, lr=1.0, scale=1.0,
+                                        beta1=0.9, beta2=0.9, eps=0.0, weight_decay=0.0, max_norm=0.0,
+                                        packed_masks=b.packed)
+            else:
+                _ops.check_sgd_update(params, grad, masks, state[0] if state else [], b.steps, ns, lr=1.0,
+                                      scale=1.0, momentum=1.0 if state else 0.0, dampening=0.0, weight_decay=0.0,
+                                      nesterov=False, max_norm=0.0, packed_masks=b.packed)
+        for device, _, slow, params, local in (s for buckets in self.slow_buckets for s in buckets):
+            if local:
+                slow, params = [_dtensor.to_local(t) for t in slow], [_dtensor.to_local(t) for t in params]
+            _ops.check_slow_sync(slow, params, alpha=0.5, reset_fast=True, norm_state=self.norm_states[device])
 
 
 @torch.no_grad()
 def sfron(groups: list[GroupTensors], grads: list[list], hyper: list, *, phase: str = "remain",
           check_finite: bool = True, skipped: torch.Tensor | None = None, plan: StepPlan | None = None,
-          impl=None) -> None:
-    r"""One SFR-on step over parameter groups.
+          impl=None) -> StepPlan:
+    r"""One SFR-on step over parameter groups; returns the plan it used (pass it again to reuse it).
 
     .. math::
        \begin{aligned}
@@ -195,34 +232,37 @@ def sfron(groups: list[GroupTensors], grads: list[list], hyper: list, *, phase: 
 
     Args:
         groups: each group's tensors (:class:`GroupTensors`).
-        grads: each group's gradients, aligned with its params (``None`` for none: that parameter
-            is left alone).
+        grads: each group's gradients, aligned with its params (``None``: that parameter is left alone).
         hyper: each group's hyperparameters, a mapping with SFRon's param-group keys.
         phase: ``"forget"`` or ``"remain"``.
         check_finite: skip the step when ``u`` holds a NaN or an infinity (no host synchronisation).
         skipped: a 0-dim float64 tensor on the first device that counts skipped steps.
-        plan: a :class:`StepPlan` of ``groups`` (built here if not given; pass one to reuse it).
-        impl: the backend, when no plan is given.
+        plan: a :class:`StepPlan` of these ``groups`` (made here if not given, or if these gradients
+            do not fit it).
+        impl: the backend, when a plan is made here.
     """
-    if plan is None:
+    flat = [x for gs in grads for x in gs]
+    if plan is None or not plan.matches(flat):
         plan = StepPlan(groups, grads, impl)
-    run_step(plan, grads, hyper, forget=phase == "forget", check_finite=check_finite, skipped=skipped)
+    run_step(plan, flat, hyper, forget=phase == "forget", check_finite=check_finite, skipped=skipped)
+    return plan
 
 
 def _gather(bucket: _Bucket, grads):
     picked = [grads[i] for i in bucket.index]
     if bucket.local:
-        return ([_dtensor.to_local(t) for t in picked], [_dtensor.to_local(t) for t in bucket.params],
-                [_dtensor.to_local(t) for t in bucket.masks], [[_dtensor.to_local(t) for t in s] for s in bucket.state])
+        local = _dtensor.to_local
+        return ([local(t) for t in picked], [local(t) for t in bucket.params], [local(t) for t in bucket.masks],
+                [[local(t) for t in s] for s in bucket.state])
     return picked, bucket.params, bucket.masks, bucket.state
 
 
-def run_step(plan: StepPlan, grads: list[list], hyper: list, *, forget: bool, check_finite: bool,
+def run_step(plan: StepPlan, grads: list, hyper: list, *, forget: bool, check_finite: bool,
              skipped: torch.Tensor | None) -> None:
-    """The step of :func:`sfron` on a plan made with gradients of the same presence, shapes and dtypes."""
+    """The step of :func:`sfron` on a plan that :meth:`~StepPlan.matches` the flat gradient list ``grads``."""
     if not plan.devices:
         return
-    if torch.compiler.is_compiling():
+    if plan.self_checking or torch.compiler.is_compiling():
         _run(plan, grads, hyper, forget, check_finite, skipped)
     else:
         with _ops.checked_by_caller():
@@ -237,20 +277,17 @@ def _run(plan, grads, hyper, forget, check_finite, skipped):
         norm_states = plan.norm_states
         for s in norm_states.values():
             s.zero_()
-        for gi, (group_buckets, group_grads, h) in enumerate(zip(buckets, grads, hyper)):
-            alpha = h["forget_alpha"] if forget else 1.0
+        for group_buckets, h in zip(buckets, hyper):
             for b in group_buckets:
-                g, _, masks, _ = _gather(b, group_grads)
-                if not forget:
-                    masks = []
+                g, _, masks, _ = _gather(b, grads)
                 if plan.counts is not None:  # under FSDP2 some tensors count on another rank
-                    keep = [plan.counts[gi][i] for i in b.index]
+                    keep = [plan.counts[i] for i in b.index]
                     g = [t for t, k in zip(g, keep) if k]
                     masks = [m for m, k in zip(masks, keep) if k] if masks else []
-                value, tensor = _kernel_scalar(alpha, b.device)
-                b.kernels["masked_norm"](g, masks, norm_states[b.device], alpha=value, packed_masks=b.packed,
-                                         alpha_tensor=tensor)
-        reduce_norm_states(norm_states)
+                alpha, alpha_tensor = _kernel_scalar(h["forget_alpha"], b.device) if forget else (1.0, None)
+                b.norm(g, masks, norm_states[b.device], alpha=alpha, packed_masks=b.packed, alpha_tensor=alpha_tensor)
+        if len(norm_states) > 1:
+            reduce_norm_states(norm_states)
         if plan.reduce_group is not None:
             _dtensor.all_reduce_norm_states(norm_states, plan.reduce_group)
         if not check_finite:
@@ -259,28 +296,27 @@ def _run(plan, grads, hyper, forget, check_finite, skipped):
         elif skipped is not None:
             skipped.add_(plan.flag)
 
-    for group_buckets, group_grads, h in zip(buckets, grads, hyper):
+    for group_buckets, h in zip(buckets, hyper):
         max_norm = h[clip_key] or 0.0
         for b in group_buckets:
-            g, params, masks, state = _gather(b, group_grads)
+            g, params, masks, state = _gather(b, grads)
             lr, lr_tensor = _kernel_scalar(h["lr"], b.device)
             if forget:
                 scale, scale_tensor = _kernel_scalar(h["forget_alpha"], b.device)
                 scale = -scale
             else:
-                scale, scale_tensor, masks = 1.0, None, []
+                scale, scale_tensor = 1.0, None
             ns = None if norm_states is None else norm_states[b.device]
             if h["base"] == "sgd":
-                b.kernels["sgd_update"](params, g, masks, state[0] if state else [], b.steps, ns, lr=lr,
-                                        scale=scale, momentum=h["momentum"], dampening=h["dampening"],
-                                        weight_decay=h["weight_decay"], nesterov=h["nesterov"], max_norm=max_norm,
-                                        packed_masks=b.packed, lr_tensor=lr_tensor, scale_tensor=scale_tensor)
+                b.sgd(params, g, masks, state[0] if state else [], b.steps, ns, lr=lr, scale=scale,
+                      momentum=h["momentum"], dampening=h["dampening"], weight_decay=h["weight_decay"],
+                      nesterov=h["nesterov"], max_norm=max_norm, packed_masks=b.packed, lr_tensor=lr_tensor,
+                      scale_tensor=scale_tensor)
             else:
                 beta1, beta2 = h["betas"]
-                b.kernels["adamw_update"](params, g, masks, state[0], state[1], b.steps, ns, lr=lr, scale=scale,
-                                          beta1=beta1, beta2=beta2, eps=h["eps"], weight_decay=h["weight_decay"],
-                                          max_norm=max_norm, packed_masks=b.packed, lr_tensor=lr_tensor,
-                                          scale_tensor=scale_tensor)
+                b.adamw(params, g, masks, state[0], state[1], b.steps, ns, lr=lr, scale=scale, beta1=beta1,
+                        beta2=beta2, eps=h["eps"], weight_decay=h["weight_decay"], max_norm=max_norm,
+                        packed_masks=b.packed, lr_tensor=lr_tensor, scale_tensor=scale_tensor)
 
     if not forget:
         for group, slow_buckets, h in zip(plan.groups, plan.slow_buckets, hyper):

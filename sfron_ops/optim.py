@@ -7,6 +7,8 @@ from contextlib import contextmanager
 
 import torch
 from torch.optim import Optimizer
+from torch.optim.optimizer import _global_optimizer_post_hooks as _GLOBAL_POST_HOOKS
+from torch.optim.optimizer import _global_optimizer_pre_hooks as _GLOBAL_PRE_HOOKS
 
 from . import _dtensor, _impl, _state, distributed, fisher, packing
 from . import functional as F
@@ -266,9 +268,19 @@ class SFRon(Optimizer):
             self._phase = previous
 
     # ------------------------------------------------------------------ step
-    @torch.no_grad()
     def step(self, closure=None, phase: str | None = None):
         """One SFR-on step of ``phase`` (default: the current phase, ``"remain"`` unless set)."""
+        if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _GLOBAL_PRE_HOOKS
+                or _GLOBAL_POST_HOOKS or torch.autograd.profiler._is_profiler_enabled):
+            return self._observed_step(closure, phase)
+        return self._step(closure, phase)
+
+    # torch's Optimizer would wrap step() in its hook runner and profiler range on every call; that runs
+    # (as _observed_step) only when a hook is registered or a profiler is on, and costs nothing otherwise
+    step.hooked = True
+
+    @torch.no_grad()
+    def _step(self, closure=None, phase: str | None = None):
         phase = self._phase if phase is None else phase
         if phase not in PHASES:
             raise ValueError(f"Invalid phase: {phase!r}; expected 'forget' or 'remain'")
@@ -276,32 +288,43 @@ class SFRon(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grads = [[p.grad for p in group["params"]] for group in self.param_groups]
-        key = (self._version.value, tuple(_structure(g) for g in self.param_groups),
-               tuple(None if x is None else (x.dtype, x.shape) for gs in grads for x in gs))
         capturing = self._capturing()
-        if key != self._plan_key:
+        plan = self._plan
+        key = (self._version.value, tuple(_structure(g) for g in self.param_groups))
+        if plan is not None and key != self._plan_key:
+            plan = None
+        grads = list(map(F.grad_of, plan.params if plan is not None else self._params()))
+        if plan is None or not plan.matches(grads):
             if capturing:
                 raise RuntimeError(
                     "SFRon.step() cannot be captured in a CUDA graph before one eager step with the same "
                     "parameters, gradients, masks and state: run an eager step first (it creates the state "
                     "and the step plan that a replay reuses)")
-            self._plan = self._make_plan(grads)
-            self._plan_key = (self._version.value, *key[1:])  # making the plan may have created state
+            plan = self._plan = self._make_plan(grads)
+            self._plan_key = (self._version.value, key[1])  # making the plan may have created state
         if capturing:
-            self._check_capturable(self._plan)
-        F.run_step(self._plan, grads, self.param_groups, forget=phase == "forget", check_finite=self.check_finite,
+            self._check_capturable(plan)
+        F.run_step(plan, grads, self.param_groups, forget=phase == "forget", check_finite=self.check_finite,
                    skipped=self._skipped)
         return loss
 
+    _observed_step = Optimizer.profile_hook_step(_step)
+
+    def _params(self) -> list:
+        return [p for group in self.param_groups for p in group["params"]]
+
     def _make_plan(self, grads) -> F.StepPlan:
-        groups = []
-        for group, group_grads in zip(self.param_groups, grads):
-            for p, g in zip(group["params"], group_grads):
+        """A plan for the flat gradient list ``grads``; creates the state it needs."""
+        groups, per_group, start = [], [], 0
+        for group in self.param_groups:
+            group_grads = grads[start:start + len(group["params"])]
+            start += len(group["params"])
+            for g in group_grads:
                 if g is not None and g.is_sparse:
                     raise RuntimeError("SFRon does not support sparse gradients")
             groups.append(self._group_tensors(group, [g is not None for g in group_grads]))
-        plan = F.StepPlan(groups, grads, self._impl_for)
+            per_group.append(group_grads)
+        plan = F.StepPlan(groups, per_group, self._impl_for)
         if plan.devices and (self._skipped is None or self._skipped.device != plan.devices[0]):
             total = self.skipped_steps
             self._skipped = torch.zeros((), dtype=torch.float64, device=plan.devices[0])
@@ -347,8 +370,9 @@ class SFRon(Optimizer):
             counter = self._sync_counts[id(group)] = torch.full((), float(start), dtype=torch.float32, device=device)
         return counter
 
-    def _capturing(self) -> bool:
-        return (not torch.compiler.is_compiling() and torch.cuda.is_available() and torch.cuda.is_initialized()
+    @staticmethod
+    def _capturing() -> bool:
+        return (not torch.compiler.is_compiling() and torch.cuda.is_initialized()
                 and torch.cuda.is_current_stream_capturing())
 
     def _check_capturable(self, plan) -> None:

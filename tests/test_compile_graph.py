@@ -20,6 +20,7 @@ from torch._dynamo.utils import counters
 from torch.nn import functional as F
 
 import sfron_ops
+from helpers import impl_skip_reason  # noqa: E402
 
 ITERS = 8
 CONFIGS = {
@@ -93,8 +94,12 @@ DATA = data()
 
 
 @pytest.mark.parametrize("impl,base,mask_format", [("reference", "sgd", "dense"), ("foreach", "sgd", "dense"),
-                                                   ("foreach", "adamw", "dense"), ("foreach", "adamw", "packed")])
+                                                   ("foreach", "adamw", "dense"), ("foreach", "adamw", "packed"),
+                                                   ("fused", "sgd", "dense"), ("fused", "adamw", "packed")])
 def test_full_iteration_compiles_without_recompiling_on_lr_and_alpha(impl, base, mask_format):
+    reason = impl_skip_reason(impl, "cpu")
+    if reason is not None:
+        pytest.skip(reason)
     sync_period = 2
     eager, _, _ = run(impl, base, compiled=False, mask_format=mask_format, sync_period=sync_period)
     got, graphs, opt = run(impl, base, compiled=True, mask_format=mask_format, sync_period=sync_period)

@@ -21,7 +21,7 @@ void masked_sq_norm_cpu(at::TensorList grads, at::TensorList masks, const at::Te
   if (grads.empty()) return;
 
   Flattened flat({{grads, Access::Read}, {masks, packed_masks ? Access::Packed : Access::Read}}, grads.size());
-  at::Tensor state = flat.single(norm_state, Access::Write);
+  const at::Tensor& state = flat.single(norm_state, Access::Write);
   std::vector<int64_t> numels;
   std::vector<MaskKind> kinds;
   for (size_t i = 0; i < grads.size(); ++i) {

@@ -127,8 +127,12 @@ inline float host_scalar(double value, const std::optional<at::Tensor>& tensor) 
 inline std::optional<float> step_coefficient(const std::optional<at::Tensor>& norm_state, float scale,
                                              double max_norm) {
   if (!norm_state.has_value()) return scale;
-  const at::Tensor ns = norm_state->contiguous();  // a strided view of two elements is allowed
-  const float* values = ns.const_data_ptr<float>();
+  float values[2];
+  if (norm_state->is_contiguous()) {
+    std::memcpy(values, norm_state->const_data_ptr<float>(), sizeof(values));
+  } else {  // a strided view of two elements is allowed
+    std::memcpy(values, norm_state->contiguous().const_data_ptr<float>(), sizeof(values));
+  }
   if (values[1] > 0) return std::nullopt;
   return max_norm > 0 ? clipped_scale(scale, static_cast<float>(max_norm), values[0]) : scale;
 }

@@ -100,7 +100,8 @@ void adamw_update_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                   {exp_avgs, Access::Write},
                   {exp_avg_sqs, Access::Write}},
                  params.size());
-  at::Tensor state = norm_state.has_value() ? flat.single(*norm_state, Access::Read) : at::Tensor();
+  const at::Tensor none;
+  const at::Tensor& state = norm_state.has_value() ? flat.single(*norm_state, Access::Read) : none;
   const float* state_ptr = state.defined() ? state.const_data_ptr<float>() : nullptr;
   unsigned int* arrivals = arrival_counter(params[0]);
 

@@ -97,7 +97,7 @@ void masked_sq_norm_cuda(at::TensorList grads, at::TensorList masks, const at::T
   const c10::cuda::CUDAGuard guard(norm_state.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   Flattened flat({{grads, Access::Read}, {masks, packed_masks ? Access::Packed : Access::Read}}, grads.size());
-  at::Tensor state = flat.single(norm_state, Access::Write);
+  const at::Tensor& state = flat.single(norm_state, Access::Write);
 
   int64_t total_chunks = 0;
   for (const at::Tensor& g : grads) total_chunks += chunks_of(g.numel());

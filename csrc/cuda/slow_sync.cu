@@ -69,8 +69,9 @@ void slow_sync_cuda(at::TensorList slow_params, at::TensorList params, double al
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   Flattened flat({{slow_params, Access::Write}, {params, reset_fast ? Access::Write : Access::Read}}, params.size());
-  at::Tensor state = norm_state.has_value() ? flat.single(*norm_state, Access::Read) : at::Tensor();
-  at::Tensor count = counter.has_value() ? flat.single(*counter, Access::Write) : at::Tensor();
+  const at::Tensor none;
+  const at::Tensor& state = norm_state.has_value() ? flat.single(*norm_state, Access::Read) : none;
+  const at::Tensor& count = counter.has_value() ? flat.single(*counter, Access::Write) : none;
   unsigned int* arrivals = arrival_counter(params[0]);
   const std::vector<at::ScalarType> dtypes = present_dtypes(params);
   for (size_t d = 0; d < dtypes.size(); ++d) {
