@@ -107,7 +107,7 @@ def _step(st, impl, *, forget: bool, check_finite: bool, masks, state, hyper):
     """One step of :func:`sfron_ops.functional.sfron` on a plan made once, as SFRon makes it."""
     group = F.GroupTensors(params=st.params, masks=masks, steps=st.steps, state=state)
     plan = F.StepPlan([group], [st.grads], impl)
-    return lambda: F.run_step(plan, [st.grads], hyper, forget=forget, check_finite=check_finite, skipped=None)
+    return lambda: F.run_step(plan, st.grads, hyper, forget=forget, check_finite=check_finite, skipped=None)
 
 
 def _ours_sgd(*, forget: bool, clip: bool, momentum: float, weight_decay: float, check_finite: bool,

@@ -1,0 +1,103 @@
+"""SFRon's param-group hyperparameters: what each key accepts, and what a group's structure is.
+
+Every number must be finite: an infinite ``lr``, ``momentum`` or ``weight_decay`` would turn the weights
+into infinities and NaNs that no later step can undo. ``lr`` and ``forget_alpha`` may also be 0-dim
+floating tensors (schedules fill them in place); their value is checked whenever a tensor is first
+seen in a group, and a device tensor that a schedule later fills with a negative or non-finite value
+makes the step a skipped one (the kernels look at it on the device; reading it on the host would
+synchronise every step).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+BASES = ("sgd", "adamw")
+
+#: the keys of a param group besides "params" (and "param_names"), with SFRon's defaults
+DEFAULTS = dict(lr=1e-3, base="sgd", momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
+                betas=(0.9, 0.999), eps=1e-8, forget_alpha=1.0, max_grad_norm=None, remain_max_grad_norm=None,
+                slow_alpha=1.0, sync_period=1, reset_fast=True)
+
+#: hyperparameters that may be 0-dim tensors, read where the kernels run
+TENSOR_KEYS = ("lr", "forget_alpha")
+
+
+def _where(where: str | None) -> str:
+    return f" in {where}" if where else ""
+
+
+def check_number(name, value, low=None, high=None, low_open=False, high_open=False, where=None, expect=None):
+    """A finite real number within the bounds, else ``ValueError("Invalid <name>: <value> ...")``."""
+    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    if not bad and low is not None:
+        bad = value <= low if low_open else value < low
+    if not bad and high is not None:
+        bad = value >= high if high_open else value > high
+    if bad:
+        raise ValueError(f"Invalid {name}: {value!r}{_where(where)}" + (f"; expected {expect}" if expect else ""))
+
+
+def check_scalar(name, value, where=None) -> None:
+    """``lr`` or ``forget_alpha``: a finite number >= 0, or a real floating tensor of one element holding one."""
+    if torch.is_tensor(value):
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(f"Invalid {name}: a tensor of dtype {value.dtype} and shape {tuple(value.shape)}"
+                             f"{_where(where)}; expected a 0-dim floating tensor (or a number)")
+        number = float(value)
+        if not (math.isfinite(number) and number >= 0):
+            raise ValueError(f"Invalid {name}: {number!r} (a tensor){_where(where)}; expected a finite number >= 0")
+        return
+    check_number(name, value, low=0.0, where=where, expect="a finite number >= 0")
+
+
+def check_group(group: dict, where: str | None = None) -> None:
+    """Raise ``ValueError`` naming the first bad hyperparameter of a param group (``where``: which group)."""
+    if group["base"] not in BASES:
+        raise ValueError(f"Invalid base: {group['base']!r}{_where(where)}; expected one of {BASES}")
+    for key in TENSOR_KEYS:
+        check_scalar(key, group[key], where)
+    check_number("momentum", group["momentum"], low=0.0, where=where, expect="a finite number >= 0")
+    check_number("dampening", group["dampening"], low=0.0, high=1.0, where=where, expect="a number in [0, 1]")
+    check_number("weight_decay", group["weight_decay"], low=0.0, where=where, expect="a finite number >= 0")
+    if not isinstance(group["nesterov"], bool):
+        raise ValueError(f"Invalid nesterov: {group['nesterov']!r}{_where(where)}; expected True or False")
+    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+        raise ValueError(
+            f"Invalid nesterov: True needs momentum > 0 and dampening = 0 (got momentum={group['momentum']!r}, "
+            f"dampening={group['dampening']!r}){_where(where)}")
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"Invalid betas: {betas!r}{_where(where)}; expected two numbers in [0, 1)")
+    for i, beta in enumerate(betas):
+        check_number(f"betas[{i}]", beta, low=0.0, high=1.0, high_open=True, where=where, expect="a number in [0, 1)")
+    check_number("eps", group["eps"], low=0.0, where=where, expect="a finite number >= 0")
+    for key in ("max_grad_norm", "remain_max_grad_norm"):
+        if group[key] is not None:
+            check_number(key, group[key], low=0.0, low_open=True, where=where, expect="None or a finite number > 0")
+    check_number("slow_alpha", group["slow_alpha"], low=0.0, high=1.0, where=where, expect="a number in [0, 1]")
+    period = group["sync_period"]
+    if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+        raise ValueError(f"Invalid sync_period: {period!r}{_where(where)}; expected an int >= 1")
+    if not isinstance(group["reset_fast"], bool):
+        raise ValueError(f"Invalid reset_fast: {group['reset_fast']!r}{_where(where)}; expected True or False")
+    count = group.get("remain_steps", 0)
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count < period:
+        raise ValueError(f"Invalid remain_steps: {count!r}{_where(where)}; expected an int in [0, sync_period)")
+
+
+def values(group: dict) -> tuple:
+    """The group's hyperparameters as a comparable tuple (a tensor by identity: comparing values would read it)."""
+    return tuple(id(v) if torch.is_tensor(v) else v for k, v in group.items() if k not in ("params", "param_names"))
+
+
+def slow_active(group) -> bool:
+    """Whether the group keeps slow weights; a = 1 with a reset is the identity (the official CIFAR-10 setting)."""
+    return not (group["slow_alpha"] == 1.0 and group["reset_fast"])
+
+
+def structure(group) -> tuple:
+    """The hyperparameters that decide which state a group has (a step plan depends on them)."""
+    return group["base"], group["momentum"] != 0, slow_active(group)
