@@ -15,7 +15,8 @@ import math
 
 import torch
 
-from . import _dtensor, _hyper
+from . import _dtensor, _groups
+from .mask import validate
 
 FORMAT = "sfron_ops.SFRon/2"
 
@@ -71,7 +72,7 @@ def check(opt, state_dict, named) -> None:
         if len(saved["params"]) != len(group["params"]):
             raise ValueError(f"param_groups[{gi}] of the state dict has {len(saved['params'])} parameters, the "
                              f"optimizer's {len(group['params'])}")
-        _hyper.check_group({**_hyper.DEFAULTS, **{k: v for k, v in saved.items() if k != "params"}},
+        _groups.check_group({**_groups.DEFAULTS, **{k: v for k, v in saved.items() if k != "params"}},
                            where=f"param_groups[{gi}] of the state dict")
         ids.extend((pid, saved.get("base", "sgd"), opt.mask_format) for pid in saved["params"])
     skipped = state_dict.get("skipped_steps", 0)
@@ -130,10 +131,8 @@ def _check_entries(entries: dict, p, base: str, mask_format: str, label: str) ->
     if "mask" in entries and "packed_mask" in entries:
         raise ValueError(f"{where} has both 'mask' and 'packed_mask'")
     if "mask" in entries:
-        from .mask import checked
-
         m = entries["mask"]
-        checked(p, label, m if m.device == p.device or m.device.type != "meta" else m)
+        validate(p, label, m)
         if mask_format == "packed" and m.is_floating_point():
             raise ValueError(f"the loaded mask for parameter {label} is floating point (soft saliency); "
                              "mask_format='packed' stores binary masks only")
@@ -144,3 +143,58 @@ def _check_entries(entries: dict, p, base: str, mask_format: str, label: str) ->
         if m.dtype != torch.uint8 or m.dim() != 1 or (not _dtensor.is_dtensor(p) and local.numel() != expected):
             raise ValueError(f"{where}: 'packed_mask' must be a 1-D uint8 tensor of {expected} bytes, got "
                              f"{m.dtype} of shape {tuple(m.shape)}")
+
+
+def tagged(sd: dict, skipped: int, sync_counts: list) -> dict:
+    """An SFRon state dict from torch's: the format tag, the skipped-step count (also in the first group, which
+    torch.distributed.checkpoint keeps) and each group's remain steps since its last sync (``sync_counts``:
+    the groups' device counters, ``None`` where a group has none yet)."""
+    sd["format"] = FORMAT
+    sd["skipped_steps"] = skipped
+    for saved, counter in zip(sd["param_groups"], sync_counts):
+        if counter is not None:
+            saved["remain_steps"] = int(counter)
+    if sd["param_groups"]:
+        sd["param_groups"][0]["skipped_steps"] = skipped
+    return sd
+
+
+def prepare(opt, state_dict: dict, named):
+    """What torch's loader gets from a checked state dict, and what must be put back after it:
+    ``(state dict, skipped steps, {param: entries kept as saved}, {param: the optimizer's own masks})``."""
+    state_dict = dict(state_dict)
+    state_dict.pop("format", None)
+    groups = [dict(g) for g in state_dict["param_groups"]]
+    in_groups = [g.pop("skipped_steps", 0) for g in groups]
+    skipped = int(state_dict.pop("skipped_steps", in_groups[0] if in_groups else 0))
+    state_dict["param_groups"] = groups
+    params = [p for _, p, _ in named]
+    saved_ids = [i for g in groups for i in g["params"]]
+    # torch casts floating state to the parameter's dtype and leaves "step" where it was saved
+    restore = {p: {k: v for k, v in state_dict["state"].get(pid, {}).items() if k in KEEP_DTYPE or k == "step"}
+               for pid, p in zip(saved_ids, params)}
+    kept = {p: {k: opt.state[p][k] for k in ("mask", "packed_mask") if k in opt.state[p]}
+            for p in params if p in opt.state}
+    return state_dict, skipped, restore, kept
+
+
+def restore(opt, restore: dict, kept: dict) -> None:
+    """After torch's loader: entries back as saved on the parameter's device, the optimizer's masks where the
+    state dict had none, masks in the optimizer's format, and every group complete."""
+    from . import packing
+
+    for p, entries in restore.items():
+        for k, v in entries.items():
+            opt.state[p][k] = v.to(device=p.device, dtype=torch.float32 if k == "step" else v.dtype, copy=True)
+        state = opt.state[p]
+        if "mask" not in state and "packed_mask" not in state:
+            state.update(kept.get(p, {}))
+        if opt.mask_format == "packed" and "mask" in state:
+            packing.store(state, p, state["mask"], "packed")
+        elif opt.mask_format == "dense" and "packed_mask" in state:
+            packing.store(state, p, packing.dense(state, p), "dense")
+    for group in opt.param_groups:
+        for key, value in opt.defaults.items():
+            group.setdefault(key, value)
+        group.setdefault("remain_steps", 0)
+

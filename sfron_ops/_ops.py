@@ -43,6 +43,7 @@ import contextlib
 import threading
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 NAMESPACE = "sfron_ops"
 
@@ -136,6 +137,24 @@ def _check_masks(name: str, masks, like, packed=False):
         torch._check(m.device == t.device, lambda: f"{name}: masks[{i}] is on {m.device}, expected {t.device}")
 
 
+def _span(t):
+    """The bytes a tensor's elements lie in, as ``(first, end)``."""
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def _check_distinct_writes(name: str, lists: dict):
+    """No two tensors an op writes share memory (a parameter twice, overlapping views, one step counter for two
+    parameters): their elements would be updated twice, and on a GPU by racing blocks."""
+    tensors = [(key, i, t) for key, ts in lists.items() for i, t in enumerate(ts) if t is not None and t.numel()]
+    if not tensors or is_fake(tensors[0][2]) or tensors[0][2].device.type == "meta":
+        return  # tracing: no memory to compare
+    spans = sorted((*_span(t), key, i) for key, i, t in tensors)
+    for (_, end, k1, i1), (start, _, k2, i2) in zip(spans, spans[1:]):
+        torch._check(start >= end, lambda: f"{name}: {k1}[{i1}] and {k2}[{i2}] share memory; each tensor the op "
+                                           "writes must be its own")
+
+
 def _check_same_dtype(name: str, key: str, tensors, dtype):
     for i, t in enumerate(tensors):
         torch._check(t.dtype == dtype, lambda: f"{name}: {key}[{i}] has dtype {t.dtype}, expected {dtype}")
@@ -200,6 +219,7 @@ def check_sgd_update(params, grads, masks, momentum_buffers, steps, norm_state, 
     _check_masks(name, masks, params, packed_masks)
     _check_steps(name, steps, params)
     _check_norm_state(name, norm_state, params)
+    _check_distinct_writes(name, {"params": params, "momentum_buffers": momentum_buffers, "steps": steps})
     for key, tensors in (("grads", grads), ("momentum_buffers", momentum_buffers)):
         for i, (t, p) in enumerate(zip(tensors, params)):
             torch._check(t.dtype == p.dtype, lambda: f"{name}: {key}[{i}] has dtype {t.dtype}, expected {p.dtype}")
@@ -214,6 +234,7 @@ def check_adamw_update(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_
     _check_masks(name, masks, params, packed_masks)
     _check_steps(name, steps, params)
     _check_norm_state(name, norm_state, params)
+    _check_distinct_writes(name, {"params": params, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "steps": steps})
     for key, tensors in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)):
         for i, (t, p) in enumerate(zip(tensors, params)):
             torch._check(t.dtype == p.dtype, lambda: f"{name}: {key}[{i}] has dtype {t.dtype}, expected {p.dtype}")
@@ -223,6 +244,7 @@ def check_fisher_accumulate(fishers, grads, *, scale):
     name = OP_NAMES["fisher_accumulate"]
     _check_aligned(name, {"fishers": fishers}, grads)
     _check_same_dtype(name, "fishers", fishers, torch.float32)
+    _check_distinct_writes(name, {"fishers": fishers})
 
 
 def check_saliency_mask(forget_fishers, remain_fishers, masks, kept, *, gamma):
@@ -233,6 +255,7 @@ def check_saliency_mask(forget_fishers, remain_fishers, masks, kept, *, gamma):
     for i, m in enumerate(masks):
         torch._check(m.dtype in (torch.bool, torch.uint8),
                      lambda: f"{name}: masks[{i}] must be bool or uint8, got {m.dtype}")
+    _check_distinct_writes(name, {"masks": masks, "kept": [kept]})
     torch._check(kept.dtype == torch.int64 and kept.numel() == 1,
                  lambda: f"{name}: kept must be an int64 scalar, got {kept.dtype} with {kept.numel()} elements")
 
@@ -242,6 +265,7 @@ def check_slow_sync(slow_params, params, *, alpha, reset_fast, norm_state=None, 
     _check_aligned(name, {"slow_params": slow_params}, params)
     _check_norm_state(name, norm_state, params)
     _check_scalar_tensor(name, "counter", counter, params)
+    _check_distinct_writes(name, {"slow_params": slow_params, "params": params, "counter": [counter]})
     torch._check(period >= 1, lambda: f"{name}: period must be at least 1, got {period}")
     for i, (s, p) in enumerate(zip(slow_params, params)):
         torch._check(s.dtype == p.dtype, lambda: f"{name}: slow_params[{i}] has dtype {s.dtype}, expected {p.dtype}")

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import torch
+
+from ._groups import slow_active
+
 
 class Version:
     """A counter that every change of the state it watches increments."""
@@ -89,3 +93,29 @@ class OptimizerState(defaultdict):
 
     def __reduce__(self):  # pickles and copies as torch's defaultdict(dict)
         return defaultdict, (dict, {key: dict(value) for key, value in self.items()})
+
+
+def make_missing(state: OptimizerState, group: dict, params, grads, created: list) -> None:
+    """Create the state a group's structure calls for: a step counter for every parameter with a gradient, and
+    for every parameter with a counter its base optimizer's buffers and, with slow weights, its slow copy.
+    Each entry made is appended to ``created`` as ``(state, key)``, so a refused step can take them back."""
+
+    def make(entries, key, value):
+        entries[key] = value
+        created.append((entries, key))
+
+    for p, g in zip(params, grads):
+        entries = state[p]
+        if g is not None and "step" not in entries:
+            make(entries, "step", torch.zeros((), dtype=torch.float32, device=p.device))
+        if "step" not in entries:
+            continue
+        if group["base"] == "sgd" and group["momentum"] != 0 and "momentum_buffer" not in entries:
+            make(entries, "momentum_buffer", torch.zeros_like(p, memory_format=torch.preserve_format))
+        if group["base"] == "adamw" and "exp_avg" not in entries:
+            make(entries, "exp_avg", torch.zeros_like(p, memory_format=torch.preserve_format))
+            make(entries, "exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
+        if slow_active(group) and "slow_param" not in entries:
+            # Note [slow snapshot]: slow weights start as the parameters at their first step
+            make(entries, "slow_param", p.detach().clone())
+

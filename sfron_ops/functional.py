@@ -24,6 +24,7 @@ bucket their arguments on every call; the Fisher and mask helpers use them.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from itertools import compress, repeat
 from operator import attrgetter, is_
@@ -117,12 +118,17 @@ class StepPlan:
     backends' checks (the fused and Triton kernels check on every call anyway).
     """
 
-    def __init__(self, groups: list[GroupTensors], grads: list[list], impl=None):
+    def __init__(self, groups: list[GroupTensors], grads: list[list], impl=None, labels: list | None = None):
         self.groups = groups
         self.params = [p for g in groups for p in g.params]
+        self.labels = labels or [f"#{i}" for i in range(len(self.params))]
         flat = [x for gs in grads for x in gs]
         if len(flat) != len(self.params):
             raise ValueError(f"{len(flat)} gradients for {len(self.params)} parameters")
+        for i, g in enumerate(flat):
+            if g is not None and g.layout != torch.strided:
+                raise ValueError(f"the gradient of parameter {self.labels[i]} is {g.layout} (sparse gradients are "
+                                 "not supported)")
         self.missing = _missing(flat)
         self.signature = _signature(flat)
         names = {}
@@ -157,11 +163,24 @@ class StepPlan:
         self._check(flat)
 
     def matches(self, grads) -> bool:
-        """Whether a step's flat gradient list fits this plan (the same ones present; for the Python
-        backends, also the same shapes and dtypes, which only the plan's checks looked at)."""
-        if _missing(grads) != self.missing:
-            return False
-        return self.self_checking or _signature(grads) == self.signature
+        """Whether a step's flat gradient list fits this plan: the same ones present, in the same shapes and
+        dtypes (the plan's checks covered those, so a step on it checks nothing before it writes)."""
+        return _signature(grads) == self.signature
+
+    def capture_problem(self, hyper) -> str | None:
+        """Why a step on this plan cannot be captured in a CUDA graph, or ``None``."""
+        if len(self.devices) != 1 or self.devices[0].type != "cuda":
+            return (f"its parameters are on {', '.join(map(str, self.devices)) or 'no device'}; a graph needs them "
+                    "on one CUDA device")
+        if self.reduce_group is not None:
+            return "its norm is all-reduced over ranks (FSDP2)"
+        for gi, h in enumerate(hyper):
+            for key in ("lr", "forget_alpha"):
+                value = h[key]
+                if torch.is_tensor(value) and value.device != self.devices[0]:
+                    return (f"param_groups[{gi}]['{key}'] is a tensor on {value.device}: the graph would freeze its "
+                            f"value; put it on {self.devices[0]}")
+        return None
 
     @staticmethod
     def _buckets(g: GroupTensors, idx, start, kernels, with_masks: bool) -> list[_Bucket]:
@@ -195,23 +214,33 @@ class StepPlan:
                 for device, where in by_device.items()]
 
     def _check(self, grads) -> None:
-        """Every call a step on this plan makes, checked once with these gradients."""
+        """Every call a step on this plan makes, checked once with these gradients; an error names the parameter."""
         for b in (b for buckets in self.forget_buckets + self.remain_buckets for b in buckets):
             grad, params, masks, state = _gather(b, grads)
             ns = self.norm_states[b.device]
-            _ops.check_masked_sq_norm(grad, masks, ns, alpha=1.0, packed_masks=b.packed)
-            if len(state) == 2:
-                _ops.check_adamw_update(params, grad, masks, state[0], state[1], b.steps, ns, lr=1.0, scale=1.0,
-                                        beta1=0.9, beta2=0.9, eps=0.0, weight_decay=0.0, max_norm=0.0,
-                                        packed_masks=b.packed)
-            else:
-                _ops.check_sgd_update(params, grad, masks, state[0] if state else [], b.steps, ns, lr=1.0,
-                                      scale=1.0, momentum=1.0 if state else 0.0, dampening=0.0, weight_decay=0.0,
-                                      nesterov=False, max_norm=0.0, packed_masks=b.packed)
+            try:
+                _ops.check_masked_sq_norm(grad, masks, ns, alpha=1.0, packed_masks=b.packed)
+                if len(state) == 2:
+                    _ops.check_adamw_update(params, grad, masks, state[0], state[1], b.steps, ns, lr=1.0, scale=1.0,
+                                            beta1=0.9, beta2=0.9, eps=0.0, weight_decay=0.0, max_norm=0.0,
+                                            packed_masks=b.packed)
+                else:
+                    _ops.check_sgd_update(params, grad, masks, state[0] if state else [], b.steps, ns, lr=1.0,
+                                          scale=1.0, momentum=1.0 if state else 0.0, dampening=0.0,
+                                          weight_decay=0.0, nesterov=False, max_norm=0.0, packed_masks=b.packed)
+            except RuntimeError as error:
+                raise type(error)(self._named(str(error), b.index)) from None
         for device, _, slow, params, local in (s for buckets in self.slow_buckets for s in buckets):
             if local:
                 slow, params = [_dtensor.to_local(t) for t in slow], [_dtensor.to_local(t) for t in params]
             _ops.check_slow_sync(slow, params, alpha=0.5, reset_fast=True, norm_state=self.norm_states[device])
+
+    def _named(self, message: str, index: list) -> str:
+        """A kernel check's message, with the position in a kernel call that it names given as the parameter."""
+        match = re.search(r"\b(\w+)\[(\d+)\]", message)
+        if match is None or int(match.group(2)) >= len(index):
+            return message
+        return f"{message} (the {match.group(1)} entry of parameter {self.labels[index[int(match.group(2))]]})"
 
 
 @torch.no_grad()
@@ -272,11 +301,15 @@ def run_step(plan: StepPlan, grads: list, hyper: list, *, forget: bool, check_fi
 def _run(plan, grads, hyper, forget, check_finite, skipped):
     clip_key = "max_grad_norm" if forget else "remain_max_grad_norm"
     buckets = plan.forget_buckets if forget else plan.remain_buckets
-    norm_states = None
-    if check_finite or any(h[clip_key] is not None for h in hyper):
-        norm_states = plan.norm_states
+    keys = ("lr", "forget_alpha") if forget else ("lr",)
+    # tensor hyperparameters a schedule fills on the device: a bad value skips the step (see _groups)
+    guarded = [h[k] for h in hyper for k in keys if torch.is_tensor(h[k])]
+    measure = check_finite or any(h[clip_key] is not None for h in hyper)
+    norm_states = plan.norm_states if measure or guarded else None
+    if norm_states is not None:
         for s in norm_states.values():
             s.zero_()
+    if measure:
         for group_buckets, h in zip(buckets, hyper):
             for b in group_buckets:
                 g, _, masks, _ = _gather(b, grads)
@@ -293,8 +326,12 @@ def _run(plan, grads, hyper, forget, check_finite, skipped):
         if not check_finite:
             for s in norm_states.values():
                 s[1].zero_()
-        elif skipped is not None:
-            skipped.add_(plan.flag)
+    for value in guarded:
+        bad = torch.logical_not(torch.isfinite(value) & (value >= 0)).to(torch.float32)
+        for s in norm_states.values():
+            torch.maximum(s[1], bad.to(s.device), out=s[1])
+    if skipped is not None and (check_finite or guarded):
+        skipped.add_(plan.flag)
 
     for group_buckets, h in zip(buckets, hyper):
         max_norm = h[clip_key] or 0.0

@@ -60,18 +60,33 @@ def assign(named, mask) -> list:
     return [(p, label, checked(p, label, m)) for p, label, m in assigned]
 
 
-def checked(p, label, m):
-    """``m`` checked as the mask of parameter ``p`` and placed like it (a copy when it must move)."""
+def validate(p, label, m) -> None:
+    """Raise naming parameter ``label`` unless ``m`` can be its mask: a tensor of its shape, and binary
+    (bool or uint8 holding only 0 and 1, one byte per element) or floating point with finite values."""
     if not torch.is_tensor(m):
         raise TypeError(f"mask for parameter {label} must be a tensor, got {type(m).__name__}")
     if not (m.dtype in (torch.bool, torch.uint8) or m.is_floating_point()):
         raise ValueError(f"mask for parameter {label} has dtype {m.dtype}; expected bool, uint8 or floating point")
     if m.shape != p.shape:
         raise ValueError(f"mask for parameter {label} has shape {tuple(m.shape)}, expected {tuple(p.shape)}")
+    if m.device.type == "meta":
+        raise ValueError(f"mask for parameter {label} is on the meta device (no data); the parameter is on {p.device}")
+    local = _dtensor.to_local(m)
+    if local.numel() == 0:
+        return
+    if m.is_floating_point():
+        if not bool(torch.isfinite(local).all()):
+            raise ValueError(f"mask for parameter {label} holds a NaN or an infinity; a soft mask needs finite values")
+    elif bool((local.view(torch.uint8) > 1).any()):  # a bool view of other bytes is not 0/1 either
+        value = int(local.view(torch.uint8).max())
+        raise ValueError(f"mask for parameter {label} holds the byte value {value}; a {m.dtype} mask must hold 0 and 1 "
+                         "only (scale a soft mask as a floating point one)")
+
+
+def checked(p, label, m):
+    """``m`` checked as the mask of parameter ``p`` (:func:`validate`) and placed like it (a copy when it moves)."""
+    validate(p, label, m)
     if m.device != p.device:
-        if m.device.type == "meta":
-            raise ValueError(f"mask for parameter {label} is on the meta device (no data); "
-                             f"the parameter is on {p.device}")
         m = m.to(p.device)  # a copy on the parameter's device; the caller's tensor is untouched
     return _dtensor.shard_like(m, p)  # placed like a DTensor (FSDP2) parameter
 

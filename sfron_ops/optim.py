@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 
 import torch
@@ -10,68 +9,18 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks as _GLOBAL_POST_HOOKS
 from torch.optim.optimizer import _global_optimizer_pre_hooks as _GLOBAL_PRE_HOOKS
 
-from . import _dtensor, _impl, _state, distributed, fisher, packing
+from . import _checkpoint, _dtensor, _groups, _impl, _state, distributed, fisher, packing
 from . import functional as F
 from . import mask as _mask
 
 PHASES = ("forget", "remain")
-BASES = ("sgd", "adamw")
+BASES = _groups.BASES
 FISHER_KEYS = fisher.FISHER_KEYS
 
-# State entries the torch loader must not cast to the parameter's dtype:
-# Fisher accumulators stay float32, masks keep the dtype they were given (packed ones uint8).
-_KEEP_DTYPE = ("mask", "packed_mask", "fisher_forget", "fisher_remain")
 
-
-def _check_number(name, value, low=None, high=None, low_open=False, high_open=False):
-    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value)
-    if not bad and low is not None:
-        bad = value <= low if low_open else value < low
-    if not bad and high is not None:
-        bad = value >= high if high_open else value > high
-    if bad:
-        raise ValueError(f"Invalid {name}: {value!r}")
-
-
-def _validate_group(group: dict) -> None:
-    """Raise ValueError naming the first bad hyperparameter of a param group."""
-    if group["base"] not in BASES:
-        raise ValueError(f"Invalid base: {group['base']!r}; expected one of {BASES}")
-    for key in ("lr", "forget_alpha"):
-        value = group[key]
-        _check_number(key, float(value) if torch.is_tensor(value) else value, low=0.0)
-    _check_number("momentum", group["momentum"], low=0.0)
-    _check_number("dampening", group["dampening"], low=0.0, high=1.0)
-    _check_number("weight_decay", group["weight_decay"], low=0.0)
-    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-        raise ValueError(
-            f"Invalid nesterov: True needs momentum > 0 and dampening = 0 (got momentum={group['momentum']!r}, "
-            f"dampening={group['dampening']!r})")
-    betas = group["betas"]
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"Invalid betas: {betas!r}")
-    _check_number("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
-    _check_number("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
-    _check_number("eps", group["eps"], low=0.0)
-    for key in ("max_grad_norm", "remain_max_grad_norm"):
-        if group[key] is not None:
-            _check_number(key, group[key], low=0.0, low_open=True)
-    _check_number("slow_alpha", group["slow_alpha"], low=0.0, high=1.0)
-    period = group["sync_period"]
-    if isinstance(period, bool) or not isinstance(period, int) or period < 1:
-        raise ValueError(f"Invalid sync_period: {period!r}")
-    if not isinstance(group["reset_fast"], bool):
-        raise ValueError(f"Invalid reset_fast: {group['reset_fast']!r}")
-
-
-def _slow_active(group) -> bool:
-    # a = 1 with a reset is the identity: no slow copy at all (the official CIFAR-10 setting)
-    return not (group["slow_alpha"] == 1.0 and group["reset_fast"])
-
-
-def _structure(group) -> tuple:
-    """The hyperparameters that decide which state a group has (a step plan depends on them)."""
-    return group["base"], group["momentum"] != 0, _slow_active(group)
+def _check_phase(phase) -> None:
+    if phase not in PHASES:
+        raise ValueError(f"Invalid phase: {phase!r}; expected 'forget' or 'remain'")
 
 
 class SFRon(Optimizer):
@@ -109,7 +58,9 @@ class SFRon(Optimizer):
     (:meth:`accumulate_fisher`, :meth:`compute_mask`, or :func:`sfron_ops.saliency_mask`).
     The per-sample weighting of the forget loss lives in :class:`sfron_ops.AdaptiveLoss`.
     The step itself is :func:`sfron_ops.functional.sfron`, on a plan that is worked out again
-    only when the parameters, their gradients' dtypes, the masks or the state change.
+    only when the parameters, their gradients' shapes and dtypes, the masks or the state change.
+    Every hyperparameter, mask and state entry is checked before anything is written: a bad one
+    raises an error that names it, and the model and the optimizer stay as they were.
 
     Args:
         params: tensors, param-group dicts, or ``model.named_parameters()``.
@@ -134,7 +85,8 @@ class SFRon(Optimizer):
 
     ``lr`` and ``forget_alpha`` may be float32 0-dim tensors on the parameters' device: the
     kernels read them where they run, so schedules that update them in place need no host
-    read, a compiled step does not recompile, and a captured CUDA graph follows them.
+    read, a compiled step does not recompile, and a captured CUDA graph follows them (a tensor
+    filled with a negative or non-finite value makes the step a skipped one).
     """
 
     def __init__(self, params, mask=None, lr=1e-3, base="sgd", momentum=0.0, dampening=0.0, nesterov=False,
@@ -151,7 +103,7 @@ class SFRon(Optimizer):
                         forget_alpha=forget_alpha, max_grad_norm=max_grad_norm,
                         remain_max_grad_norm=remain_max_grad_norm, slow_alpha=slow_alpha, sync_period=sync_period,
                         reset_fast=reset_fast)
-        _validate_group(defaults)
+        _groups.check_group(defaults)
         self.impl, self.check_finite, self.mask_format = impl, check_finite, mask_format
         self._version = _state.Version()
         self._reset_runtime()
@@ -165,10 +117,10 @@ class SFRon(Optimizer):
 
     def _reset_runtime(self, skipped: int = 0) -> None:
         self._phase = "remain"
-        self._plan = self._plan_key = None
+        self._plan = self._plan_key = self._checked = None
         self._skipped = None  # a device counter, made with the first plan
         self._skipped_base = skipped
-        self._sync_counts = {}  # id(group) -> the group's sync counter on the device
+        self._sync_counts = {}  # id(group) -> the group's remain steps since the last sync, on the device
 
     @property
     def state(self):
@@ -181,22 +133,25 @@ class SFRon(Optimizer):
                                                                                                     value)
 
     def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        """torch's, refusing duplicate parameters and bad hyperparameters (the group is then not added)."""
+        super().add_param_group(_groups.unique_params(param_group))
+        group, where = self.param_groups[-1], f"param_groups[{len(self.param_groups) - 1}]"
+        group.setdefault("remain_steps", 0)
         try:
-            _validate_group(group)
+            _groups.check_group(group, where)
+            _groups.check_params(group, where)
         except ValueError:
             self.param_groups.pop()
             raise
-        group.setdefault("remain_steps", 0)
         self._version.bump()
 
     def __setstate__(self, state):
         state = dict(state)
         entries = state.pop("state", None)
         if "_version" not in self.__dict__:  # unpickling: the runtime fields did not travel
-            self.__dict__.update(_version=_state.Version(), impl=state.pop("impl", None), check_finite=True,
-                                 mask_format="dense", _impls={})
+            self.__dict__.update(_version=_state.Version(), impl=state.pop("impl", None),
+                                 check_finite=state.pop("check_finite", True),
+                                 mask_format=state.pop("mask_format", "dense"), _impls={})
             self._reset_runtime()
         super().__setstate__(state)
         if entries is not None:
@@ -230,8 +185,8 @@ class SFRon(Optimizer):
     def set_masks(self, mask) -> None:
         """Set the saliency masks (list aligned with the parameters, or dict by name or by tensor).
 
-        All masks are checked before any is stored; parameters the mask does not
-        mention keep the mask they had (or none).
+        All masks are checked before any is stored (binary, or floating point with finite values);
+        parameters the mask does not mention keep the mask they had (or none).
         """
         assigned = _mask.assign(self._named_params(), mask)
         if self.mask_format == "packed":
@@ -253,8 +208,7 @@ class SFRon(Optimizer):
 
     @current_phase.setter
     def current_phase(self, phase: str) -> None:
-        if phase not in PHASES:
-            raise ValueError(f"Invalid phase: {phase!r}; expected 'forget' or 'remain'")
+        _check_phase(phase)
         self._phase = phase
 
     @contextmanager
@@ -282,15 +236,20 @@ class SFRon(Optimizer):
     @torch.no_grad()
     def _step(self, closure=None, phase: str | None = None):
         phase = self._phase if phase is None else phase
-        if phase not in PHASES:
-            raise ValueError(f"Invalid phase: {phase!r}; expected 'forget' or 'remain'")
+        _check_phase(phase)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        groups = self.param_groups
+        checked = tuple(map(_groups.values, groups))
+        if checked != self._checked:  # groups edited since the last step (a schedule, say): check them all
+            for gi, group in enumerate(groups):
+                _groups.check_group(group, f"param_groups[{gi}]")
+            self._checked = checked
         capturing = self._capturing()
         plan = self._plan
-        key = (self._version.value, tuple(_structure(g) for g in self.param_groups))
+        key = (self._version.value, tuple(map(_groups.structure, groups)))
         if plan is not None and key != self._plan_key:
             plan = None
         grads = list(map(F.grad_of, plan.params if plan is not None else self._params()))
@@ -303,8 +262,10 @@ class SFRon(Optimizer):
             plan = self._plan = self._make_plan(grads)
             self._plan_key = (self._version.value, key[1])  # making the plan may have created state
         if capturing:
-            self._check_capturable(plan)
-        F.run_step(plan, grads, self.param_groups, forget=phase == "forget", check_finite=self.check_finite,
+            problem = plan.capture_problem(groups)
+            if problem is not None:
+                raise RuntimeError(f"SFRon.step() cannot be captured in a CUDA graph: {problem}")
+        F.run_step(plan, grads, groups, forget=phase == "forget", check_finite=self.check_finite,
                    skipped=self._skipped)
         return loss
 
@@ -314,53 +275,38 @@ class SFRon(Optimizer):
         return [p for group in self.param_groups for p in group["params"]]
 
     def _make_plan(self, grads) -> F.StepPlan:
-        """A plan for the flat gradient list ``grads``; creates the state it needs."""
-        groups, per_group, start = [], [], 0
+        """A plan for the flat gradient list ``grads``. Everything is checked before the state it needs is made."""
+        per_group, start = [], 0
         for group in self.param_groups:
-            group_grads = grads[start:start + len(group["params"])]
+            per_group.append(grads[start:start + len(group["params"])])
             start += len(group["params"])
-            for g in group_grads:
-                if g is not None and g.is_sparse:
-                    raise RuntimeError("SFRon does not support sparse gradients")
-            groups.append(self._group_tensors(group, [g is not None for g in group_grads]))
-            per_group.append(group_grads)
-        plan = F.StepPlan(groups, per_group, self._impl_for)
+        labels = [label for _, _, label in self._named_params()]
+        created = []
+        try:
+            groups = [self._group_tensors(g, gs, created) for g, gs in zip(self.param_groups, per_group)]
+            plan = F.StepPlan(groups, per_group, self._impl_for, labels)
+        except Exception:
+            for state, key in created:  # a refused step leaves no state behind
+                state.pop(key, None)
+            raise
         if plan.devices and (self._skipped is None or self._skipped.device != plan.devices[0]):
             total = self.skipped_steps
             self._skipped = torch.zeros((), dtype=torch.float64, device=plan.devices[0])
             self._skipped_base = total
         return plan
 
-    def _group_tensors(self, group, present) -> F.GroupTensors:
-        """The group's tensors for the step; creates the state the group's structure calls for."""
+    def _group_tensors(self, group, grads, created) -> F.GroupTensors:
+        """The group's tensors for the step, with the state its structure calls for (made ones listed in ``created``)."""
         params = group["params"]
-        for p, have in zip(params, present):
-            state = self.state[p]
-            if have and "step" not in state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            if "step" not in state:
-                continue
-            if group["base"] == "sgd" and group["momentum"] != 0 and "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if group["base"] == "adamw" and "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if _slow_active(group) and "slow_param" not in state:
-                # Note [slow snapshot]: slow weights start as the parameters at their first step
-                state["slow_param"] = p.detach().clone()
+        _state.make_missing(self.state, group, params, grads, created)
         states = [self.state[p] for p in params]
-        if group["base"] == "sgd":
-            keys = ("momentum_buffer",) if group["momentum"] != 0 else ()
-        else:
-            keys = ("exp_avg", "exp_avg_sq")
-        slow, counter = [], None
-        if _slow_active(group) and params:
-            slow = [s.get("slow_param") for s in states]
-            counter = self._sync_counter(group, params[0].device)
+        keys = _checkpoint.BASE_KEYS[group["base"]] if group["base"] == "adamw" or group["momentum"] != 0 else ()
+        slow = _groups.slow_active(group) and bool(params)
         return F.GroupTensors(
             params=params, masks=[packing.for_kernels(s, p) for s, p in zip(states, params)],
             steps=[s.get("step") for s in states], state=[[s.get(k) for s in states] for k in keys],
-            slow_params=slow, sync_counter=counter)
+            slow_params=[s.get("slow_param") for s in states] if slow else [],
+            sync_counter=self._sync_counter(group, params[0].device) if slow else None)
 
     def _sync_counter(self, group, device):
         """The group's remain steps since the last sync, on the device (from ``group["remain_steps"]`` at first)."""
@@ -375,45 +321,25 @@ class SFRon(Optimizer):
         return (not torch.compiler.is_compiling() and torch.cuda.is_initialized()
                 and torch.cuda.is_current_stream_capturing())
 
-    def _check_capturable(self, plan) -> None:
-        why = None
-        if len(plan.devices) != 1 or plan.devices[0].type != "cuda":
-            why = f"its parameters are on {', '.join(map(str, plan.devices))}; a graph needs them on one CUDA device"
-        elif plan.reduce_group is not None:
-            why = "its norm is all-reduced over ranks (FSDP2)"
-        else:
-            for group in self.param_groups:
-                for key in ("lr", "forget_alpha"):
-                    value = group[key]
-                    if torch.is_tensor(value) and value.device != plan.devices[0]:
-                        why = (f"{key} is a tensor on {value.device}: the graph would freeze its value; put it on "
-                               f"{plan.devices[0]}")
-        if why is not None:
-            raise RuntimeError(f"SFRon.step() cannot be captured in a CUDA graph: {why}")
-
     @property
     def skipped_steps(self) -> int:
-        """How many steps the non-finite protection skipped (reading it synchronises)."""
+        """How many steps were skipped (a non-finite direction, or a bad tensor hyperparameter); reading it synchronises."""
         return self._skipped_base + (0 if self._skipped is None else int(self._skipped))
 
     # ------------------------------------------------------------------ slow weights
     def slow_weights(self) -> list:
         """The slow weights aligned with the parameters (the parameters themselves where there are none)."""
-        out = []
-        for _, p, _ in self._named_params():
-            state = self.state.get(p)
-            out.append(state["slow_param"] if state and "slow_param" in state else p.detach())
-        return out
+        return [self.state[p]["slow_param"] if "slow_param" in self.state.get(p, {}) else p.detach()
+                for _, p, _ in self._named_params()]
 
     @contextmanager
     def use_slow_weights(self):
         """Swap the slow weights into the parameters (for evaluation) and back afterwards."""
         pairs = [(p, self.state[p]["slow_param"]) for _, p, _ in self._named_params()
-                 if p in self.state and "slow_param" in self.state[p]]
-        backups = []
+                 if "slow_param" in self.state.get(p, {})]
         with torch.no_grad():
+            backups = [p.detach().clone() for p, _ in pairs]
             for p, s in pairs:
-                backups.append(p.detach().clone())
                 p.copy_(s)
         try:
             yield self
@@ -442,9 +368,9 @@ class SFRon(Optimizer):
     def compute_mask(self, gamma: float = 1.0, density: float | None = None) -> tuple[int, int]:
         """Set every parameter's mask from the accumulated Fisher; return ``(kept, total)``.
 
-        ``m = [(F_f + eps) / (F_r + eps) >= gamma]``; with ``density`` the
-        ``ceil(density * N)`` largest ratios over all parameters are kept (ties
-        at the cut-off too). A parameter that never had a gradient has Fisher 0.
+        ``m = [(F_f + eps) / (F_r + eps) >= gamma]``; with ``density`` exactly the
+        ``ceil(density * N)`` largest ratios over all parameters are kept (ties at the
+        cut-off broken by position). A parameter that never had a gradient has Fisher 0.
         """
         params = [p for _, p, _ in self._named_params()]
         forget = [fisher.stored(self.state.get(p, {}), p, "forget") for p in params]
@@ -460,41 +386,18 @@ class SFRon(Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self):
-        sd = super().state_dict()
-        sd["skipped_steps"] = self.skipped_steps
-        for saved, group in zip(sd["param_groups"], self.param_groups):
-            counter = self._sync_counts.get(id(group))
-            if counter is not None:
-                saved["remain_steps"] = int(counter)
-        return sd
+        """torch's state dict, with its format tag and the counters that live on the device."""
+        counts = [self._sync_counts.get(id(g)) for g in self.param_groups]
+        return _checkpoint.tagged(super().state_dict(), self.skipped_steps, counts)
 
     def load_state_dict(self, state_dict) -> None:
-        state_dict = dict(state_dict)
-        skipped = int(state_dict.pop("skipped_steps", 0))
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        # torch casts floating state to the parameter's dtype and leaves "step" where it was
-        # saved; put these back as they were saved, on the parameter's device
-        restore = {}
-        for pid, p in zip(saved_ids, params):
-            saved = state_dict["state"].get(pid, {})
-            restore[p] = {k: v for k, v in saved.items() if k in _KEEP_DTYPE or k == "step"}
+        """Load a state dict after checking all of it (a bad one raises and changes nothing).
+
+        A parameter whose saved state holds no mask keeps the mask this optimizer has for it.
+        """
+        named = self._named_params()
+        _checkpoint.check(self, state_dict, named)
+        state_dict, skipped, restore, kept = _checkpoint.prepare(self, state_dict, named)
         super().load_state_dict(state_dict)
-        for p, entries in restore.items():
-            for k, v in entries.items():
-                dtype = torch.float32 if k == "step" else v.dtype
-                self.state[p][k] = v.to(device=p.device, dtype=dtype, copy=True)
-        for _, p, label in self._named_params():  # the masks in this optimizer's format
-            state = self.state.get(p, {})
-            if self.mask_format == "packed" and "mask" in state:
-                if state["mask"].is_floating_point():
-                    raise ValueError(f"the loaded mask for parameter {label} is floating point (soft saliency); "
-                                     "mask_format='packed' stores binary masks only")
-                packing.store(state, p, state["mask"], "packed")
-            elif self.mask_format == "dense" and "packed_mask" in state:
-                packing.store(state, p, packing.dense(state, p), "dense")
-        for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-            group.setdefault("remain_steps", 0)
+        _checkpoint.restore(self, restore, kept)
         self._reset_runtime(skipped)

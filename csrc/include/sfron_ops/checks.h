@@ -11,9 +11,13 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
 #include <optional>
 #include <sstream>
 #include <string>
+#include <vector>
 
 namespace sfron_ops {
 
@@ -165,6 +169,37 @@ inline void check_steps(const char* op, at::TensorList steps, at::TensorList lik
   }
 }
 
+// No two tensors an op writes share memory (a parameter twice, overlapping views, one step counter for two
+// parameters): their elements would be updated twice, and on a GPU by racing blocks.
+struct WrittenList {
+  const char* key;
+  at::TensorList tensors;
+};
+
+inline void check_distinct_writes(const char* op, std::initializer_list<WrittenList> lists) {
+  struct Span {
+    uintptr_t begin, end;
+    const char* key;
+    size_t index;
+  };
+  std::vector<Span> spans;
+  for (const WrittenList& list : lists) {
+    for (size_t i = 0; i < list.tensors.size(); ++i) {
+      const at::Tensor& t = list.tensors[i];
+      if (!t.defined() || t.numel() == 0) continue;
+      int64_t last = 0;
+      for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+      const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+      spans.push_back({begin, begin + static_cast<uintptr_t>((last + 1) * t.element_size()), list.key, i});
+    }
+  }
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  for (size_t k = 1; k < spans.size(); ++k) {
+    TORCH_CHECK(spans[k].begin >= spans[k - 1].end, op, ": ", spans[k - 1].key, "[", spans[k - 1].index, "] and ",
+                spans[k].key, "[", spans[k].index, "] share memory; each tensor the op writes must be its own");
+  }
+}
+
 // ---------------------------------------------------------------- per op
 // Everything one op checks, called by its CPU and its CUDA kernel alike.
 
@@ -204,6 +239,7 @@ inline void check_sgd_update_args(at::TensorList params, at::TensorList grads, a
               " needs one momentum buffer per parameter");
   check_dtype_like(op, "momentum_buffers", momentum_buffers, params);
   check_one_device(op, "params", params);
+  check_distinct_writes(op, {{"params", params}, {"momentum_buffers", momentum_buffers}, {"steps", steps}});
 }
 
 inline void check_adamw_update_args(at::TensorList params, at::TensorList grads, at::TensorList masks,
@@ -218,6 +254,7 @@ inline void check_adamw_update_args(at::TensorList params, at::TensorList grads,
   check_dtype_like(op, "exp_avgs", exp_avgs, params);
   check_dtype_like(op, "exp_avg_sqs", exp_avg_sqs, params);
   check_one_device(op, "params", params);
+  check_distinct_writes(op, {{"params", params}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}, {"steps", steps}});
 }
 
 inline void check_fisher_accumulate_args(at::TensorList fishers, at::TensorList grads) {
@@ -226,6 +263,7 @@ inline void check_fisher_accumulate_args(at::TensorList fishers, at::TensorList 
   check_dtype(op, "fishers", fishers, at::kFloat);
   check_floating(op, "grads", grads);
   check_one_device(op, "grads", grads);
+  check_distinct_writes(op, {{"fishers", fishers}});
 }
 
 inline void check_saliency_mask_args(at::TensorList forget_fishers, at::TensorList remain_fishers,
@@ -246,6 +284,7 @@ inline void check_saliency_mask_args(at::TensorList forget_fishers, at::TensorLi
     TORCH_CHECK(kept.device() == forget_fishers[i].device(), op, ": kept is on ", kept.device(),
                 " but forget_fishers[", i, "] is on ", forget_fishers[i].device());
   }
+  check_distinct_writes(op, {{"masks", masks}, {"kept", kept}});
 }
 
 inline void check_slow_sync_args(at::TensorList slow_params, at::TensorList params,
@@ -259,6 +298,8 @@ inline void check_slow_sync_args(at::TensorList slow_params, at::TensorList para
   check_floating(op, "params", params);
   check_dtype_like(op, "slow_params", slow_params, params);
   check_one_device(op, "params", params);
+  const at::Tensor none;
+  check_distinct_writes(op, {{"slow_params", slow_params}, {"params", params}, {"counter", counter ? *counter : none}});
 }
 
 }  // namespace sfron_ops

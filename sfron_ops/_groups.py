@@ -1,4 +1,5 @@
-"""SFRon's param-group hyperparameters: what each key accepts, and what a group's structure is.
+"""SFRon's param groups: what each hyperparameter accepts, which parameters a group may hold, and
+what a group's structure is (the state and the step plan it calls for).
 
 Every number must be finite: an infinite ``lr``, ``momentum`` or ``weight_decay`` would turn the weights
 into infinities and NaNs that no later step can undo. ``lr`` and ``forget_alpha`` may also be 0-dim
@@ -101,3 +102,28 @@ def slow_active(group) -> bool:
 def structure(group) -> tuple:
     """The hyperparameters that decide which state a group has (a step plan depends on them)."""
     return group["base"], group["momentum"] != 0, slow_active(group)
+
+
+def unique_params(param_group: dict) -> dict:
+    """``param_group`` with its params as a list, refused if a parameter appears twice: each step would update
+    it twice, and each backend differently (torch only warns)."""
+    params = param_group["params"]
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    elif not isinstance(params, set):  # torch refuses sets itself, naming the problem
+        params = list(params)
+    seen = {}
+    for i, item in enumerate(params):
+        p = item[1] if isinstance(item, tuple) else item
+        if torch.is_tensor(p) and seen.setdefault(id(p), i) != i:
+            raise ValueError(f"a parameter appears twice in a param group (positions {seen[id(p)]} and {i}); give "
+                             "each parameter once")
+    return dict(param_group, params=params)
+
+
+def check_params(group: dict, where: str) -> None:
+    """SFRon updates real floating tensors."""
+    for i, p in enumerate(group["params"]):
+        if not p.is_floating_point():
+            raise ValueError(f"{where}['params'][{i}] has dtype {p.dtype}; SFRon updates real floating tensors")
+
