@@ -60,7 +60,8 @@ def test_paper_presets_are_valid_methods():
     from sfron_ops.unlearn import make_method
 
     for preset in list(presets.SFRON_PAPER.values()) + list(presets.DIGITS_RANDOM.values()) + \
-            list(presets.DIGITS_CLASS.values()):
+            list(presets.DIGITS_CLASS.values()) + [p for kind in ("random", "class")
+                                                   for p in presets._paper_methods(kind).values()]:
         spec = dict(preset)
         make_method(spec.pop("method"), **spec)
     cifar = presets.SFRON_PAPER["cifar10-random"]

@@ -43,7 +43,7 @@ SMALL = {
     "ga": dict(iterations=9, lr=0.01),
     "rl": dict(iterations=9, lr=0.05),
     "salun": dict(iterations=9, lr=0.05, density=0.5),
-    "scrub": dict(iterations=9, lr=0.05, max_fraction=0.5),
+    "scrub": dict(iterations=9, lr=0.05),
     "sfron": dict(iterations=9, lr=0.05, forget_freq=2, forget_alpha=5.0, max_grad_norm=2.0),
 }
 

@@ -255,6 +255,7 @@ def run(method, model: nn.Module, forget_loader=None, remain_loader=None, *, los
     if device is None:
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
+    method.plan({k: v for k, v in loaders.items() if v is not None})
     n = method.iterations
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 0):
         raise ValueError(f"Invalid stop_after: {stop_after!r}")
