@@ -56,7 +56,7 @@ class GenerationScenario:
     trace_points: int = 10                           # FA measured this many times during a run
     trace_samples: int = 32
     classifier_epochs: int = 20
-    judge_non_digits: int = 400                      # images of the judge's "no digit" class
+    judge_non_digits: int = 600                      # images of the judge's "no digit" class
     tuning_seeds: tuple = (100,)
     tuning_max_fa: float = 5.0
     description: str = ""
@@ -81,26 +81,40 @@ class GenSeedBase:
 
 # ---------------------------------------------------------------------------------------------- the judge
 def non_digits(x01: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-    """``n`` images in [0, 1] that are not digits, for the judge's extra class: real digits with their pixels
-    shuffled (the same pixel values, no shape), uniform noise, binary noise of random density, and blobs
-    (coarse noise, upsampled and thresholded), a quarter each."""
+    """``n`` images in [0, 1] that are not digits, for the judge's extra class, in six equal families:
+    real digits with their pixels shuffled (the same values, no shape), uniform noise, binary noise of
+    random density, smooth blobs (coarse noise, upsampled and thresholded), blocky binary noise (2x2
+    blocks at a random density, often sparse) and fragments (a binarised real digit with random
+    2x2 blocks removed or added)."""
     shape = x01.shape[1:]
-    kinds = torch.arange(n) % 4
+    c, h, w = shape
     out = torch.empty((n, *shape))
     idx = torch.randint(0, x01.shape[0], (n,), generator=generator)
+
+    def rand(*size):
+        return torch.rand(size, generator=generator)
+
+    def blocks(density):
+        return F.interpolate((rand(1, c, h // 2, w // 2) < density).float(), size=(h, w), mode="nearest")[0]
+
     for i in range(n):
-        k = int(kinds[i])
-        if k == 0:
+        kind = i % 6
+        if kind == 0:
             flat = x01[idx[i]].flatten()
             out[i] = flat[torch.randperm(flat.numel(), generator=generator)].view(shape)
-        elif k == 1:
-            out[i] = torch.rand(shape, generator=generator)
-        elif k == 2:
-            out[i] = (torch.rand(shape, generator=generator) < torch.rand((), generator=generator)).float()
+        elif kind == 1:
+            out[i] = rand(*shape)
+        elif kind == 2:
+            out[i] = (rand(*shape) < rand()).float()
+        elif kind == 3:
+            up = F.interpolate(rand(1, c, h // 2, w // 2), size=(h, w), mode="bilinear", align_corners=False)[0]
+            out[i] = (up > rand() * 0.5 + 0.25).float()
+        elif kind == 4:
+            out[i] = blocks(0.05 + 0.5 * float(rand()))
         else:
-            coarse = torch.rand((1, shape[0], shape[1] // 2, shape[2] // 2), generator=generator)
-            up = F.interpolate(coarse, size=shape[1:], mode="bilinear", align_corners=False)[0]
-            out[i] = (up > torch.rand((), generator=generator) * 0.5 + 0.25).float()
+            digit = (x01[idx[i]] > 0.5).float()
+            keep = blocks(0.5)
+            out[i] = torch.where(keep.bool(), digit, blocks(0.15))
     return out
 
 
@@ -267,10 +281,16 @@ def run_scenario(scenario: GenerationScenario, seeds=(0, 1, 2), methods=None, *,
              f"trained in {base.original_seconds:.1f}s")
         for c in classes:
             key = f"{seed}/{c}"
+            run_rt = with_rt and (scenario.rt_seeds is None or seed in scenario.rt_seeds)
+            cached = _load_case(checkpoint_dir, seed, c, (["RT"] if run_rt else []) + labels)
+            if cached is not None:  # every run of this case finished and was judged before
+                per_case[key] = cached
+                rt_cases += [key] if run_rt else []
+                echo(f"[{scenario.name} seed {seed} class {c}] read from {checkpoint_dir}")
+                continue
             orig, orig_images = evaluate_case(scenario, base, base.original, c)
             orig.update({"iterations": math.nan, "RTE": math.nan, "FID ratio": 1.0, "forget_at": math.nan})
             rows, pictures = {"Original": orig}, {"Original": orig_images}
-            run_rt = with_rt and (scenario.rt_seeds is None or seed in scenario.rt_seeds)
             todo = ([("RT", dict(scenario.train, method="train"))] if run_rt else []) + \
                 [(lab, scenario.methods[lab]) for lab in labels]
             for label, spec in todo:
@@ -281,6 +301,7 @@ def run_scenario(scenario: GenerationScenario, seeds=(0, 1, 2), methods=None, *,
             if run_rt:
                 rt_cases.append(key)
             per_case[key] = rows
+            _save_case(checkpoint_dir, seed, c, rows)
             if out is not None:
                 plot_grid(pictures, case_labels(scenario, c), c, os.path.join(out, "grids", f"seed{seed}-class{c}.png"),
                           title=f"{scenario.name}: seed {seed}, class {c} forgotten")
@@ -312,6 +333,36 @@ def run_scenario(scenario: GenerationScenario, seeds=(0, 1, 2), methods=None, *,
         "order": order,
         "wall_seconds": time.perf_counter() - started,
     }
+
+
+def _case_path(checkpoint_dir, seed, forget_class):
+    return None if checkpoint_dir is None else os.path.join(checkpoint_dir, f"seed{seed}", f"case-c{forget_class}.json")
+
+
+def _save_case(checkpoint_dir, seed, forget_class, rows):
+    path = _case_path(checkpoint_dir, seed, forget_class)
+    if path is not None:
+        from .experiment import save_json
+
+        save_json({lab: _plain(m) for lab, m in rows.items()}, path)
+
+
+def _load_case(checkpoint_dir, seed, forget_class, labels):
+    """The judged rows of a case from an earlier call, if it has every label asked for now (only those are kept)."""
+    import json
+
+    path = _case_path(checkpoint_dir, seed, forget_class)
+    if path is None or not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        rows = json.load(fh)
+    if not set(labels) <= set(rows):
+        return None
+
+    def restore(m):  # strict JSON wrote NaN as null
+        return {k: (math.nan if v is None else v) for k, v in m.items()}
+
+    return {lab: restore(m) for lab, m in rows.items() if lab in ("Original", *labels)}
 
 
 def _plain(m):

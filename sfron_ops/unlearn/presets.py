@@ -189,7 +189,7 @@ _SALUN_DDPM = dict(method="salun", base="adamw", lr=1e-4, weight_decay=0.0, lr_s
 _SA_DDPM = dict(method="sa", lr=1e-4, ewc_weight=10.0, replay_per_class=50, fisher_samples=100)
 _ADAM = dict(base="adamw", weight_decay=0.0, lr_schedule="constant")
 DIGITS_DDPM = {
-    "SFR-on": dict(_SFRON_DDPM, lr=5e-4, iterations=50),
+    "SFR-on": dict(_SFRON_DDPM, lr=1e-3, iterations=50),
     "SFR-on (paper)": dict(_SFRON_DDPM),
     "SalUn": dict(_SALUN_DDPM, lr=1e-4, iterations=500),
     "SA": dict(_SA_DDPM, lr=1e-4, iterations=500),
@@ -225,6 +225,7 @@ def digits_ddpm_scenario(*, methods: dict | None = None, classes=None, denoiser:
     return GenerationScenario(
         name="digits-ddpm-class", denoiser=denoiser, train=dict(DDPM_TRAIN if train is None else train),
         methods=copy.deepcopy(DIGITS_DDPM if methods is None else methods), tuning_seeds=DDPM_TUNING_SEEDS,
+        rt_seeds=kw.pop("rt_seeds", (0,)),
         description=f"digits (sklearn, 8x8, pixels in [-1, 1]), class-conditional DDPM ({denoiser} denoiser, 1,000 "
                     "noise steps, 10 % label dropout); one class forgotten at a time; judged on generated images "
                     "by a CNN trained on the real ones", **kw)
