@@ -308,3 +308,26 @@ def test_ddpm_presets_are_valid_and_keep_the_authors_settings():
     sfron, salun, sa = (presets.DIGITS_DDPM[k]["iterations"] for k in ("SFR-on", "SalUn", "SA"))
     assert salun >= 10 * sfron and sa >= 10 * sfron
     assert adaptive_weights(torch.tensor([1.0, 4.0]), 0.5, eps=paper["weight_eps"]).sum() == pytest.approx(2.0)
+
+
+def test_tune_keeps_the_lowest_fid_among_configurations_that_forget(monkeypatch):
+    """Selection only (the runs are replaced): FA <= 5 % on every case makes a configuration eligible, the lowest
+    mean FID ratio wins, and with none eligible the lowest worst-case FA does."""
+    table = {  # lr -> (FA on class 0, FA on class 1, FID)
+        1e-4: (0.0, 40.0, 10.0), 3e-4: (0.0, 5.0, 13.0), 1e-3: (2.0, 0.0, 12.0), 3e-3: (0.0, 1.0, 30.0)}
+
+    def fake_case(scenario, base, c, label, config, **kw):
+        fa0, fa1, fid_ = table[config["lr"]]
+        return {"FA": (fa0, fa1)[c], "FID": fid_, "kept acc": 100.0}, None
+
+    monkeypatch.setattr(generation, "run_case", fake_case)
+    monkeypatch.setattr(generation, "prepare_seed", lambda scenario, s, **kw: type("B", (), {"seed": s, "original": None})())
+    monkeypatch.setattr(generation, "evaluate_case", lambda scenario, b, model, c: ({"FID": 10.0}, None))
+    scenario = _tiny_scenario()
+    grids = {"SFR-on": [dict(method="sfron", lr=lr, iterations=5) for lr in table],
+             "GA": [dict(method="ga", lr=lr, iterations=5) for lr in (1e-4,)]}
+    out = generation.tune(scenario, grids, seeds=(100,), classes=(0, 1), echo=lambda _: None)
+    assert out["best"]["SFR-on"]["lr"] == 1e-3  # eligible: 3e-4 (1.3), 1e-3 (1.2), 3e-3 (3.0)
+    assert out["best"]["GA"]["lr"] == 1e-4     # none eligible: the lowest worst FA
+    assert [t["eligible"] for t in out["trials"][:4]] == [False, True, True, True]
+    assert out["trials"][1]["FID ratio"] == pytest.approx(1.3)

@@ -166,16 +166,20 @@ def main(argv=None) -> int:
     scenario.methods = _overrides(args.set, scenario.methods)
     out = args.out or os.path.join("runs", scenario.name if args.command == "run" else f"tune-{scenario.name}")
     started = time.perf_counter()
-    if scenario.name in GENERATION:
-        return _generation(args, scenario, labels, out, started)
+    generative = scenario.name in GENERATION
     if args.command == "tune":
-        grids = {k: v for k, v in presets.TUNING_GRIDS.items() if labels is None or k in labels}
-        result = experiment.tune(scenario, grids, seeds=args.seeds, device=args.device, progress=args.progress)
+        from . import generation
+
+        module, table = (generation, presets.DDPM_TUNING_GRIDS) if generative else (experiment, presets.TUNING_GRIDS)
+        grids = {k: v for k, v in table.items() if labels is None or k in labels}
+        result = module.tune(scenario, grids, seeds=args.seeds, device=args.device, progress=args.progress)
         os.makedirs(out, exist_ok=True)
         experiment.save_json(result, os.path.join(out, "tuning.json"))
         print(json.dumps(result["best"], indent=1))
         print(f"wrote {os.path.join(out, 'tuning.json')} in {time.perf_counter() - started:.1f}s")
         return 0
+    if generative:
+        return _run_generation(args, scenario, labels, out, started)
     results = experiment.run_scenario(scenario, seeds=args.seeds, methods=labels, device=args.device,
                                       progress=args.progress, checkpoint_dir=args.checkpoint_dir)
     write_outputs([results], out)
@@ -188,18 +192,10 @@ def main(argv=None) -> int:
     return 0
 
 
-def _generation(args, scenario, labels, out, started):
-    """``run`` and ``tune`` for the diffusion scenario: same protocol, its own yardsticks (FA, kept accuracy, FID)."""
-    from . import experiment, generation, presets
+def _run_generation(args, scenario, labels, out, started):
+    """``run`` for the diffusion scenario: its own yardsticks (FA, kept accuracy, FID) and pictures."""
+    from . import generation
 
-    if args.command == "tune":
-        grids = {k: v for k, v in presets.DDPM_TUNING_GRIDS.items() if labels is None or k in labels}
-        result = generation.tune(scenario, grids, seeds=args.seeds, device=args.device, progress=args.progress)
-        os.makedirs(out, exist_ok=True)
-        experiment.save_json(result, os.path.join(out, "tuning.json"))
-        print(json.dumps(result["best"], indent=1))
-        print(f"wrote {os.path.join(out, 'tuning.json')} in {time.perf_counter() - started:.1f}s")
-        return 0
     results = generation.run_scenario(scenario, seeds=args.seeds, methods=labels, device=args.device,
                                       progress=args.progress, checkpoint_dir=args.checkpoint_dir, out=out)
     generation.write_outputs(results, out)
