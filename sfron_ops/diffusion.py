@@ -17,8 +17,6 @@ label is replaced by :math:`\varnothing` (the training of classifier-free guidan
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
@@ -45,8 +43,9 @@ def paired_timesteps(n: int, num_timesteps: int, *, device=None, generator: torc
 
 def guided_eps(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance: float,
                null_label: int) -> torch.Tensor:
-    r"""The classifier-free guided prediction :math:`(1 + w)\hat\varepsilon(x_t, t, c) - w\hat\varepsilon(x_t, t, \varnothing)`,
-    with both terms from one forward pass over the doubled batch. ``guidance=0`` is the conditional prediction."""
+    r"""The classifier-free guided prediction
+    :math:`(1 + w)\hat\varepsilon(x_t, t, c) - w\hat\varepsilon(x_t, t, \varnothing)`, with both terms from one
+    forward pass over the doubled batch. ``guidance=0`` is the conditional prediction."""
     if guidance == 0:
         return model(x_t, t, labels)
     n = x_t.shape[0]

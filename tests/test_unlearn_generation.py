@@ -321,7 +321,8 @@ def test_tune_keeps_the_lowest_fid_among_configurations_that_forget(monkeypatch)
         return {"FA": (fa0, fa1)[c], "FID": fid_, "kept acc": 100.0}, None
 
     monkeypatch.setattr(generation, "run_case", fake_case)
-    monkeypatch.setattr(generation, "prepare_seed", lambda scenario, s, **kw: type("B", (), {"seed": s, "original": None})())
+    monkeypatch.setattr(generation, "prepare_seed",
+                        lambda scenario, s, **kw: type("B", (), {"seed": s, "original": None})())
     monkeypatch.setattr(generation, "evaluate_case", lambda scenario, b, model, c: ({"FID": 10.0}, None))
     scenario = _tiny_scenario()
     grids = {"SFR-on": [dict(method="sfron", lr=lr, iterations=5) for lr in table],

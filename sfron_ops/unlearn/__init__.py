@@ -9,8 +9,17 @@ class forgetting in a diffusion model: ``sfron-unlearn run --scenario digits-ddp
 """
 
 from .methods import METHODS, Method, adaptive_forget_loss, make_method
-from .metrics import (accuracy, avg_gap, evaluate, fid, frechet_distance, js_divergence, kl_divergence, mean_std,
-                      mia_efficacy)
+from .metrics import (
+                      accuracy,
+                      avg_gap,
+                      evaluate,
+                      fid,
+                      frechet_distance,
+                      js_divergence,
+                      kl_divergence,
+                      mean_std,
+                      mia_efficacy,
+)
 from .runner import RunResult, run
 
 __all__ = [
