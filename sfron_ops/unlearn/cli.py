@@ -3,6 +3,7 @@
     sfron-unlearn run --scenario digits-random --seeds 0 1 2 --out runs/digits-random
     sfron-unlearn run --dataset cifar10 --root ~/data --forget random:0.1 --model resnet18 --seeds 0
     sfron-unlearn tune --scenario digits-class
+    sfron-unlearn run --scenario digits-ddpm-class --seeds 0 1 2     # class forgetting in a diffusion model
     sfron-unlearn presets
 """
 
@@ -16,6 +17,7 @@ import sys
 import time
 
 DIGITS = ("digits-random", "digits-class")
+GENERATION = ("digits-ddpm-class",)
 
 
 def _value(text):
@@ -41,9 +43,30 @@ def _overrides(items, methods):
     return out
 
 
+def _generation_scenario(args):
+    from . import presets
+
+    kw = {}
+    if args.forget:
+        kind, _, value = args.forget.partition(":")
+        if kind != "class" or not value:
+            raise SystemExit(f"--forget for {args.scenario} must be class:INDEX[,INDEX...], got {args.forget!r}")
+        kw["classes"] = [int(v) for v in value.split(",")]
+    if args.model:
+        if args.model not in ("mlp", "unet", "dit"):
+            raise SystemExit(f"--model for {args.scenario} must be mlp, unet or dit, got {args.model!r}")
+        kw["denoiser"] = args.model
+    if args.epochs:
+        raise SystemExit(f"--epochs does not apply to {args.scenario}: the denoiser trains for a number of "
+                         "iterations (presets.DDPM_TRAIN)")
+    return presets.digits_ddpm_scenario(**kw)
+
+
 def _scenario(args):
     from . import presets
 
+    if args.scenario in GENERATION:
+        return _generation_scenario(args)
     if args.dataset == "digits" or args.scenario:
         name = args.scenario or "digits-random"
         if name not in DIGITS:
@@ -80,12 +103,15 @@ def _scenario(args):
 
 
 def _common(p):
-    p.add_argument("--scenario", choices=DIGITS, help="a built-in digits scenario (default: digits-random)")
+    p.add_argument("--scenario", choices=DIGITS + GENERATION,
+                   help="a built-in digits scenario (default: digits-random); digits-ddpm-class forgets a class "
+                        "in a class-conditional diffusion model")
     p.add_argument("--dataset", choices=("digits", "cifar10", "cifar100", "imagefolder"), default="digits")
     p.add_argument("--root", help="data folder (CIFAR: the folder holding cifar-10-batches-py; ImageFolder: train)")
     p.add_argument("--test-root", help="ImageFolder test folder")
     p.add_argument("--forget", help="random:FRACTION or class:INDEX")
-    p.add_argument("--model", choices=("mlp", "cnn", "resnet18"))
+    p.add_argument("--model", choices=("mlp", "cnn", "resnet18", "unet", "dit"),
+                   help="classifier (mlp, cnn, resnet18) or, for digits-ddpm-class, denoiser (mlp, unet, dit)")
     p.add_argument("--epochs", type=int, help="epochs to train the original and RT")
     p.add_argument("--batch-size", type=int, dest="batch_size")
     p.add_argument("--num-workers", type=int, dest="num_workers")
@@ -124,7 +150,9 @@ def main(argv=None) -> int:
         from . import presets
 
         print(json.dumps({"sfron_paper": presets.SFRON_PAPER, "digits-random": presets.DIGITS_RANDOM,
-                          "digits-class": presets.DIGITS_CLASS}, indent=1))
+                          "digits-class": presets.DIGITS_CLASS,
+                          "sfron_paper_generation": presets.SFRON_PAPER_GENERATION,
+                          "digits-ddpm-class": presets.DIGITS_DDPM}, indent=1))
         return 0
     import torch
 
@@ -138,14 +166,20 @@ def main(argv=None) -> int:
     scenario.methods = _overrides(args.set, scenario.methods)
     out = args.out or os.path.join("runs", scenario.name if args.command == "run" else f"tune-{scenario.name}")
     started = time.perf_counter()
+    generative = scenario.name in GENERATION
     if args.command == "tune":
-        grids = {k: v for k, v in presets.TUNING_GRIDS.items() if labels is None or k in labels}
-        result = experiment.tune(scenario, grids, seeds=args.seeds, device=args.device, progress=args.progress)
+        from . import generation
+
+        module, table = (generation, presets.DDPM_TUNING_GRIDS) if generative else (experiment, presets.TUNING_GRIDS)
+        grids = {k: v for k, v in table.items() if labels is None or k in labels}
+        result = module.tune(scenario, grids, seeds=args.seeds, device=args.device, progress=args.progress)
         os.makedirs(out, exist_ok=True)
         experiment.save_json(result, os.path.join(out, "tuning.json"))
         print(json.dumps(result["best"], indent=1))
         print(f"wrote {os.path.join(out, 'tuning.json')} in {time.perf_counter() - started:.1f}s")
         return 0
+    if generative:
+        return _run_generation(args, scenario, labels, out, started)
     results = experiment.run_scenario(scenario, seeds=args.seeds, methods=labels, device=args.device,
                                       progress=args.progress, checkpoint_dir=args.checkpoint_dir)
     write_outputs([results], out)
@@ -156,6 +190,36 @@ def main(argv=None) -> int:
     print(experiment.format_table(results, markdown=False))
     print(f"\nwrote {out}/results.json, table.md, results.png in {time.perf_counter() - started:.1f}s")
     return 0
+
+
+def _run_generation(args, scenario, labels, out, started):
+    """``run`` for the diffusion scenario: its own yardsticks (FA, kept accuracy, FID) and pictures."""
+    from . import generation
+
+    results = generation.run_scenario(scenario, seeds=args.seeds, methods=labels, device=args.device,
+                                      progress=args.progress, checkpoint_dir=args.checkpoint_dir, out=out)
+    generation.write_outputs(results, out)
+    print()
+    print_generation(results)
+    print(f"\nwrote {out}/results.json, table.md, results.png and grids/ in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def print_generation(results, echo=print):
+    """The tables and the quality bar of a diffusion scenario's results."""
+    from . import generation
+
+    echo(f"## {results['scenario']}: {results['description']}")
+    echo(f"seeds {results['seeds']} x classes {results['classes']}; mean ± std over cases. FA = share (%) of the "
+         "images asked for the forgotten class that the judge assigns to it, p(c_f) its mean probability (%), H the "
+         "judge's mean entropy; kept acc and FID over the nine kept classes; iters to FA ≤ 5 %: first point of the "
+         "run's FA trace at or below 5 %; RTE in seconds")
+    echo(generation.format_table(results, markdown=False))
+    echo("\nFA (%) per forgotten class, mean over seeds (worst seed):")
+    echo(generation.format_class_table(results, markdown=False))
+    echo("\nQuality bar:")
+    for met, sentence in generation.quality_bar(results):
+        echo(f"  [{'met' if met else 'NOT met'}] {sentence}")
 
 
 def write_outputs(results_list, out):
