@@ -78,6 +78,16 @@ def test_every_method_changes_the_model_and_records(name):
     assert all(math.isfinite(h["forget_loss" if name not in ("train", "ft") else "remain_loss"]) for h in res.history)
 
 
+def test_rl_in_its_authors_order_on_a_diffusion_loss():
+    """RL's default epoch (every forget batch with uniform random labels, then every remain batch) with an ε-loss."""
+    model = _denoiser()
+    before = _flat(model).clone()
+    res = run("rl", model, *_loaders(), loss_fn=EpsLoss(3), progress=False, log_every=1, iterations=6, lr=1e-3, **ADAM)
+    assert res.completed and res.info["epochs"] == 1
+    assert [("forget_loss" in h, "remain_loss" in h) for h in res.history] == [(True, False)] * 2 + [(False, True)] * 4
+    assert not torch.equal(before, _flat(model)) and torch.isfinite(_flat(model)).all()
+
+
 def test_sfron_is_the_official_ddpm_loop():
     """The runner's "sfron" with the official DDPM preset against the loop of the authors' runner, written by hand
     with torch.optim.Adam: per iteration a forget step (adaptive weights 1/(loss^0.5 + 1e-8), ascent scaled by a

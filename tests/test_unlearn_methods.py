@@ -270,6 +270,42 @@ def test_rl_relabels_each_forget_batch_afresh():
     assert 0.25 < (labels == truth).float().mean().item() < 0.42  # the true label about a third of the time
 
 
+@pytest.mark.parametrize("batch_order, steps", [("paired", 3), ("sequential", 4)])
+def test_next_labels_and_remain_weight(batch_order, steps):
+    """``labels="next"`` trains D_f on (y + 1) mod C; ``remain_weight`` w makes a paired step descend
+    forget mean + w * remain mean and a remain step w * its mean (SalUn's DDPM recipe, here on a classifier)."""
+    w, lr = 0.1, 0.05
+    model, forget, remain = _task()  # 2 forget batches, 4 remain batches
+    ce = nn.functional.cross_entropy
+
+    def cycle(loader):
+        while True:
+            yield from loader
+
+    fit, rit = cycle(forget), cycle(remain)
+    opt = torch.optim.SGD(model.parameters(), lr)
+    kinds = ["paired"] * steps if batch_order == "paired" else ["forget", "forget", "remain", "remain"]
+    for kind in kinds:
+        if kind == "remain":
+            x, y = next(rit)
+            loss = w * ce(model(x), y)
+        else:
+            x, y = next(fit)
+            loss = ce(model(x), (y + 1) % 3)
+            if kind == "paired":
+                xr, yr = next(rit)
+                loss = loss + w * ce(model(xr), yr)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    twin, forget, remain = _task()
+    res = run("rl", twin, forget, remain, progress=False, iterations=steps, lr=lr, momentum=0.0, weight_decay=0.0,
+              labels="next", batch_order=batch_order, remain_weight=w)
+    assert res.iterations == steps
+    assert torch.equal(_flat(twin), _flat(model))
+    assert not torch.equal(_flat(twin), _flat(_task()[0]))
+
+
 def _lrs(res, lr):
     """The learning rate of every step: the first, then each record's (taken after the step's scheduler step)."""
     return [lr] + [h["lr"] for h in res.history[:-1]]
@@ -436,6 +472,8 @@ def test_methods_validate_their_hyperparameters():
         make_method("ft", base="adam")
     with pytest.raises(ValueError, match="Invalid labels: 'other'"):
         make_method("rl", labels="other")
+    with pytest.raises(ValueError, match="Invalid remain_weight: -1"):
+        make_method("rl", remain_weight=-1)
     with pytest.raises(ValueError, match="Invalid batch_order: 'mixed'"):
         make_method("salun", batch_order="mixed")
     with pytest.raises(ValueError, match="Invalid restore_masked: 1"):
