@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import checkpoints
 from . import metrics as M
 from .data import Split
+from .methods import make_method
 from .models import build_model
 from .runner import run
 
@@ -92,15 +94,16 @@ def prepare_seed(scenario: Scenario, seed: int, *, device=None, progress=None, c
     loaders = _loaders(split, scenario, seed)
     eval_loaders = (loaders["forget_eval"], loaders["remain_eval"], loaders["test_eval"])
     resume = checkpoint_dir is not None
+    specs = _run_specs(scenario, loaders, ())
     original = fresh_model(seed)
-    res = run("train", original, remain_loader=loaders["train"], seed=seed, progress=progress,
+    res = run(specs["original"][0], original, remain_loader=loaders["train"], seed=seed, progress=progress,
               desc=f"original s{seed}", checkpoint=_ckpt(checkpoint_dir, seed, "original"), resume=resume,
-              iterations=scenario.epochs * len(loaders["train"]), **scenario.train)
+              checkpoint_key=run_key(scenario, split, seed, "original"), **specs["original"][1])
     original_seconds = res.seconds
     rt = fresh_model(seed + 10_000)
-    res = run("train", rt, remain_loader=loaders["remain"], seed=seed + 10_000, progress=progress,
+    res = run(specs["RT"][0], rt, remain_loader=loaders["remain"], seed=seed + 10_000, progress=progress,
               desc=f"RT s{seed}", checkpoint=_ckpt(checkpoint_dir, seed, "RT"), resume=resume,
-              iterations=scenario.epochs * len(loaders["remain"]), **scenario.train)
+              checkpoint_key=run_key(scenario, split, seed, "RT"), **specs["RT"][1])
     rt_metrics = M.evaluate(rt, *eval_loaders, device=device, mia_seed=seed)
     reference = rt_metrics.pop("forget_logits")
     rt_metrics.update({"KL": 0.0, "JS": 0.0, "Avg.D": 0.0, "RTE": res.seconds})
@@ -119,7 +122,8 @@ def evaluate_method(scenario: Scenario, base: SeedBase, label: str, spec: dict, 
     loaders = _loaders(base.split, scenario, base.seed)  # every method sees the same batches
     res = run(name, model, loaders["forget"], loaders["remain"], device=base.device, seed=base.seed,
               progress=progress, desc=f"{label} s{base.seed}", checkpoint=_ckpt(checkpoint_dir, base.seed, label),
-              resume=checkpoint_dir is not None, **spec)
+              checkpoint_key=run_key(scenario, base.split, base.seed, label), resume=checkpoint_dir is not None,
+              **spec)
     m = M.evaluate(model, *base.eval_loaders, reference_forget_logits=base.reference, device=base.device,
                    mia_seed=base.seed)
     m.pop("forget_logits")
@@ -129,6 +133,90 @@ def evaluate_method(scenario: Scenario, base: SeedBase, label: str, spec: dict, 
 
 def _ckpt(checkpoint_dir, seed, tag):
     return None if checkpoint_dir is None else os.path.join(checkpoint_dir, f"seed{seed}", f"{tag}.pt")
+
+
+def run_key(scenario: Scenario, split: Split, seed: int, tag: str) -> dict:
+    """What determines the run ``tag`` ("original", "RT" or a method label) of ``seed`` besides its method and
+    hyperparameters (which the runner adds): the data's content and how it is read, the seed, the model and
+    how the original is trained; for RT and the methods also the forget set, and for the methods the batch
+    sizes of their loaders. A checkpoint resumes only a run with the same key, so an original is shared by
+    every forget set of the same data, and nothing else is shared."""
+    key = {"run": tag, "seed": seed, "data": split.identity(),
+           "model": {"name": scenario.model, **scenario.model_kwargs},
+           "training": {**scenario.train, "epochs": scenario.epochs, "batch_size": scenario.batch_size}}
+    if tag != "original":
+        key["forget"] = split.forget_identity()
+    if tag not in ("original", "RT"):
+        key["loaders"] = {"batch_size": scenario.batch_size, "forget_batch_size": scenario.forget_batch_size}
+    return key
+
+
+def _labels(scenario: Scenario, methods) -> list:
+    labels = list(scenario.methods) if methods is None else list(methods)
+    unknown = [m for m in labels if m not in scenario.methods]
+    if unknown:
+        raise ValueError(f"Invalid method: {unknown[0]!r}; scenario {scenario.name!r} has {list(scenario.methods)}")
+    return labels
+
+
+def _run_specs(scenario: Scenario, loaders: dict, labels) -> dict:
+    """``tag -> (method name, hyperparameters, the runner's loaders)`` for the original, RT and ``labels``."""
+    specs = {tag: ("train", dict(scenario.train, iterations=scenario.epochs * len(loaders[which])),
+                   {"remain": loaders[which]}) for tag, which in (("original", "train"), ("RT", "remain"))}
+    for label in labels:
+        spec = dict(scenario.methods[label])
+        specs[label] = (spec.pop("method"), spec, {"forget": loaders["forget"], "remain": loaders["remain"]})
+    return specs
+
+
+class RunConfigError(ValueError):
+    """A run (``tag``: "original", "RT" or a method label) whose method or hyperparameters cannot be used."""
+
+    def __init__(self, tag: str, error: Exception):
+        super().__init__(f"{tag}: {error}")
+        self.tag = tag
+
+
+def check_runs(scenario: Scenario, seeds, methods=None, *, device=None, checkpoint_dir: str | None = None) -> list:
+    """Check before training what can be checked: every seed's split (the data files, the forget set), every
+    run's method and hyperparameters on the scenario's model and loaders, and the checkpoints already under
+    ``checkpoint_dir``. Raises a :class:`~sfron_ops.unlearn.data.DataError` for the data, a ``ValueError``
+    for the forget set and a :class:`RunConfigError` for a method; returns a
+    :class:`~sfron_ops.unlearn.checkpoints.CheckpointError` for every checkpoint that cannot be resumed
+    (unreadable, or of another run), touching none of them."""
+    labels = _labels(scenario, methods)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
+    problems, model = [], None
+    for seed in seeds:
+        split = scenario.split(seed)
+        if len(split.remain_idx) == 0:
+            raise ValueError(f"seed {seed}: every training sample is in the forget set, none remains")
+        loaders = _loaders(split, scenario, seed)
+        first = model is None
+        if first:
+            model = build_model(scenario.model, split.input_shape, split.num_classes, **scenario.model_kwargs)
+            model = model.to(device)
+        specs = _run_specs(scenario, loaders, labels)
+        built = {}
+        for step in ("build", "setup") if first else ("build",):  # every method's values first: that is cheap
+            for tag, (name, hparams, run_loaders) in specs.items():
+                try:
+                    if step == "build":
+                        built[tag] = make_method(name, **hparams)
+                    else:  # the optimizer and schedule on the real model and loaders, once per run
+                        built[tag].plan(run_loaders)
+                        built[tag].setup(model, loss_fn, None, fresh=False)
+                except (ValueError, TypeError) as e:
+                    raise RunConfigError(tag, e) from None
+        for tag, method in built.items():
+            path = _ckpt(checkpoint_dir, seed, tag)
+            if path is not None and os.path.exists(path):
+                try:
+                    checkpoints.read(path, checkpoints.run_key(method, run_key(scenario, split, seed, tag)), mmap=True)
+                except checkpoints.CheckpointError as e:
+                    problems.append(e)
+    return problems
 
 
 def tune(scenario: Scenario, grids: dict, seeds=None, *, max_fa=None, device=None, progress=None,
@@ -171,10 +259,7 @@ def run_scenario(scenario: Scenario, seeds=(0, 1, 2), methods=None, *, device=No
     ``methods``: labels of ``scenario.methods`` to run (default: all). With ``checkpoint_dir`` every
     training and unlearning run checkpoints there and a second call resumes where the first stopped.
     """
-    labels = list(scenario.methods) if methods is None else list(methods)
-    unknown = [m for m in labels if m not in scenario.methods]
-    if unknown:
-        raise ValueError(f"Invalid method: {unknown[0]!r}; scenario {scenario.name!r} has {list(scenario.methods)}")
+    labels = _labels(scenario, methods)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     per_seed = {}
     started = time.perf_counter()
