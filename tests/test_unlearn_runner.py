@@ -4,6 +4,7 @@ import io
 import math
 import os
 import signal
+import zipfile
 
 import pytest
 import torch
@@ -181,20 +182,32 @@ def test_resume_refuses_another_checkpoint_key(tmp_path):
     assert res.resumed_from == 2 and res.completed
 
 
-@pytest.mark.parametrize("content", [b"", b"not a checkpoint", "truncated", "foreign"])
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", "truncated", "flipped", "foreign"])
 def test_resume_refuses_an_unreadable_checkpoint(tmp_path, content):
     ckpt = tmp_path / "run.pt"
-    if content == "truncated":
+    if content in ("truncated", "flipped"):
         run("ft", _model(), None, _loaders()[1], progress=False, checkpoint=str(ckpt), stop_after=2, **SMALL["ft"])
-        ckpt.write_bytes(ckpt.read_bytes()[:-100])
+        raw = bytearray(ckpt.read_bytes())
+        if content == "flipped":  # zero 8 bytes in the middle of the largest tensor
+            with zipfile.ZipFile(ckpt) as archive:
+                record = max(archive.infolist(), key=lambda r: r.file_size)
+            name_and_extra = int.from_bytes(raw[record.header_offset + 26:record.header_offset + 28], "little") + \
+                int.from_bytes(raw[record.header_offset + 28:record.header_offset + 30], "little")
+            middle = record.header_offset + 30 + name_and_extra + record.file_size // 2
+            raw[middle:middle + 8] = bytes(8)
+        ckpt.write_bytes(bytes(raw[:-100] if content == "truncated" else raw))
+        if content == "flipped":
+            assert torch.load(ckpt, weights_only=True)["iteration"] == 2  # torch.load alone takes it as it is
     elif content == "foreign":
         torch.save({"model": _model().state_dict()}, ckpt)
     else:
         ckpt.write_bytes(content)
     before = ckpt.read_bytes()
-    with pytest.raises(CheckpointError, match=f"checkpoint {ckpt} (cannot be read|was not written by)"):
+    with pytest.raises(CheckpointError, match=f"checkpoint {ckpt} (cannot be read|was not written by)") as err:
         run("ft", _model(), None, _loaders()[1], progress=False, checkpoint=str(ckpt), resume=True, **SMALL["ft"])
     assert ckpt.read_bytes() == before
+    if content == "flipped":
+        assert "fails its checksum" in str(err.value)
 
 
 def test_ctrl_c_stops_at_an_iteration_boundary_and_resumes_exactly(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 
 import numpy as np
 import torch
@@ -91,13 +92,19 @@ def read(path: str, key: dict | None = None, *, mmap: bool = False) -> dict:
     """Load the checkpoint at ``path`` and check it: raise :class:`CheckpointError` when it cannot be
     read, was not written by the runner (or by an older version of it), or has a key other than ``key``.
 
-    ``mmap=True`` maps the tensors instead of reading them (a cheap check of many files).
+    Every byte is checked against the CRCs of the file's records, so a damaged tensor is found too;
+    ``mmap=True`` then maps the tensors instead of loading them.
     """
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with zipfile.ZipFile(path) as archive:  # torch.save's format; its records carry CRCs torch.load skips
+            damaged = archive.testzip()
+        if damaged is None:
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # a truncated or foreign file fails in many ways; all mean the same here
         reason = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__
         raise CheckpointError(f"checkpoint {path} cannot be read ({reason})", path) from None
+    if damaged is not None:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({damaged} fails its checksum)", path)
     if not isinstance(saved, dict) or "key" not in saved or "iteration" not in saved:
         raise CheckpointError(f"checkpoint {path} was not written by sfron_ops.unlearn.run", path)
     if saved.get("version") != VERSION:

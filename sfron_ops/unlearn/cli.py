@@ -386,6 +386,7 @@ def _tune(args, plan) -> int:
 
 def _run(args, plan) -> int:
     from . import experiment
+    from .checkpoints import CheckpointError
     from .runner import RunInterrupted
 
     for path in plan.stale:  # --overwrite: checkpoints of another run make way
@@ -404,6 +405,9 @@ def _run(args, plan) -> int:
             print(f"sfron-unlearn: interrupted{where}; run the same command to resume from the checkpoints in "
                   f"{plan.checkpoint_dir}", file=sys.stderr)
         return 130
+    except CheckpointError as e:  # a file damaged after the check before training
+        print(f"sfron-unlearn: error: {e}; delete it to run that part again", file=sys.stderr)
+        return 2
     print()
     print(f"## {scenario.name}: {scenario.description}")
     print(f"seeds {plan.seeds}; mean ± std; FA/RA/TA/MIA in %, Avg.D = mean |gap to RT| over FA/RA/TA/MIA, "
