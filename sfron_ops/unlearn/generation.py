@@ -8,11 +8,17 @@ the classifier assigns to it, with its mean probability and entropy), the accura
 kept classes, and the FID of the kept classes' images against the real ones in the classifier's
 feature space. RT (retraining without the class) is the oracle. Every method sees the same
 batches, and every evaluation of a case starts its sampler from the same noise.
+
+With a checkpoint folder every training and unlearning run is checkpointed and every judged case
+is kept (``seed<S>/case-c<C>.json``), each with a key of everything that determines it (see
+:func:`run_key`); a second call resumes and reuses them, and one of another run is refused.
+:func:`check_runs` checks all of it before anything trains.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import time
@@ -22,8 +28,9 @@ import torch
 from torch.nn import functional as F
 
 from ..diffusion import EpsLoss, sample
+from . import checkpoints
 from . import metrics as M
-from .data import TensorLoader, digits_split
+from .data import Split, TensorLoader, digits_split
 from .models import SmallCNN, build_denoiser
 from .runner import run
 
@@ -33,6 +40,8 @@ GEN_COLUMNS = (("FA", "FA ↓", 1), ("FA prob", "p(c_f)", 1), ("FA H", "H (nats)
                ("FID", "FID ↓", 1), ("FID ratio", "FID / orig", 2), ("iterations", "iters", 0),
                ("forget_at", "iters to FA ≤ 5 %", 0), ("RTE", "RTE (s)", 1))
 GEN_KEYS = tuple(c[0] for c in GEN_COLUMNS)
+JUDGE_TRAIN = dict(base="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4)  # for classifier_epochs epochs
+JUDGE_BATCH = 64
 
 
 @dataclass
@@ -77,6 +86,7 @@ class GenSeedBase:
     image_shape: tuple = (1, 8, 8)
     num_classes: int = 10
     judge_acc: float = math.nan     # the judge's accuracy on the real test images (%)
+    split: Split | None = None      # the digits of the seed (pixels in [0, 1])
 
 
 # ---------------------------------------------------------------------------------------------- the judge
@@ -154,40 +164,113 @@ def judge(base: GenSeedBase, images: torch.Tensor, labels: torch.Tensor, forget_
 
 
 # ---------------------------------------------------------------------------------------------- one seed
-def _ckpt(checkpoint_dir, seed, tag):
-    return None if checkpoint_dir is None else os.path.join(checkpoint_dir, f"seed{seed}", f"{tag}.pt")
-
-
 def eps_loss(scenario: GenerationScenario, num_classes: int = 10) -> EpsLoss:
     return EpsLoss(num_classes, label_dropout=scenario.label_dropout)
+
+
+def _split(seed: int) -> Split:
+    """The digits of ``seed`` (pixels in [0, 1]); which class is forgotten is chosen per case."""
+    return digits_split(seed, mode="class", forget_class=0, noise=0.0)
+
+
+def _judged_by(scenario: GenerationScenario) -> dict:
+    """What determines the judge besides the data and the seed, and how images are sampled for it."""
+    return {"non_digits": scenario.judge_non_digits, "epochs": scenario.classifier_epochs, "batch_size": JUDGE_BATCH,
+            "sample_steps": scenario.sample_steps, "guidance": scenario.guidance}
+
+
+def run_key(scenario: GenerationScenario, split: Split, seed: int, tag: str, forget_class: int | None = None, *,
+            trace: bool = True) -> dict:
+    """What determines the run ``tag`` ("judge", "original", "RT" or a method label) of ``seed`` besides its
+    method and hyperparameters (which the runner adds): the data's content and the seed; for the judge its
+    non-digit images; for the denoisers the model and how the original is trained (the training settings, the
+    batch size, the label dropout); for RT and the methods the forgotten class; for the methods, whose history
+    holds the FA measured during the run (``trace``), how it is measured. A checkpoint resumes only a run with
+    the same key: the judge and the original are shared by every class of a seed, and nothing else is."""
+    key = {"run": tag, "seed": seed, "data": split.identity()}
+    if tag == "judge":
+        return {**key, "judge": {k: v for k, v in _judged_by(scenario).items() if k in ("non_digits", "batch_size")}}
+    key["model"] = {"name": scenario.denoiser, **scenario.denoiser_kwargs}
+    key["training"] = {**scenario.train, "batch_size": scenario.batch_size, "label_dropout": scenario.label_dropout}
+    if tag != "original":
+        key["forget"] = {"forget_class": forget_class}
+    if tag not in ("original", "RT") and trace:
+        key["trace"] = {"points": scenario.trace_points, "samples": scenario.trace_samples, **_judged_by(scenario)}
+    return key
+
+
+def _case_keys(scenario: GenerationScenario, split: Split, seed: int, forget_class: int, methods: dict) -> dict:
+    """``label -> key`` of the judged rows of a case: the whole key of the row's run (the original's for
+    "Original"; ``methods`` maps labels to their :class:`~sfron_ops.unlearn.methods.Method`) and how it is judged."""
+    judged = {"forget_class": forget_class, "samples_forget": scenario.samples_forget,
+              "samples_kept": scenario.samples_kept, **_judged_by(scenario)}
+    return {label: {**checkpoints.run_key(method, run_key(scenario, split, seed, "original" if label == "Original"
+                                                          else label, forget_class)), "judged": judged}
+            for label, method in methods.items()}
+
+
+def _specs(runs: dict, loaders: dict) -> dict:
+    """``tag -> (method name, hyperparameters, loaders)`` for ``runs`` (``tag -> {"method": name, **hparams}``)."""
+    return {tag: (spec["method"], {k: v for k, v in spec.items() if k != "method"}, loaders)
+            for tag, spec in runs.items()}
+
+
+def _runs(scenario: GenerationScenario, labels, with_rt: bool) -> dict:
+    """``label -> spec`` of RT (retraining with the original's settings) if ``with_rt`` and of ``labels``."""
+    return {**({"RT": dict(scenario.train, method="train")} if with_rt else {}),
+            **{label: scenario.methods[label] for label in labels}}
+
+
+def _seed_loaders(scenario: GenerationScenario, split: Split, seed: int) -> dict:
+    """The judge's loader (the training digits and non-digit images) and the original's (pixels in [-1, 1])."""
+    x01, y = split.train
+    # The judge has an eleventh class, "no digit": a ten-way classifier must call every image some digit,
+    # and it called the noise that a model makes after forgetting the forgotten digit, with confidence.
+    junk = non_digits(x01, scenario.judge_non_digits, torch.Generator().manual_seed(seed))
+    xj, yj = torch.cat([x01, junk]), torch.cat([y, torch.full((junk.shape[0],), 10, dtype=y.dtype)])
+    return {"judge": TensorLoader(xj, yj, JUDGE_BATCH, shuffle=True, seed=seed),
+            "original": TensorLoader(x01 * 2 - 1, y, scenario.batch_size, shuffle=True, seed=seed)}
+
+
+def _seed_specs(scenario: GenerationScenario, loaders: dict) -> dict:
+    judge = dict(JUDGE_TRAIN, method="train", iterations=scenario.classifier_epochs * len(loaders["judge"]))
+    return {"judge": _specs({"judge": judge}, {"remain": loaders["judge"]})["judge"],
+            "original": _specs({"original": dict(scenario.train, method="train")},
+                               {"remain": loaders["original"]})["original"]}
+
+
+def _case_loaders(scenario: GenerationScenario, x: torch.Tensor, y: torch.Tensor, seed: int, forget_class: int):
+    keep = y != forget_class
+    return {"forget": TensorLoader(x[~keep], y[~keep], scenario.batch_size, shuffle=True, seed=seed + 1),
+            "remain": TensorLoader(x[keep], y[keep], scenario.batch_size, shuffle=True, seed=seed + 2)}
 
 
 def prepare_seed(scenario: GenerationScenario, seed: int, *, device=None, progress=None,
                  checkpoint_dir=None) -> GenSeedBase:
     """Train the judge and the original denoiser of ``seed`` (or load them from ``checkpoint_dir``)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    split = digits_split(seed, mode="class", forget_class=0, noise=0.0)
+    split = _split(seed)
     x01, y = split.train
     resume = checkpoint_dir is not None
-    # The judge has an eleventh class, "no digit": a ten-way classifier must call every image some digit,
-    # and it called the noise that a model makes after forgetting the forgotten digit, with confidence.
-    junk = non_digits(x01, scenario.judge_non_digits, torch.Generator().manual_seed(seed))
-    xj, yj = torch.cat([x01, junk]), torch.cat([y, torch.full((junk.shape[0],), 10, dtype=y.dtype)])
+    loaders = _seed_loaders(scenario, split, seed)
+    specs = _seed_specs(scenario, loaders)
     torch.manual_seed(seed)
     classifier = SmallCNN(1, 11).to(device)
-    loader = TensorLoader(xj, yj, 64, shuffle=True, seed=seed)
-    run("train", classifier, remain_loader=loader, seed=seed, progress=progress, desc=f"judge s{seed}",
-        checkpoint=_ckpt(checkpoint_dir, seed, "judge"), resume=resume,
-        iterations=scenario.classifier_epochs * len(loader), base="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4)
+    name, hparams, _ = specs["judge"]
+    run(name, classifier, remain_loader=loaders["judge"], seed=seed, progress=progress, desc=f"judge s{seed}",
+        checkpoint=checkpoints.path(checkpoint_dir, seed, "judge"), resume=resume,
+        checkpoint_key=run_key(scenario, split, seed, "judge"), **hparams)
     real_features, _ = classifier_features(classifier, x01.to(device))
     _, test_logits = classifier_features(classifier, split.test[0].to(device))
     judge_acc = float((test_logits.argmax(1) == split.test[1]).double().mean()) * 100.0
-    x = x01 * 2 - 1
     original = _fresh_denoiser(scenario, seed, device)
-    res = run("train", original, remain_loader=TensorLoader(x, y, scenario.batch_size, shuffle=True, seed=seed),
-              loss_fn=eps_loss(scenario), seed=seed, progress=progress, desc=f"original s{seed}",
-              checkpoint=_ckpt(checkpoint_dir, seed, "original"), resume=resume, **scenario.train)
-    return GenSeedBase(seed, x, y, classifier, real_features, original, res.seconds, device, judge_acc=judge_acc)
+    name, hparams, _ = specs["original"]
+    res = run(name, original, remain_loader=loaders["original"], loss_fn=eps_loss(scenario), seed=seed,
+              progress=progress, desc=f"original s{seed}", resume=resume,
+              checkpoint=checkpoints.path(checkpoint_dir, seed, "original"),
+              checkpoint_key=run_key(scenario, split, seed, "original"), **hparams)
+    return GenSeedBase(seed, x01 * 2 - 1, y, classifier, real_features, original, res.seconds, device,
+                       judge_acc=judge_acc, split=split)
 
 
 def _fresh_denoiser(scenario, seed, device):
@@ -231,22 +314,20 @@ def _fa_trace(scenario, base, forget_class, iterations):
 def run_case(scenario, base: GenSeedBase, forget_class: int, label: str, spec: dict, *, progress=None,
              checkpoint_dir=None, trace: bool = True) -> tuple[dict, torch.Tensor]:
     """Unlearn ``forget_class`` from a copy of the original with ``spec`` (or retrain for ``"RT"``) and judge it."""
-    spec = dict(spec)
-    name = spec.pop("method")
-    keep = base.y != forget_class
-    forget = TensorLoader(base.x[~keep], base.y[~keep], scenario.batch_size, shuffle=True, seed=base.seed + 1)
-    remain = TensorLoader(base.x[keep], base.y[keep], scenario.batch_size, shuffle=True, seed=base.seed + 2)
+    loaders = _case_loaders(scenario, base.x, base.y, base.seed, forget_class)
+    name, hparams, _ = _specs({label: spec}, loaders)[label]
     if label == "RT":
         model = _fresh_denoiser(scenario, base.seed + 10_000, base.device)
     else:
         model = copy.deepcopy(base.original)
-    iterations = spec.get("iterations", 0) or 0
-    points, callback, every = _fa_trace(scenario, base, forget_class, iterations) if trace and label != "RT" \
+    trace = trace and label != "RT"
+    points, callback, every = _fa_trace(scenario, base, forget_class, hparams.get("iterations", 0) or 0) if trace \
         else ([], None, None)
-    res = run(name, model, forget, remain, loss_fn=eps_loss(scenario, base.num_classes), device=base.device,
-              seed=base.seed, progress=progress, desc=f"{label} s{base.seed} c{forget_class}",
-              checkpoint=_ckpt(checkpoint_dir, base.seed, f"{label}-c{forget_class}"),
-              resume=checkpoint_dir is not None, log_every=every, callback=callback, **spec)
+    res = run(name, model, loaders["forget"], loaders["remain"], loss_fn=eps_loss(scenario, base.num_classes),
+              device=base.device, seed=base.seed, progress=progress, desc=f"{label} s{base.seed} c{forget_class}",
+              checkpoint=checkpoints.path(checkpoint_dir, base.seed, f"{label}-c{forget_class}"),
+              resume=checkpoint_dir is not None, log_every=every, callback=callback,
+              checkpoint_key=run_key(scenario, base.split, base.seed, label, forget_class, trace=trace), **hparams)
     m, images = evaluate_case(scenario, base, model, forget_class)
     m.update({"iterations": res.iterations, "RTE": res.seconds, "info": res.info, "fa_trace": points})
     m["forget_at"] = next((i for i, fa in points if fa <= 5.0), math.nan)
@@ -262,12 +343,63 @@ def _labels(scenario, methods):
     return labels
 
 
+def check_runs(scenario: GenerationScenario, seeds, methods=None, *, device=None,
+               checkpoint_dir: str | None = None) -> list:
+    """What :func:`sfron_ops.unlearn.experiment.check_runs` checks, for this scenario, before anything trains:
+    the forgotten classes, every run's method and hyperparameters on the judge or the denoiser and their
+    loaders, and the checkpoints and judged cases already under ``checkpoint_dir``. Raises a ``ValueError``
+    for a class the digits do not have and a :class:`~sfron_ops.unlearn.experiment.RunConfigError` for a run
+    (``"denoiser"`` for the model); returns a :class:`~sfron_ops.unlearn.checkpoints.CheckpointError` for
+    every checkpoint or judged case that cannot be used (unreadable, or of another run), touching none."""
+    from .experiment import RunConfigError, build_methods
+
+    labels = _labels(scenario, methods)
+    with_rt = methods is None or "RT" in methods
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    problems, built = [], None
+    for seed in seeds:
+        split = _split(seed)
+        if built is None:  # the runs are the same on every seed: set them up on the real models once
+            bad = [c for c in scenario.classes if isinstance(c, bool) or not isinstance(c, int)
+                   or not 0 <= c < split.num_classes]
+            if bad:
+                raise ValueError(f"class {bad[0]!r} is not a class of the digits (0 to {split.num_classes - 1})")
+            try:
+                denoiser = build_denoiser(scenario.denoiser, split.input_shape, split.num_classes,
+                                          **scenario.denoiser_kwargs).to(device)
+            except (ImportError, TypeError, ValueError) as e:
+                raise RunConfigError("denoiser", e) from None
+            x, y = split.train
+            seed_specs = _seed_specs(scenario, _seed_loaders(scenario, split, seed))
+            case_specs = _specs(_runs(scenario, labels, True), _case_loaders(scenario, x, y, seed, scenario.classes[0]))
+            built = {**build_methods({"judge": seed_specs["judge"]}, SmallCNN(1, 11).to(device),
+                                     torch.nn.CrossEntropyLoss(reduction="none")),
+                     **build_methods({"original": seed_specs["original"], **case_specs}, denoiser, eps_loss(scenario))}
+        found = [(checkpoints.path(checkpoint_dir, seed, tag), checkpoints.run_key(built[tag], run_key(
+            scenario, split, seed, tag))) for tag in ("judge", "original")]
+        run_rt = with_rt and (scenario.rt_seeds is None or seed in scenario.rt_seeds)
+        tags = (["RT"] if run_rt else []) + labels
+        found += [(checkpoints.path(checkpoint_dir, seed, f"{tag}-c{c}"), checkpoints.run_key(built[tag], run_key(
+            scenario, split, seed, tag, c))) for c in scenario.classes for tag in tags]
+        problems += checkpoints.check(found)
+        judged = {"Original": built["original"], **{tag: built[tag] for tag in tags}}
+        for c in scenario.classes:
+            try:
+                _read_case(checkpoints.path(checkpoint_dir, seed, f"case-c{c}", ".json"),
+                           _case_keys(scenario, split, seed, c, judged))
+            except checkpoints.CheckpointError as e:
+                problems.append(e)
+    return problems
+
+
 def run_scenario(scenario: GenerationScenario, seeds=(0, 1, 2), methods=None, *, classes=None, device=None,
                  progress=None, checkpoint_dir=None, out=None, echo=print) -> dict:
     """Forget each class of ``classes`` (default ``scenario.classes``) on every seed with every method.
 
     Returns per-case rows (``per_case["seed/class"][label]``), the mean ± std over all cases, the
     per-class FA of every method and, with ``out``, writes a picture of samples per case there."""
+    from .experiment import build_methods
+
     labels = _labels(scenario, methods)
     with_rt = methods is None or "RT" in methods
     classes = tuple(scenario.classes if classes is None else classes)
@@ -279,10 +411,14 @@ def run_scenario(scenario: GenerationScenario, seeds=(0, 1, 2), methods=None, *,
         seeds_info[str(seed)] = {"judge_test_acc": base.judge_acc, "original_train_seconds": base.original_seconds}
         echo(f"[{scenario.name} seed {seed}] judge: {base.judge_acc:.1f} % on the real test digits; original "
              f"trained in {base.original_seconds:.1f}s")
+        run_rt = with_rt and (scenario.rt_seeds is None or seed in scenario.rt_seeds)
+        runs = _runs(scenario, labels, run_rt)
+        built = build_methods(_specs({"Original": dict(scenario.train, method="train"), **runs}, {}))
         for c in classes:
             key = f"{seed}/{c}"
-            run_rt = with_rt and (scenario.rt_seeds is None or seed in scenario.rt_seeds)
-            cached = _load_case(checkpoint_dir, seed, c, (["RT"] if run_rt else []) + labels)
+            case_path = checkpoints.path(checkpoint_dir, seed, f"case-c{c}", ".json")
+            case_keys = _case_keys(scenario, base.split, seed, c, built)
+            cached = _read_case(case_path, case_keys)
             if cached is not None:  # every run of this case finished and was judged before
                 per_case[key] = cached
                 rt_cases += [key] if run_rt else []
@@ -291,9 +427,7 @@ def run_scenario(scenario: GenerationScenario, seeds=(0, 1, 2), methods=None, *,
             orig, orig_images = evaluate_case(scenario, base, base.original, c)
             orig.update({"iterations": math.nan, "RTE": math.nan, "FID ratio": 1.0, "forget_at": math.nan})
             rows, pictures = {"Original": orig}, {"Original": orig_images}
-            todo = ([("RT", dict(scenario.train, method="train"))] if run_rt else []) + \
-                [(lab, scenario.methods[lab]) for lab in labels]
-            for label, spec in todo:
+            for label, spec in runs.items():
                 m, images = run_case(scenario, base, c, label, spec, progress=progress, checkpoint_dir=checkpoint_dir)
                 m["FID ratio"] = m["FID"] / orig["FID"]
                 rows[label], pictures[label] = m, images
@@ -301,7 +435,7 @@ def run_scenario(scenario: GenerationScenario, seeds=(0, 1, 2), methods=None, *,
             if run_rt:
                 rt_cases.append(key)
             per_case[key] = rows
-            _save_case(checkpoint_dir, seed, c, rows)
+            _save_case(case_path, case_keys, rows)
             if out is not None:
                 plot_grid(pictures, case_labels(scenario, c), c, os.path.join(out, "grids", f"seed{seed}-class{c}.png"),
                           title=f"{scenario.name}: seed {seed}, class {c} forgotten")
@@ -335,34 +469,46 @@ def run_scenario(scenario: GenerationScenario, seeds=(0, 1, 2), methods=None, *,
     }
 
 
-def _case_path(checkpoint_dir, seed, forget_class):
-    return None if checkpoint_dir is None else os.path.join(checkpoint_dir, f"seed{seed}", f"case-c{forget_class}.json")
-
-
-def _save_case(checkpoint_dir, seed, forget_class, rows):
-    path = _case_path(checkpoint_dir, seed, forget_class)
-    if path is not None:
-        from .experiment import save_json
-
-        save_json({lab: _plain(m) for lab, m in rows.items()}, path)
-
-
-def _load_case(checkpoint_dir, seed, forget_class, labels):
-    """The judged rows of a case from an earlier call, if it has every label asked for now (only those are kept)."""
-    import json
-
-    path = _case_path(checkpoint_dir, seed, forget_class)
+def _read_case(path, keys: dict):
+    """The judged rows of a case from an earlier call (JSON wrote NaN as null), or None when there is none
+    or it lacks a label of ``keys``; a :class:`~sfron_ops.unlearn.checkpoints.CheckpointError` when the file
+    cannot be read or a row of ``keys`` was judged for another run, naming what differs."""
     if path is None or not os.path.exists(path):
         return None
-    with open(path) as fh:
-        rows = json.load(fh)
-    if not set(labels) <= set(rows):
+    try:
+        with open(path) as fh:
+            saved = json.load(fh)
+        saved_keys, rows = saved["key"], saved["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise checkpoints.CheckpointError(f"judged case {path} cannot be read ({type(e).__name__}: {e})",
+                                          path) from None
+    mine = json.loads(json.dumps(keys))  # as JSON keeps it: tuples are lists
+    diffs = [(f"{label}.{entry}", there, here) for label in mine if label in saved_keys
+             for entry, there, here in checkpoints.differences(saved_keys[label], mine[label])]
+    if diffs:
+        raise checkpoints.CheckpointError(f"judged case {path} belongs to another run: {checkpoints.describe(diffs)}",
+                                          path, diffs)
+    if not set(keys) <= set(rows):
         return None
 
-    def restore(m):  # strict JSON wrote NaN as null
+    def restore(m):
         return {k: (math.nan if v is None else v) for k, v in m.items()}
 
-    return {lab: restore(m) for lab, m in rows.items() if lab in ("Original", *labels)}
+    return {label: restore(rows[label]) for label in keys}
+
+
+def _save_case(path, keys: dict, rows: dict) -> None:
+    """Keep the judged ``rows`` of a case with their ``keys``, and the rows of other labels already there."""
+    if path is None:
+        return
+    from .experiment import save_json
+
+    saved = {"key": {}, "rows": {}}
+    if os.path.exists(path):  # readable and of this run: _read_case checked it before the case ran
+        with open(path) as fh:
+            saved = json.load(fh)
+    rows = {**saved["rows"], **{label: _plain(m) for label, m in rows.items()}}
+    save_json({"key": {**saved["key"], **keys}, "rows": rows}, path)
 
 
 def _plain(m):

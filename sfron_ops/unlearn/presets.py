@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 from functools import partial
 
-from .data import cifar, dataset_split, digits_split, image_folder
+from .data import cifar, dataset_split, digits_split, fingerprint, image_folder
 from .experiment import Scenario
 
 SFRON_PAPER = {
@@ -168,10 +168,12 @@ def image_scenario(dataset: str, root: str, *, mode: str = "random", fraction: f
     cache = {}
 
     def split(seed):
-        if "sets" not in cache:
-            cache["sets"] = load()
+        if "sets" not in cache:  # load, check and fingerprint the files once for every seed
+            sets = load()
+            cache["fingerprint"] = fingerprint(sets[0], sets[2])
+            cache["sets"] = sets
         return dataset_split(dataset, *cache["sets"], mode=mode, fraction=fraction, forget_class=forget_class,
-                             seed=seed)
+                             seed=seed, data_fingerprint=cache["fingerprint"])
 
     return Scenario(name=f"{dataset}-{mode}", split=split, model=model,
                     train=dict(base="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4), epochs=epochs,
