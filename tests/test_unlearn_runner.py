@@ -247,6 +247,26 @@ def test_periodic_checkpoints(tmp_path):
     assert torch.load(ckpt, weights_only=True)["iteration"] == 9
 
 
+def test_callback_results_join_the_history_and_survive_a_resume(tmp_path):
+    """What the callback measures is part of the record, so a run resumed from a checkpoint reports the
+    measurements made before the stop too."""
+    def measure(i, model):
+        return {"norm": float(_flat(model).norm())}
+
+    whole = run("sfron", _model(), *_loaders(), progress=False, log_every=3, callback=measure, **SMALL["sfron"])
+    assert [h["iteration"] for h in whole.history if "norm" in h] == [3, 6, 9]
+    ckpt = str(tmp_path / "run.pt")
+    run("sfron", _model(), *_loaders(), progress=False, log_every=3, callback=measure, checkpoint=ckpt, stop_after=4,
+        **SMALL["sfron"])
+    resumed = run("sfron", _model(seed=7), *_loaders(), progress=False, log_every=3, callback=measure,
+                  checkpoint=ckpt, resume=True, **SMALL["sfron"])
+    assert resumed.resumed_from == 4
+    def norms(res):
+        return [(h["iteration"], h["norm"]) for h in res.history]
+
+    assert norms(resumed) == norms(whole)
+
+
 def test_history_logs_forget_and_remain_loss_and_accuracy():
     calls = []
     res = run("sfron", _model(), *_loaders(), progress=False, log_every=3, callback=lambda i, m: calls.append(i),

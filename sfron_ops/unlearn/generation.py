@@ -298,17 +298,17 @@ def evaluate_case(scenario, base: GenSeedBase, model, forget_class: int) -> tupl
 
 
 def _fa_trace(scenario, base, forget_class, iterations):
-    """A callback that measures FA (``trace_samples`` images) during a run: [(iteration, FA)]."""
-    trace = []
+    """A callback that measures FA (``trace_samples`` images) during a run, into the run's history, and how
+    often it is called."""
     labels = torch.full((scenario.trace_samples,), forget_class)
 
     def callback(i, model):
         images = generate(scenario, model, labels, base.seed + 7919, forget_class, base.num_classes)
         _, logits = classifier_features(base.classifier, to_unit(images).to(base.device))
-        trace.append((i, float((logits.argmax(1) == forget_class).double().mean()) * 100.0))
+        return {"FA": float((logits.argmax(1) == forget_class).double().mean()) * 100.0}
 
     every = max(1, iterations // scenario.trace_points) if scenario.trace_points else None
-    return trace, callback, every
+    return callback, every
 
 
 def run_case(scenario, base: GenSeedBase, forget_class: int, label: str, spec: dict, *, progress=None,
@@ -321,14 +321,15 @@ def run_case(scenario, base: GenSeedBase, forget_class: int, label: str, spec: d
     else:
         model = copy.deepcopy(base.original)
     trace = trace and label != "RT"
-    points, callback, every = _fa_trace(scenario, base, forget_class, hparams.get("iterations", 0) or 0) if trace \
-        else ([], None, None)
+    callback, every = _fa_trace(scenario, base, forget_class, hparams.get("iterations", 0) or 0) if trace \
+        else (None, None)
     res = run(name, model, loaders["forget"], loaders["remain"], loss_fn=eps_loss(scenario, base.num_classes),
               device=base.device, seed=base.seed, progress=progress, desc=f"{label} s{base.seed} c{forget_class}",
               checkpoint=checkpoints.path(checkpoint_dir, base.seed, f"{label}-c{forget_class}"),
               resume=checkpoint_dir is not None, log_every=every, callback=callback,
               checkpoint_key=run_key(scenario, base.split, base.seed, label, forget_class, trace=trace), **hparams)
     m, images = evaluate_case(scenario, base, model, forget_class)
+    points = [(h["iteration"], h["FA"]) for h in res.history if "FA" in h]  # resumed runs keep theirs too
     m.update({"iterations": res.iterations, "RTE": res.seconds, "info": res.info, "fa_trace": points})
     m["forget_at"] = next((i for i, fa in points if fa <= 5.0), math.nan)
     return m, images

@@ -265,7 +265,8 @@ def run(method, model: nn.Module, forget_loader=None, remain_loader=None, *, los
         progress: show a tqdm bar (default: when stderr is a terminal).
         log_every: record the mean forget/remain loss and accuracy every this many iterations
             (default: about 20 records per run); records go to ``history`` and the ``sfron_ops.unlearn`` logger.
-        callback: ``callback(iteration, model)`` after each record, e.g. for evaluation (not timed).
+        callback: ``callback(iteration, model)`` after each record, e.g. for evaluation (not timed); a dict it
+            returns joins the record (and so the history and the checkpoint).
 
     A Ctrl-C during the loop stops the run at the end of the current iteration, saves the checkpoint
     (if any) and raises :class:`RunInterrupted`, a ``KeyboardInterrupt``; a second Ctrl-C stops at once.
@@ -378,7 +379,7 @@ def run(method, model: nn.Module, forget_loader=None, remain_loader=None, *, los
                         bar.set_postfix({k: f"{v:.3g}" for k, v in entry.items()
                                          if k in ("forget_loss", "forget_acc", "remain_loss", "remain_acc")})
                     if callback is not None:
-                        callback(i, model)
+                        entry.update(callback(i, model) or {})  # kept in the history, so a resumed run has it
                 if checkpoint is not None and (boundary_ckpt or i == end or stop):
                     save(i)
                 if stop:
