@@ -317,3 +317,187 @@ def test_tune_applies_set_to_every_configuration(tmp_path):
     assert set(plan.grids) == {"FT", "GA"}
     assert all(c["iterations"] == 3 for grid in plan.grids.values() for c in grid)
     assert all(c["lr"] == 0.5 for c in plan.grids["GA"]) and len(plan.grids["GA"]) == 18
+
+
+# ---------------------------------------------------------------------------------------------- diffusion scenario
+DDPM = ["run", "--scenario", "digits-ddpm-class"]
+
+
+@pytest.mark.parametrize("flags, names", [
+    (["--forget", "random:0.1"], ["--forget", "digits-ddpm-class", "class:INDEX[,INDEX...]", "random:0.1"]),
+    (["--model", "cnn"], ["--model cnn", "mlp, unet, dit"]),
+    (["--epochs", "3"], ["--epochs", "digits-ddpm-class", "iterations"]),
+    (["--epochs", "0"], ["--epochs", "digits-ddpm-class"]),
+])
+def test_ddpm_flag_mistakes_are_one_line(tmp_path, flags, names):
+    out = tmp_path / "out"
+    _usage_error(_cli(*DDPM, *flags, "--seeds", "0", "--out", out, cwd=tmp_path), *names)
+    assert not out.exists()
+
+
+def test_ddpm_results_are_not_overwritten(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("my results")
+    _usage_error(_cli(*DDPM, "--forget", "class:2", "--seeds", "0", "--out", out, cwd=tmp_path),
+                 f"--out {out} already holds results.json", "--overwrite")
+    assert (out / "results.json").read_text() == "my results"
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"]  # no checkpoint folder either
+
+
+@pytest.mark.parametrize("flags, names", [
+    (["--forget", "class:12"], ["--forget class:12", "12", "digits"]),
+    (["--forget", "class:1,1"], ["--forget class:1,1", "repeats"]),
+    (["--forget", "class"], ["--forget", "class:INDEX"]),
+    (["--forget", "class:1,x"], ["--forget class:1,x"]),
+    (["--dataset", "cifar10", "--root", "data"], ["digits-ddpm-class", "--dataset cifar10"]),
+    (["--num-workers", "1"], ["--num-workers"]),
+    (["--methods", "SFR-on,XX"], ["--methods", "XX"]),
+    (["--methods", "SFR-on", "--set", "SalUn.lr=1"], ["--set", "SalUn", "--methods SFR-on"]),
+    (["--set", "SFR-on.lr=-1"], ["SFR-on", "lr", "-1", "--set SFR-on.lr=-1"]),
+    (["--set", "SA.replay_per_class=0"], ["SA", "replay_per_class", "--set SA.replay_per_class=0"]),
+])
+def test_more_ddpm_flag_mistakes(tmp_path, capsys, flags, names):
+    out = tmp_path / "out"
+    _main_error([*DDPM, *flags, "--seeds", "0", "--out", out], capsys, *names)
+    assert not out.exists()
+
+
+def test_a_list_of_classes_is_for_the_diffusion_scenario(tmp_path, capsys):
+    _main_error(["run", "--scenario", "digits-class", "--forget", "class:1,2", "--seeds", "0", "--out",
+                 tmp_path / "out"], capsys, "--forget class:1,2", "digits-ddpm-class")
+    _main_error(["run", "--model", "unet", "--seeds", "0", "--out", tmp_path / "out"], capsys, "--model unet",
+                "mlp, cnn, resnet18")
+    assert not (tmp_path / "out").exists()
+
+
+def test_ddpm_plan_takes_the_classes_denoiser_and_rt(tmp_path):
+    args = cli.build_parser().parse_args([*DDPM, "--forget", "class:3,7", "--methods", "RT,SFR-on", "--seeds", "4",
+                                          "--batch-size", "32", "--out", str(tmp_path / "out")])
+    plan = cli.prepare(args)
+    assert plan.scenario.classes == (3, 7) and plan.scenario.batch_size == 32 and plan.labels == ["RT", "SFR-on"]
+    assert plan.checkpoint_dir == str(tmp_path / "out" / "checkpoints") and plan.stale == []
+    tune = cli.prepare(cli.build_parser().parse_args(["tune", "--scenario", "digits-ddpm-class", "--methods", "GA",
+                                                      "--set", "*.iterations=7", "--out", str(tmp_path / "t")]))
+    assert plan.scenario.name == tune.scenario.name and tune.seeds == list(tune.scenario.tuning_seeds)
+    assert [c["iterations"] for c in tune.grids["GA"]] == [7, 7, 7]
+    (tmp_path / "t" / "tuning.json").write_text("{}")
+    with pytest.raises(cli.UsageError, match="tuning.json"):
+        cli.prepare(cli.build_parser().parse_args(["tune", "--scenario", "digits-ddpm-class", "--out",
+                                                   str(tmp_path / "t")]))
+
+
+@pytest.fixture
+def tiny_ddpm(monkeypatch):
+    """``digits-ddpm-class`` on budgets of a few iterations and images, as the command line builds it."""
+    from sfron_ops.unlearn import presets
+
+    real = presets.digits_ddpm_scenario
+
+    def tiny(**kw):
+        methods = {"SFR-on": dict(presets.DIGITS_DDPM["SFR-on"], iterations=4),
+                   "GA": dict(presets.DIGITS_DDPM["GA"], iterations=4)}
+        return real(methods=methods, train=dict(presets.DDPM_TRAIN, iterations=6), classifier_epochs=1,
+                    samples_forget=6, samples_kept=3, sample_steps=2, trace_points=2, trace_samples=4,
+                    judge_non_digits=60, denoiser_kwargs=dict(width=32, depth=1, emb=16), **kw)
+
+    monkeypatch.setattr(presets, "digits_ddpm_scenario", tiny)
+
+
+TINY_DDPM = [*DDPM, "--seeds", "0", "--methods", "SFR-on", "--no-progress", "--threads", "1"]
+
+
+def test_ddpm_checkpoints_of_another_class_or_config_are_refused(tmp_path, capsys, tiny_ddpm):
+    """Checkpoints and judged cases carry the class and the hyperparameters, not only their file names: one of
+    class 2 under class 3's name is refused, and so is a judged case of another learning rate (the judged cases
+    used to be reused whatever the hyperparameters)."""
+    out, ck = tmp_path / "out", tmp_path / "out" / "checkpoints" / "seed0"
+    assert cli.main([*TINY_DDPM, "--forget", "class:2", "--out", str(out)]) == 0
+    assert {p.name for p in ck.iterdir()} == {"judge.pt", "original.pt", "SFR-on-c2.pt", "case-c2.json"}
+    before = {p.name: p.read_bytes() for p in ck.iterdir()}
+
+    shutil.copy(ck / "SFR-on-c2.pt", ck / "SFR-on-c3.pt")
+    three = [*TINY_DDPM, "--forget", "class:3", "--out", tmp_path / "three", "--checkpoint-dir", out / "checkpoints"]
+    _main_error(three, capsys, str(ck / "SFR-on-c3.pt"), "forget.forget_class=2 there", "forget.forget_class=3 here",
+                "--overwrite")
+    assert not (tmp_path / "three").exists()
+    (ck / "SFR-on-c3.pt").unlink()
+
+    lr = [*TINY_DDPM, "--forget", "class:2", "--set", "SFR-on.lr=0.002", "--out", tmp_path / "lr",
+          "--checkpoint-dir", out / "checkpoints"]
+    _main_error(lr, capsys, str(ck / "SFR-on-c2.pt"), "hparams.lr=0.001 there", "hparams.lr=0.002 here")
+    (ck / "SFR-on-c2.pt").unlink()  # the judged case alone still knows which run it judged
+    _main_error(lr, capsys, str(ck / "case-c2.json"), "SFR-on.hparams.lr=0.001 there")
+    assert {p.name: p.read_bytes() for p in ck.iterdir()} == {k: v for k, v in before.items() if k != "SFR-on-c2.pt"}
+    assert not (tmp_path / "lr").exists()
+
+    # --overwrite replaces the judged case; the judge and the original (any class, any method) are resumed as they are
+    assert cli.main([str(a) for a in lr] + ["--overwrite"]) == 0
+    after = {p.name: p.read_bytes() for p in ck.iterdir()}
+    assert after["judge.pt"] == before["judge.pt"] and after["original.pt"] == before["original.pt"]
+    case = json.loads((ck / "case-c2.json").read_text())
+    assert case["key"]["SFR-on"]["hparams"]["lr"] == 0.002 and case["key"]["SFR-on"]["forget"]["forget_class"] == 2
+    # another class in the same folder shares the judge and the original, and keeps the judged class 2
+    assert cli.main([*TINY_DDPM, "--forget", "class:3", "--set", "SFR-on.lr=0.002", "--out", str(tmp_path / "3"),
+                     "--checkpoint-dir", str(out / "checkpoints")]) == 0
+    assert (ck / "case-c2.json").read_bytes() == after["case-c2.json"] and (ck / "case-c3.json").exists()
+
+
+def test_ddpm_ctrl_c_resumes_with_the_same_results(tmp_path, capsys, tiny_ddpm, monkeypatch):
+    """Ctrl-C in the middle of an unlearning run: exit status 130, one line naming the checkpoint, and the same
+    command ends with the numbers of an uninterrupted run, the FA measured during the run included."""
+    from sfron_ops.unlearn import generation
+
+    whole = tmp_path / "whole"
+    assert cli.main([*TINY_DDPM, "--forget", "class:5", "--out", str(whole)]) == 0
+    real, fired = generation._fa_trace, []
+
+    def interrupting(*args):
+        callback, every = real(*args)
+
+        def once(i, model):
+            if not fired:  # the run stops at the end of the next iteration
+                fired.append(i)
+                os.kill(os.getpid(), signal.SIGINT)
+            return callback(i, model)
+
+        return once, every
+
+    monkeypatch.setattr(generation, "_fa_trace", interrupting)
+    out = tmp_path / "out"
+    args = [*TINY_DDPM, "--forget", "class:5", "--out", str(out)]
+    capsys.readouterr()
+    assert cli.main(args) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    ckpt = out / "checkpoints" / "seed0" / "SFR-on-c5.pt"
+    assert err[-1] == (f"sfron-unlearn: interrupted: SFR-on s0 c5 stopped after iteration 3/4, saved to {ckpt}; run "
+                       f"the same command to resume from the checkpoints in {out / 'checkpoints'}"), err
+    assert fired == [2] and not (out / "results.json").exists()
+    assert cli.main(args) == 0
+    got, want = (json.loads((d / "results.json").read_text())["per_case"]["0/5"]["SFR-on"] for d in (out, whole))
+    assert [i for i, _ in got["fa_trace"]] == [2, 4]
+    for key in ("FA", "FA prob", "kept acc", "FID", "fa_trace", "forget_at", "iterations"):
+        assert got[key] == want[key], key
+
+
+@pytest.mark.slow
+@needs_sigint
+def test_ddpm_ctrl_c_in_a_terminal(tmp_path):
+    """SIGINT while the judge trains (the full preset): exit status 130 and one line that names the checkpoint it
+    saved; the same command, and the same with another class (the judge is shared), accept that checkpoint."""
+    out = tmp_path / "out"
+    args = [*DDPM, "--forget", "class:2", "--seeds", "0", "--methods", "SFR-on", "--no-progress", "--threads", "1",
+            "--out", out]
+    proc, err = _interrupt_during_training(args, tmp_path)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    ckpt = out / "checkpoints" / "seed0" / "judge.pt"
+    match = re.fullmatch(rf"sfron-unlearn: interrupted: judge s0 stopped after iteration (\d+)/620, saved to "
+                         rf"{re.escape(str(ckpt))}; run the same command to resume from the checkpoints in "
+                         rf"{re.escape(str(out / 'checkpoints'))}", last)
+    assert match, last
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["iteration"] == int(match.group(1)) and not saved["finished"] and saved["key"]["run"] == "judge"
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["judge.pt"] and not (out / "results.json").exists()
+    for forget in ("class:2", "class:3"):  # the last --forget counts
+        assert cli.prepare(cli.build_parser().parse_args([str(a) for a in args] + ["--forget", forget])).stale == []
