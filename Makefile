@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 CMAKE_DIR := build/cmake
 
-.PHONY: venv build test test-cpp test-gpu demo bench lint report clean
+.PHONY: venv build test test-cpp test-gpu demo demo-gen bench lint report clean
 
 $(VENV_STAMP): requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ test-gpu: build
 
 demo: build
 	$(PY) -m sfron_ops.demo
+
+# class forgetting in a class-conditional diffusion model: ten classes x three seeds (tens of minutes on
+# two CPU cores; rerunning resumes from runs/demo-gen/ckpt)
+demo-gen: build
+	$(PY) -m sfron_ops.unlearn run --scenario digits-ddpm-class --seeds 0 1 2 --threads 1 \
+		--out runs/demo-gen --checkpoint-dir runs/demo-gen/ckpt
 
 # `make bench BENCH_ARGS=--quick`: every op, backend and baseline; results in benchmarks/results/
 BENCH_ARGS ?=

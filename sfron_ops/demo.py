@@ -18,6 +18,11 @@ import time
 BUDGET_EXCLUDED = ("FT (long)",)  # beyond the 10 %-of-RT compute ceiling, shown for reference
 
 
+def _rank(value) -> float:
+    """A summary mean for ranking, also as read back from JSON ("inf" for a diverged run, None for NaN)."""
+    return math.inf if value is None else float(value)
+
+
 def quality_bar(random_results: dict, class_results: dict) -> list[tuple[bool, str]]:
     """The project's bar for the digits scenarios, as (met, sentence) pairs."""
     checks = []
@@ -25,8 +30,8 @@ def quality_bar(random_results: dict, class_results: dict) -> list[tuple[bool, s
     methods = [m for m in random_results["order"] if m not in ("Original", "RT")]
     budgeted = [m for m in methods if m not in BUDGET_EXCLUDED]
     for key in ("Avg.D", "KL"):
-        best_all = min(methods, key=lambda m: s[m][key][0])
-        best_budget = min(budgeted, key=lambda m: s[m][key][0])
+        best_all = min(methods, key=lambda m: _rank(s[m][key][0]))
+        best_budget = min(budgeted, key=lambda m: _rank(s[m][key][0]))
         checks.append((best_budget == "SFR-on", f"random 10 %: lowest {key} within the compute ceiling: {best_budget} "
                        f"({s[best_budget][key][0]:.4g})"))
         if best_all != best_budget:

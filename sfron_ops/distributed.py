@@ -22,7 +22,8 @@ What has to agree across ranks, and how it does:
   run on the local shards. Under DDP, Fisher accumulated on synchronised
   gradients is already identical on every rank; Fisher accumulated under
   ``no_sync()`` differs per rank and :func:`all_reduce_fisher` averages it.
-  The density rule (global top-k) gathers every rank's ratios for its cut-off.
+  The density rule (exactly ceil(rho N) kept) gathers every rank's ratios for
+  its cut-off and the global flat indices of the ties at it.
 * **Checkpoints.** Optimizer state is keyed by parameter like torch's, with
   DTensor entries, so ``torch.distributed.checkpoint.state_dict``'s
   ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` and ``dcp.save`` /
@@ -112,26 +113,37 @@ def all_reduce_fisher(optimizer, which=("forget", "remain"), *, average: bool = 
     return len(tensors)
 
 
-def _gathered_cutoff(local_ratios, density: float, total: int, group) -> float:
-    """The density cut-off over every rank's ratios, as :func:`sfron_ops.mask.density_cutoff` computes it."""
-    import math
-
-    flat = torch.cat([r.reshape(-1).float().cpu() for r in local_ratios]) if local_ratios else torch.empty(0)
+def _gather_1d(local: torch.Tensor, group) -> torch.Tensor:
+    """Every rank's 1-D ``local`` (lengths may differ), concatenated in rank order, on the CPU of every rank."""
     sizes = [None] * dist.get_world_size(group)
-    dist.all_gather_object(sizes, flat.numel(), group=group)
-    longest = max(sizes)
-    padded = torch.full((longest,), float("nan"))
-    padded[: flat.numel()] = flat
+    dist.all_gather_object(sizes, local.numel(), group=group)
     device = torch.device("cpu")
     if dist.get_backend(group) == "nccl":
         device = torch.device("cuda", torch.cuda.current_device())
-    parts = [torch.empty(longest, device=device) for _ in sizes]
-    dist.all_gather(parts, padded.to(device), group=group)
-    everything = torch.cat([part[:n].cpu() for part, n in zip(parts, sizes)])
-    k = math.ceil(density * total)
-    if k == 0:
-        return math.inf
-    return float(torch.kthvalue(everything, everything.numel() - k + 1).values)
+    padded = torch.zeros(max(sizes), dtype=local.dtype, device=device)
+    padded[: local.numel()] = local
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([part[:n].cpu() for part, n in zip(parts, sizes)])
+
+
+def _global_index(t, offset: int):
+    """Maps local flat positions of ``t`` (a DTensor's local block, or a plain tensor) to flat indices
+    in the global order: ``offset`` plus the row-major index in ``t``'s global shape."""
+    if not is_dtensor(t) or t.dim() == 0:
+        return lambda pos: pos + offset
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local_shape, start = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    strides = torch.ones(t.dim(), dtype=torch.int64)
+    for d in range(t.dim() - 2, -1, -1):
+        strides[d] = strides[d + 1] * t.shape[d + 1]
+
+    def index(pos):
+        coords = torch.stack(torch.unravel_index(pos.cpu(), tuple(local_shape)), dim=1) + torch.tensor(start)
+        return (coords * strides).sum(dim=1).to(pos.device) + offset
+
+    return index
 
 
 @torch.no_grad()
@@ -141,8 +153,12 @@ def sharded_saliency_mask(params, forget_fishers, remain_fishers, gamma: float =
 
     The masks come back as DTensors placed like their parameters (plain tensors
     stay plain). ``kept`` and ``total`` count the global tensors, each element once.
+    With ``density`` the masks are exactly those of one process on the full tensors:
+    the cut-off comes from every rank's ratios, and ties at it are kept by their
+    flat index over the global tensors in order, lowest first.
     """
     from . import functional as F
+    from .mask import check_density, density_count, density_cutoff, keep_top
     from .reference import saliency_ratio
 
     group = norm_reduce_group([params]) or (dist.group.WORLD if dist.is_initialized() else None)
@@ -150,6 +166,8 @@ def sharded_saliency_mask(params, forget_fishers, remain_fishers, gamma: float =
         raise RuntimeError("sharded_saliency_mask needs an initialised torch.distributed process group")
     if dtype not in (torch.bool, torch.uint8):
         raise ValueError(f"Invalid dtype: {dtype}; expected torch.bool or torch.uint8")
+    if density is not None:
+        check_density(density)
 
     def local(t):
         return t.to_local() if is_dtensor(t) else t
@@ -159,21 +177,31 @@ def sharded_saliency_mask(params, forget_fishers, remain_fishers, gamma: float =
     counted = [counts_here(p, group) for p in params]
     total = sum(p.numel() for p in params)
     if density is not None:
-        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 <= density <= 1:
-            raise ValueError(f"Invalid density: {density!r}; expected a number in [0, 1]")
-        ratios = [saliency_ratio(f, r) for f, r, c in zip(forget, remain, counted) if c]
-        threshold = _gathered_cutoff(ratios, density, total, group)
+        ratios = [saliency_ratio(f, r) for f, r in zip(forget, remain)]
+        mine = [r.reshape(-1).cpu() for r, c in zip(ratios, counted) if c]
+        cutoff, ties = density_cutoff(_gather_1d(torch.cat(mine) if mine else torch.empty(0), group),
+                                      density_count(density, total))
+        offsets = [0]
+        for p in params[:-1]:
+            offsets.append(offsets[-1] + p.numel())
+        index_of = [_global_index(p, o) for p, o in zip(params, offsets)]
+        # the lowest `ties` global indices among the elements equal to the cut-off, over every rank
+        tied = [index_of[i]((r == cutoff).view(-1).nonzero().view(-1)).cpu()
+                for i, (r, c) in enumerate(zip(ratios, counted)) if c and ties]
+        tied = torch.cat(tied).sort().values[:ties] if tied else torch.empty(0, dtype=torch.int64)
+        last_tie = int(_gather_1d(tied, group).sort().values[ties - 1]) if ties else -1
+        local_masks = [keep_top(r, cutoff, last_tie, index_of[i]).to(dtype) for i, r in enumerate(ratios)]
+        kept = sum(int(m.count_nonzero()) for m, c in zip(local_masks, counted) if c)
     else:
-        threshold = gamma
-    local_masks = [torch.empty(f.shape, dtype=dtype, device=f.device) for f in forget]
-    counted_idx = [i for i, c in enumerate(counted) if c]
-    other_idx = [i for i, c in enumerate(counted) if not c]
-    kept = 0
-    for idx, counts in ((counted_idx, True), (other_idx, False)):
-        if idx:
-            n = F.saliency_mask_([forget[i] for i in idx], [remain[i] for i in idx], [local_masks[i] for i in idx],
-                                 gamma=threshold, impl=impl)
-            kept += n if counts else 0
+        local_masks = [torch.empty(f.shape, dtype=dtype, device=f.device) for f in forget]
+        counted_idx = [i for i, c in enumerate(counted) if c]
+        other_idx = [i for i, c in enumerate(counted) if not c]
+        kept = 0
+        for idx, counts in ((counted_idx, True), (other_idx, False)):
+            if idx:
+                n = F.saliency_mask_([forget[i] for i in idx], [remain[i] for i in idx],
+                                     [local_masks[i] for i in idx], gamma=gamma, impl=impl)
+                kept += n if counts else 0
     kept_t = torch.tensor([kept], dtype=torch.int64,
                           device="cuda" if dist.get_backend(group) == "nccl" else "cpu")
     dist.all_reduce(kept_t, group=group)

@@ -18,13 +18,30 @@ def _to(x, device):
     return x.to(device) if torch.is_tensor(x) else x
 
 
+def batch_losses(model: nn.Module, loss_fn, inputs, targets):
+    """``(losses, output)`` of one batch: ``loss_fn(model(inputs), targets)`` and the model's output, or,
+    for a loss that runs the model itself (``loss_fn.takes_model``, e.g. :class:`sfron_ops.diffusion.EpsLoss`),
+    ``loss_fn(model, inputs, targets)`` and ``None``."""
+    if getattr(loss_fn, "takes_model", False):
+        return loss_fn(model, inputs, targets), None
+    output = model(inputs)
+    return loss_fn(output, targets), output
+
+
 @torch.no_grad()
 def fisher_diagonal(model: nn.Module, loader, loss_fn, *, scale: float | None = None, max_batches: int | None = None,
-                    impl=None) -> dict[str, torch.Tensor]:
-    r"""Diagonal Fisher of ``model`` over ``loader``: :math:`F = \sum_b s \, g_b^2`, float32.
+                    clip_norm: float | None = None, impl=None) -> dict[str, torch.Tensor]:
+    r"""Diagonal Fisher of ``model`` over ``loader``: :math:`F = \sum_b s \, (c_b g_b)^2`, float32.
 
     ``g_b`` is the gradient of the batch-mean loss ``loss_fn(model(x), y)`` (a
-    per-sample loss is averaged). ``s`` defaults to ``1 / B`` for ``B`` batches.
+    per-sample loss is averaged), or of ``loss_fn(model, x, y)`` for a loss that
+    runs the model itself (``loss_fn.takes_model``, e.g. the ε-prediction loss of
+    :mod:`sfron_ops.diffusion`). ``s`` defaults to ``1 / B`` for ``B`` batches.
+    With ``clip_norm``, each batch's gradient is first clipped to that total norm
+    over all parameters, as ``torch.nn.utils.clip_grad_norm_`` does:
+    :math:`c_b = \min(1, \text{clip\_norm} / (\lVert g_b \rVert_2 + 10^{-6}))`
+    (otherwise :math:`c_b = 1`); a few batches with huge gradients then cannot
+    dominate the estimate.
     The pass runs in eval mode (batch-norm statistics are not updated) and
     leaves the model's mode and its ``.grad`` attributes as they were.
 
@@ -33,6 +50,9 @@ def fisher_diagonal(model: nn.Module, loader, loss_fn, *, scale: float | None = 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("model has no parameter that requires grad")
+    if clip_norm is not None and (isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float))
+                                  or not clip_norm > 0):
+        raise ValueError(f"Invalid clip_norm: {clip_norm!r}; expected a number > 0")
     if scale is None:
         try:
             batches = len(loader)
@@ -56,11 +76,13 @@ def fisher_diagonal(model: nn.Module, loader, loss_fn, *, scale: float | None = 
             for _, p in named:
                 p.grad = None
             with torch.enable_grad():
-                loss = loss_fn(model(x), y)
+                loss = batch_losses(model, loss_fn, x, y)[0]
                 if loss.dim() > 0:
                     loss = loss.mean()
                 loss.backward()
             have = [(n, p) for n, p in named if p.grad is not None]
+            if clip_norm is not None and have:
+                nn.utils.clip_grad_norm_([p for _, p in have], clip_norm)
             F.fisher_accumulate_([fishers[n] for n, _ in have], [p.grad for _, p in have], scale=scale, impl=impl)
     finally:
         model.train(was_training)

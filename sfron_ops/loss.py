@@ -9,20 +9,23 @@ from torch.nn import functional as F
 WEIGHT_EPS = 1e-15
 
 
-def adaptive_weights(losses: torch.Tensor, lambd: float = 0.5) -> torch.Tensor:
+def adaptive_weights(losses: torch.Tensor, lambd: float = 0.5, *, eps: float = WEIGHT_EPS) -> torch.Tensor:
     r"""Per-sample weights that push hardest on the samples the model still fits.
 
     .. math::
-       c_i = \frac{1}{\operatorname{detach}(\ell_i)^{\lambda} + 10^{-15}}, \qquad
+       c_i = \frac{1}{\operatorname{detach}(\ell_i)^{\lambda} + \epsilon}, \qquad
        w_i = N \frac{c_i}{\sum_j c_j}
 
-    The weights carry no gradient and average to one.
+    The weights carry no gradient and average to one. :math:`\epsilon` (``eps``) is
+    :math:`10^{-15}` as in the official classification code; its diffusion code uses :math:`10^{-8}`.
     """
     if losses.dim() != 1:
         raise ValueError(f"losses must be a 1-D tensor of per-sample losses, got shape {tuple(losses.shape)}")
     if isinstance(lambd, bool) or not isinstance(lambd, (int, float)) or lambd < 0:
         raise ValueError(f"Invalid lambd: {lambd!r}")
-    c = 1.0 / (losses.detach().float().pow(lambd) + WEIGHT_EPS)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"Invalid eps: {eps!r}")
+    c = 1.0 / (losses.detach().float().pow(lambd) + eps)
     return (losses.numel() * c / c.sum()).to(losses.dtype)
 
 

@@ -1,8 +1,9 @@
-"""(S) forget-remain balanced weight saliency: masks from two Fisher diagonals."""
+"""(S) forget-remain balanced weight saliency: masks from two Fisher diagonals, by ratio or by density."""
 
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import NamedTuple
 
 import torch
@@ -99,21 +100,74 @@ class SaliencyMask(NamedTuple):
     total: int
 
 
-def density_cutoff(forget_fishers, remain_fishers, density: float) -> float:
-    """The ratio at which keeping every ratio ``>=`` it keeps the ``ceil(density * N)`` largest.
+# ---------------------------------------------------------------------------------------------- density rule
+def check_density(density) -> None:
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 <= density <= 1:
+        raise ValueError(f"Invalid density: {density!r}; expected a number in [0, 1]")
 
-    Ratios equal to the cut-off are kept too, so ties can keep a few more.
-    """
-    ratios = [saliency_ratio(f, r).flatten() for f, r in zip(forget_fishers, remain_fishers)]
-    home = ratios[0].device if ratios else torch.device("cpu")
-    flat = torch.cat([r.to(home) for r in ratios]) if ratios else torch.empty(0)
-    n = flat.numel()
-    k = math.ceil(density * n)
+
+def density_count(density: float, total: int) -> int:
+    """``ceil(density * total)`` in exact arithmetic, with ``density`` read as the decimal it prints as:
+    0.3 of 10 elements is 3 (``math.ceil(0.3 * 10)`` gives 4) and 0.4 of 5 is 2 (the binary value
+    of 0.4, a little above it, would give 3)."""
+    return math.ceil(Fraction(repr(float(density))) * total)
+
+
+def density_cutoff(flat: torch.Tensor, k: int) -> tuple[float, int]:
+    """Where the ``k`` largest values of the 1-D ``flat`` end: the smallest kept value ``c`` and how many
+    elements equal to ``c`` are kept (the rest of ``k`` lies strictly above ``c``). ``k = 0``: ``(inf, 0)``."""
     if k == 0:
-        return math.inf
-    return float(torch.kthvalue(flat.cpu(), n - k + 1).values)
+        return math.inf, 0
+    if torch.isnan(flat).any():
+        raise ValueError("the scores to rank hold NaN (a NaN Fisher entry or gradient); no density mask is defined")
+    cutoff = torch.kthvalue(flat, flat.numel() - k + 1).values
+    return float(cutoff), k - int((flat > cutoff).sum())
 
 
+def keep_top(score: torch.Tensor, cutoff: float, last_tie: int, global_index=None) -> torch.Tensor:
+    r"""The boolean mask :math:`s > c \;\lor\; (s = c \land \text{index} \le \text{last\_tie})`.
+
+    ``index`` is the element's flat index in the global order (``global_index(local flat positions)``;
+    by default the local flat position): ties at the cut-off are kept from the lowest index up.
+    """
+    score = score.contiguous()
+    keep = score > cutoff
+    if last_tie >= 0:
+        tied = (score == cutoff).view(-1).nonzero().view(-1)
+        if tied.numel():
+            index = tied if global_index is None else global_index(tied)
+            keep.view(-1)[tied[index <= last_tie]] = True
+    return keep
+
+
+def density_mask(scores, density: float, *, dtype: torch.dtype = torch.bool) -> SaliencyMask:
+    r"""Keep exactly :math:`\lceil \rho N \rceil` elements: the largest ``scores`` over all tensors together.
+
+    Ties at the cut-off are broken by the flat index over the tensors in order (lower first), so
+    that the count is exact whatever the number of equal scores (many exact-zero gradients, say).
+
+    Args:
+        scores: a list or dict of tensors (any devices); the ranking is global.
+        density: :math:`\rho \in [0, 1]`.
+        dtype: ``torch.bool`` or ``torch.uint8``.
+    """
+    check_density(density)
+    keys = list(scores) if isinstance(scores, dict) else None
+    tensors = [scores[k] for k in keys] if keys is not None else list(scores)
+    total = sum(t.numel() for t in tensors)
+    flat = torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors]) if tensors else torch.empty(0)
+    cutoff, ties = density_cutoff(flat, density_count(density, total))
+    last_tie = int((flat == cutoff).nonzero()[ties - 1]) if ties else -1
+    masks, offset = [], 0
+    for t in tensors:
+        start = offset
+        masks.append(keep_top(t.detach().float(), cutoff, last_tie, lambda pos, start=start: pos + start).to(dtype))
+        offset += t.numel()
+    kept = sum(int(m.count_nonzero()) for m in masks)
+    return SaliencyMask(dict(zip(keys, masks)) if keys is not None else masks, kept, total)
+
+
+# ---------------------------------------------------------------------------------------------- saliency
 def saliency_mask(forget_fisher, remain_fisher, gamma: float = 1.0, density: float | None = None, *,
                   dtype: torch.dtype = torch.bool, impl=None) -> SaliencyMask:
     r"""Saliency masks from forget and remain Fisher diagonals.
@@ -121,14 +175,16 @@ def saliency_mask(forget_fisher, remain_fisher, gamma: float = 1.0, density: flo
     .. math::
        m = \big[(F_f + \varepsilon) / (F_r + \varepsilon) \ge \gamma\big], \quad \varepsilon = 10^{-15}
 
-    With ``density`` (SalUn-style) the ``ceil(density * N)`` largest ratios over
-    all tensors together are kept instead, plus every ratio equal to the cut-off.
+    With ``density`` (SalUn-style) exactly :math:`\lceil \rho N \rceil` elements are kept instead:
+    the largest ratios over all tensors together, ties at the cut-off broken by the flat index over
+    the tensors in order (lower first; see :func:`density_mask`).
 
     Args:
         forget_fisher, remain_fisher: aligned lists, or dicts with the same keys, of Fisher diagonals.
         gamma: the ratio threshold (ignored when ``density`` is given).
         density: the share of elements to keep, in ``[0, 1]``.
         dtype: ``torch.bool`` or ``torch.uint8``.
+        impl: the kernel backend of the ratio rule (the density rule runs in plain PyTorch).
 
     Returns:
         ``SaliencyMask(masks, kept, total)``, ``masks`` shaped like the inputs.
@@ -152,15 +208,17 @@ def saliency_mask(forget_fisher, remain_fisher, gamma: float = 1.0, density: flo
     if dtype not in (torch.bool, torch.uint8):
         raise ValueError(f"Invalid dtype: {dtype}; expected torch.bool or torch.uint8")
     if density is not None:
-        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 <= density <= 1:
-            raise ValueError(f"Invalid density: {density!r}; expected a number in [0, 1]")
+        check_density(density)
     elif isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or math.isnan(gamma):
         raise ValueError(f"Invalid gamma: {gamma!r}")
 
-    forget = [f.to(torch.float32) for f in forget]
-    remain = [r.to(torch.float32) for r in remain]
-    threshold = gamma if density is None else density_cutoff(forget, remain, density)
-    masks = [torch.empty(f.shape, dtype=dtype, device=f.device) for f in forget]
-    kept = F.saliency_mask_(forget, remain, masks, gamma=threshold, impl=impl) if masks else 0
-    total = sum(m.numel() for m in masks)
+    if density is not None:
+        masks, kept, total = density_mask([saliency_ratio(f, r) for f, r in zip(forget, remain)], density,
+                                          dtype=dtype)
+    else:
+        forget = [f.to(torch.float32) for f in forget]
+        remain = [r.to(torch.float32) for r in remain]
+        masks = [torch.empty(f.shape, dtype=dtype, device=f.device) for f in forget]
+        kept = F.saliency_mask_(forget, remain, masks, gamma=gamma, impl=impl) if masks else 0
+        total = sum(m.numel() for m in masks)
     return SaliencyMask(dict(zip(keys, masks)) if keys is not None else masks, kept, total)

@@ -220,6 +220,43 @@ def _fisher_no_sync(data, part):
                 remain=[f.clone() for f in opt.fisher("remain")])
 
 
+TIE_DENSITIES = (0.3, 0.5, 0.8, 0.9)
+
+
+def tie_fishers():
+    """Fisher diagonals for make_model()'s parameters and one extra plain tensor, where about 60 % of the
+    elements have zero forget and remain Fisher, so that their ratios tie exactly at 1."""
+    g = torch.Generator().manual_seed(2)
+    shapes = [tuple(p.shape) for p in make_model().parameters()] + [(7,)]
+    forget, remain = [], []
+    for shape in shapes:
+        zero = torch.rand(shape, generator=g) < 0.6
+        forget.append(torch.rand(shape, generator=g).masked_fill(zero, 0.0))
+        remain.append(torch.rand(shape, generator=g).masked_fill(zero, 0.0))
+    return forget, remain
+
+
+def _density_ties(mesh):
+    """sharded_saliency_mask by density on FSDP2 parameters (uneven shards) plus one plain tensor."""
+    from torch.distributed.tensor import distribute_tensor
+
+    model = _wrap("fsdp2", make_model(), mesh)
+    forget, remain = tie_fishers()
+    params = list(model.parameters()) + [torch.zeros(7)]
+
+    def place(full, p):
+        return distribute_tensor(full, p.device_mesh, p.placements) if sdist.is_dtensor(p) else full
+
+    forget = [place(f, p) for f, p in zip(forget, params)]
+    remain = [place(r, p) for r, p in zip(remain, params)]
+    out = {}
+    for density in TIE_DENSITIES:
+        res = sdist.sharded_saliency_mask(params, forget, remain, density=density, dtype=torch.uint8)
+        out[density] = dict(kept=res.kept, total=res.total, masks=[_full(m) for m in res.masks],
+                            placed=[sdist.is_dtensor(m) for m in res.masks])
+    return out
+
+
 def worker(out_dir):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -234,6 +271,7 @@ def worker(out_dir):
         ckpt = os.path.join(out_dir, f"ckpt_{mode}_{base}")
         results[(mode, base)] = _rank_run(mode, base, data, part, mesh, ckpt)
     results["fisher_no_sync"] = _fisher_no_sync(data, part)
+    results["density_ties"] = _density_ties(mesh)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -370,6 +408,24 @@ def test_all_reduce_fisher_averages_per_rank_fishers(ranks):
     for which in ("forget", "remain"):
         for a, b in zip(ranks[0]["fisher_no_sync"][which], ranks[1]["fisher_no_sync"][which]):
             assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_density_masks_with_ties_match_one_process(ranks):
+    """Under FSDP2 the density rule keeps exactly ceil(density * N) elements, with the ties at the cut-off
+    broken by global flat index, so every rank's shards put together are the one-process masks."""
+    forget, remain = tie_fishers()
+    ratios = torch.cat([((f + 1e-15) / (r + 1e-15)).flatten() for f, r in zip(forget, remain)])
+    assert (ratios == 1.0).float().mean() > 0.5
+    for density in TIE_DENSITIES:
+        ref = sfron_ops.saliency_mask(forget, remain, density=density, dtype=torch.uint8)
+        assert ref.kept == math.ceil(density * ratios.numel() - 1e-9)
+        for rank in range(WORLD):
+            got = ranks[rank]["density_ties"][density]
+            assert (got["kept"], got["total"]) == (ref.kept, ref.total)
+            assert got["placed"] == [True] * 4 + [False]
+            for a, e in zip(got["masks"], ref.masks):
+                assert torch.equal(a, e)
 
 
 def test_single_process_helpers_need_no_process_group():

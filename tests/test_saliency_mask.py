@@ -1,10 +1,13 @@
-"""saliency_mask_: m = [(F_f + eps) / (F_r + eps) >= gamma] with the kept count."""
+"""saliency_mask_: m = [(F_f + eps) / (F_r + eps) >= gamma] with the kept count; the density rule's exact count."""
+
+import math
 
 import pytest
 import torch
 from helpers import kernels, make, shapes_for
 
 from sfron_ops import reference, saliency_mask
+from sfron_ops.mask import density_count, density_mask
 
 
 def test_reference_hand_checked():
@@ -53,12 +56,54 @@ def test_density_keeps_the_largest_ratios(density):
         assert kept_values.min() >= ratios.topk(k).values.min()
 
 
-def test_density_keeps_ties_at_the_cutoff():
+def test_density_breaks_ties_at_the_cutoff_by_flat_index():
     ff = [torch.tensor([4.0, 2.0, 2.0, 2.0, 1.0])]
     fr = [torch.ones(5)]
-    result = saliency_mask(ff, fr, density=0.4)  # ceil(0.4 * 5) = 2, but three elements tie at the cut-off
-    assert result.masks[0].tolist() == [True, True, True, True, False]
-    assert result.kept == 4
+    result = saliency_mask(ff, fr, density=0.6)  # ceil(0.6 * 5) = 3: 4 and the first two of three tied 2s
+    assert result.masks[0].tolist() == [True, True, True, False, False]
+    assert (result.kept, result.total) == (3, 5)
+    # across tensors the flat index runs over the tensors in order
+    ff = [torch.tensor([2.0, 5.0]), torch.tensor([[2.0, 2.0], [0.5, 2.0]])]
+    result = saliency_mask(ff, [torch.ones(2), torch.ones(2, 2)], density=0.5, dtype=torch.uint8)
+    assert [m.tolist() for m in result.masks] == [[1, 1], [[1, 0], [0, 0]]] and result.kept == 3
+
+
+def test_density_count_is_exact_with_many_exact_zeros():
+    """A gradient with many exact zeros (a dead ReLU unit, an unused class): the zeros all tie, and the
+    mask must still keep ceil(density * N), not every tied element."""
+    g = torch.Generator().manual_seed(3)
+    forget = [torch.rand(300, generator=g), torch.rand(40, 25, generator=g), torch.rand(7, generator=g)]
+    forget[0][::3] = 0
+    forget[1][5:] = 0  # 700 of 1000 zeros
+    forget[2][:] = 0
+    remain = [torch.zeros_like(f) for f in forget]  # zero forget Fisher: ratio exactly (0 + eps) / (0 + eps) = 1
+    ratios = torch.cat([reference.saliency_ratio(f, r).flatten() for f, r in zip(forget, remain)])
+    n = ratios.numel()
+    ties = int((ratios == 1.0).sum())
+    assert ties > n // 2
+    for density in (0.2, 0.5, 0.8, 1.0):
+        result = saliency_mask(forget, remain, density=density)
+        kept = torch.cat([m.flatten() for m in result.masks])
+        k = math.ceil(density * n - 1e-9)
+        assert result.kept == int(kept.sum()) == k
+        # every element above the cut-off is kept, and the kept tied elements are the first ones in flat order
+        cutoff = ratios.topk(k).values.min()
+        assert kept[ratios > cutoff].all()
+        tied_kept = kept[ratios == cutoff]
+        assert tied_kept[: int(tied_kept.sum())].all() and not tied_kept[int(tied_kept.sum()):].any()
+    # the same rule ranks any scores: SalUn's |gradient| masks
+    scores = {"w": torch.tensor([[0.0, 3.0], [0.0, 0.0]]), "b": torch.tensor([0.0, 1.0])}
+    result = density_mask(scores, 0.5)
+    assert result.masks["w"].tolist() == [[True, True], [False, False]] and result.masks["b"].tolist() == [False, True]
+
+
+def test_density_count_reads_density_as_written():
+    assert [density_count(d, n) for d, n in ((0.3, 10), (0.4, 5), (0.7, 10), (0.1, 122), (0.8, 85002))] == \
+        [3, 2, 7, 13, 68002]
+    assert density_count(0.0, 9) == 0 and density_count(1, 9) == 9 and density_count(1e-12, 9) == 1
+    assert saliency_mask([torch.rand(10)], [torch.rand(10)], density=0.3).kept == 3  # not ceil(0.3 * 10.0) = 4
+    with pytest.raises(ValueError, match="NaN"):
+        saliency_mask([torch.tensor([1.0, float("nan")])], [torch.ones(2)], density=0.5)
 
 
 def test_dict_in_dict_out_and_bad_input():

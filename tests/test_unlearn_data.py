@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -150,3 +151,74 @@ def test_image_folder(tmp_path):
         D.image_folder(train_root, bad)
     with pytest.raises(FileNotFoundError, match="test_root="):
         D.image_folder(train_root, str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("garbage", "is not a readable cifar10 file"),
+    ("list", "is not a cifar10 file"),
+    ("shape", "'data' must be a uint8 array of N x 3072"),
+    ("label", "label 10 is not a class index in [0, 10)"),
+    ("count", "'labels' must be a list of"),
+])
+def test_cifar_files_are_checked_before_use(tmp_path, damage, message):
+    """A damaged batch file is a DataError naming the file, not a failure deep inside training."""
+    _write_cifar(str(tmp_path), "cifar10")
+    path = os.path.join(tmp_path, "cifar-10-batches-py", "data_batch_3")
+    with open(path, "rb") as fh:
+        entry = pickle.load(fh)
+    if damage == "garbage":
+        content = b"\x80\x04not a pickle"
+    else:
+        if damage == "list":
+            entry = [entry]
+        elif damage == "shape":
+            entry["data"] = entry["data"][:, :100]
+        elif damage == "label":
+            entry["labels"][0] = 10
+        else:
+            entry["labels"] = entry["labels"][1:]
+        content = pickle.dumps(entry)
+    with open(path, "wb") as fh:
+        fh.write(content)
+    with pytest.raises(D.DataError, match=re.escape(path) + ".*" + re.escape(message)):
+        D.cifar(str(tmp_path), "cifar10")
+
+
+def test_image_folder_fingerprint_reads_and_decodes_every_file(tmp_path, caplog):
+    train_root, test_root = tmp_path / "train", tmp_path / "val"
+    _write_folder(str(train_root), ["ant", "bee"], 3)
+    _write_folder(str(test_root), ["ant", "bee"], 1)
+    (train_root / "ant" / "notes.txt").write_text("where these came from")
+    with caplog.at_level("WARNING", logger="sfron_ops.unlearn"):
+        train, _, test = D.image_folder(str(train_root), str(test_root))
+    assert "skipped 1 file(s) without an image extension, e.g. ant/notes.txt" in caplog.text
+    first = D.fingerprint(train, test)
+    assert D.fingerprint(train, test) == first
+    split = D.dataset_split("folder", train, train, test, seed=0)
+    assert split.fingerprint == first and split.identity()["content"] == first
+    # one image changed (same size): another fingerprint
+    from PIL import Image
+
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(train_root / "bee" / "0.png")
+    assert D.fingerprint(train, test) != first
+    bad = train_root / "bee" / "1.png"
+    bad.write_bytes(b"GIF89a but not really")
+    with pytest.raises(D.DataError, match=re.escape(str(bad)) + " is not a readable image"):
+        D.fingerprint(train, test)
+    for f in (test_root / "bee").iterdir():
+        f.unlink()
+    with pytest.raises(D.DataError, match=f"test_root={str(test_root)!r}: .*bee"):
+        D.image_folder(str(train_root), str(test_root))
+
+
+def test_split_identities_tell_data_and_forget_sets_apart():
+    a = D.digits_split(0, fraction=0.1)
+    b = D.digits_split(0, fraction=0.11)
+    c = D.digits_split(1, fraction=0.1)
+    assert a.identity() == b.identity() != c.identity()  # another seed corrupts the images differently
+    assert a.forget_identity()["fraction"] == 0.1 and a.forget_identity()["count"] == round(0.1 * 1347)
+    assert a.forget_identity() != b.forget_identity()
+    assert a.forget_identity()["samples"] != D.digits_split(2, fraction=0.1).forget_identity()["samples"]
+    k = D.digits_split(0, mode="class", forget_class=3, noise=0.0)
+    assert k.forget_identity() == {"mode": "class", "forget_class": 3, "count": len(k.forget_idx),
+                                   "samples": k.forget_identity()["samples"]}

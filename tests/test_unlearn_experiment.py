@@ -2,12 +2,14 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
 
 from sfron_ops import demo
 from sfron_ops.unlearn import cli, experiment, presets
+from sfron_ops.unlearn.checkpoints import CheckpointError
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -48,19 +50,19 @@ def test_cli_presets_and_errors(capsys):
     assert cli.main(["presets"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["sfron_paper"]["cifar10-random"]["forget_alpha"] == 25.0
-    with pytest.raises(SystemExit, match="LABEL.key=value"):
-        cli.main(["run", "--set", "lr=1", "--seeds", "0"])
-    with pytest.raises(SystemExit, match="no method 'XX'"):
-        cli.main(["run", "--set", "XX.lr=1", "--seeds", "0"])
-    with pytest.raises(SystemExit, match="needs --root"):
-        cli.main(["run", "--dataset", "cifar10", "--seeds", "0"])
+    for argv, message in ((["run", "--set", "lr=1", "--seeds", "0"], "LABEL.key=value"),
+                          (["run", "--set", "XX.lr=1", "--seeds", "0"], "no method 'XX'"),
+                          (["run", "--dataset", "cifar10", "--seeds", "0"], "needs --root")):
+        assert cli.main(argv) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_paper_presets_are_valid_methods():
     from sfron_ops.unlearn import make_method
 
     for preset in list(presets.SFRON_PAPER.values()) + list(presets.DIGITS_RANDOM.values()) + \
-            list(presets.DIGITS_CLASS.values()):
+            list(presets.DIGITS_CLASS.values()) + [p for kind in ("random", "class")
+                                                   for p in presets._paper_methods(kind).values()]:
         spec = dict(preset)
         make_method(spec.pop("method"), **spec)
     cifar = presets.SFRON_PAPER["cifar10-random"]
@@ -132,11 +134,39 @@ def test_run_scenario_resumes_from_its_checkpoints(tmp_path):
     scenario = _tiny(methods=("SFR-on",))
     first = experiment.run_scenario(scenario, seeds=(0,), checkpoint_dir=str(tmp_path), echo=lambda s: None)
     assert os.path.exists(tmp_path / "seed0" / "SFR-on.pt")
+    assert experiment.check_runs(scenario, (0,), checkpoint_dir=str(tmp_path)) == []
     again = experiment.run_scenario(scenario, seeds=(0,), checkpoint_dir=str(tmp_path), echo=lambda s: None)
     for label in first["order"]:
         for key in ("FA", "RA", "TA", "MIA", "KL", "RTE"):
             a, b = first["per_seed"]["0"][label][key], again["per_seed"]["0"][label][key]
             assert a == b or (a != a and b != b), (label, key)
+    # another forget set: RT and SFR-on are someone else's runs now; the original is not
+    other = presets.digits_scenario("random", epochs=2, fraction=0.11)
+    other.methods = scenario.methods
+    problems = experiment.check_runs(other, (0,), checkpoint_dir=str(tmp_path))
+    assert sorted(os.path.basename(p.path) for p in problems) == ["RT.pt", "SFR-on.pt"]
+    assert ("forget.fraction", 0.1, 0.11) in problems[0].differences
+    with pytest.raises(CheckpointError, match="RT.pt belongs to another run: forget.fraction=0.1 there"):
+        experiment.run_scenario(other, seeds=(0,), checkpoint_dir=str(tmp_path), echo=lambda s: None)
+    # so are runs of another seed (their files copied where that seed's go) or another training length
+    shutil.copytree(tmp_path / "seed0", tmp_path / "seed1")
+    longer = presets.digits_scenario("random", epochs=3)
+    longer.methods = scenario.methods
+    for changed, seed, entry in ((scenario, 1, "seed"), (longer, 0, "training.epochs")):
+        found = experiment.check_runs(changed, (seed,), checkpoint_dir=str(tmp_path))
+        assert len(found) == 3 and all(entry in [d[0] for d in p.differences] for p in found)
+
+
+def test_check_runs_names_the_run_with_a_bad_hyperparameter():
+    scenario = _tiny(methods=("FT", "SFR-on"))
+    scenario.methods["SFR-on"]["forget_freq"] = 0
+    with pytest.raises(experiment.RunConfigError, match="SFR-on: Invalid forget_freq: 0") as err:
+        experiment.check_runs(scenario, (0,))
+    assert err.value.tag == "SFR-on"
+    scenario.methods["SFR-on"]["forget_freq"] = 2
+    scenario.train["momentum"] = -1  # the original and RT
+    with pytest.raises(experiment.RunConfigError, match="original: Invalid momentum: -1"):
+        experiment.check_runs(scenario, (0,))
 
 
 def _summary(rows):

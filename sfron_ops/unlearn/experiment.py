@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import checkpoints
 from . import metrics as M
 from .data import Split
+from .methods import make_method
 from .models import build_model
 from .runner import run
 
@@ -92,15 +94,16 @@ def prepare_seed(scenario: Scenario, seed: int, *, device=None, progress=None, c
     loaders = _loaders(split, scenario, seed)
     eval_loaders = (loaders["forget_eval"], loaders["remain_eval"], loaders["test_eval"])
     resume = checkpoint_dir is not None
+    specs = _run_specs(scenario, loaders, ())
     original = fresh_model(seed)
-    res = run("train", original, remain_loader=loaders["train"], seed=seed, progress=progress,
-              desc=f"original s{seed}", checkpoint=_ckpt(checkpoint_dir, seed, "original"), resume=resume,
-              iterations=scenario.epochs * len(loaders["train"]), **scenario.train)
+    res = run(specs["original"][0], original, remain_loader=loaders["train"], seed=seed, progress=progress,
+              desc=f"original s{seed}", checkpoint=checkpoints.path(checkpoint_dir, seed, "original"),
+              resume=resume, checkpoint_key=run_key(scenario, split, seed, "original"), **specs["original"][1])
     original_seconds = res.seconds
     rt = fresh_model(seed + 10_000)
-    res = run("train", rt, remain_loader=loaders["remain"], seed=seed + 10_000, progress=progress,
-              desc=f"RT s{seed}", checkpoint=_ckpt(checkpoint_dir, seed, "RT"), resume=resume,
-              iterations=scenario.epochs * len(loaders["remain"]), **scenario.train)
+    res = run(specs["RT"][0], rt, remain_loader=loaders["remain"], seed=seed + 10_000, progress=progress,
+              desc=f"RT s{seed}", checkpoint=checkpoints.path(checkpoint_dir, seed, "RT"), resume=resume,
+              checkpoint_key=run_key(scenario, split, seed, "RT"), **specs["RT"][1])
     rt_metrics = M.evaluate(rt, *eval_loaders, device=device, mia_seed=seed)
     reference = rt_metrics.pop("forget_logits")
     rt_metrics.update({"KL": 0.0, "JS": 0.0, "Avg.D": 0.0, "RTE": res.seconds})
@@ -118,8 +121,10 @@ def evaluate_method(scenario: Scenario, base: SeedBase, label: str, spec: dict, 
     model = copy.deepcopy(base.original)
     loaders = _loaders(base.split, scenario, base.seed)  # every method sees the same batches
     res = run(name, model, loaders["forget"], loaders["remain"], device=base.device, seed=base.seed,
-              progress=progress, desc=f"{label} s{base.seed}", checkpoint=_ckpt(checkpoint_dir, base.seed, label),
-              resume=checkpoint_dir is not None, **spec)
+              progress=progress, desc=f"{label} s{base.seed}",
+              checkpoint=checkpoints.path(checkpoint_dir, base.seed, label),
+              checkpoint_key=run_key(scenario, base.split, base.seed, label), resume=checkpoint_dir is not None,
+              **spec)
     m = M.evaluate(model, *base.eval_loaders, reference_forget_logits=base.reference, device=base.device,
                    mia_seed=base.seed)
     m.pop("forget_logits")
@@ -127,8 +132,92 @@ def evaluate_method(scenario: Scenario, base: SeedBase, label: str, spec: dict, 
     return m
 
 
-def _ckpt(checkpoint_dir, seed, tag):
-    return None if checkpoint_dir is None else os.path.join(checkpoint_dir, f"seed{seed}", f"{tag}.pt")
+def run_key(scenario: Scenario, split: Split, seed: int, tag: str) -> dict:
+    """What determines the run ``tag`` ("original", "RT" or a method label) of ``seed`` besides its method and
+    hyperparameters (which the runner adds): the data's content and how it is read, the seed, the model and
+    how the original is trained; for RT and the methods also the forget set, and for the methods the batch
+    sizes of their loaders. A checkpoint resumes only a run with the same key, so an original is shared by
+    every forget set of the same data, and nothing else is shared."""
+    key = {"run": tag, "seed": seed, "data": split.identity(),
+           "model": {"name": scenario.model, **scenario.model_kwargs},
+           "training": {**scenario.train, "epochs": scenario.epochs, "batch_size": scenario.batch_size}}
+    if tag != "original":
+        key["forget"] = split.forget_identity()
+    if tag not in ("original", "RT"):
+        key["loaders"] = {"batch_size": scenario.batch_size, "forget_batch_size": scenario.forget_batch_size}
+    return key
+
+
+def _labels(scenario: Scenario, methods) -> list:
+    labels = list(scenario.methods) if methods is None else list(methods)
+    unknown = [m for m in labels if m not in scenario.methods]
+    if unknown:
+        raise ValueError(f"Invalid method: {unknown[0]!r}; scenario {scenario.name!r} has {list(scenario.methods)}")
+    return labels
+
+
+def _run_specs(scenario: Scenario, loaders: dict, labels) -> dict:
+    """``tag -> (method name, hyperparameters, the runner's loaders)`` for the original, RT and ``labels``."""
+    specs = {tag: ("train", dict(scenario.train, iterations=scenario.epochs * len(loaders[which])),
+                   {"remain": loaders[which]}) for tag, which in (("original", "train"), ("RT", "remain"))}
+    for label in labels:
+        spec = dict(scenario.methods[label])
+        specs[label] = (spec.pop("method"), spec, {"forget": loaders["forget"], "remain": loaders["remain"]})
+    return specs
+
+
+class RunConfigError(ValueError):
+    """A run (``tag``: "original", "RT" or a method label) whose method or hyperparameters cannot be used."""
+
+    def __init__(self, tag: str, error: Exception):
+        super().__init__(f"{tag}: {error}")
+        self.tag = tag
+
+
+def build_methods(specs: dict, model=None, loss_fn=None) -> dict:
+    """``tag -> Method`` for ``specs`` (``tag -> (method name, hyperparameters, the runner's loaders)``); with
+    ``model``, every method is also planned on its loaders and set up on ``model`` with ``loss_fn`` (its
+    optimizer and schedule), which finds what only the real model and data reveal. Nothing trains. Raises a
+    :class:`RunConfigError` naming the first run whose method or hyperparameters cannot be used."""
+    built = {}
+    for step in ("build", "setup") if model is not None else ("build",):  # every run's values first: that is cheap
+        for tag, (name, hparams, run_loaders) in specs.items():
+            try:
+                if step == "build":
+                    built[tag] = make_method(name, **hparams)
+                else:
+                    built[tag].plan(run_loaders)
+                    built[tag].setup(model, loss_fn, None, fresh=False)
+            except (ValueError, TypeError) as e:
+                raise RunConfigError(tag, e) from None
+    return built
+
+
+def check_runs(scenario: Scenario, seeds, methods=None, *, device=None, checkpoint_dir: str | None = None) -> list:
+    """Check before training what can be checked: every seed's split (the data files, the forget set), every
+    run's method and hyperparameters on the scenario's model and loaders, and the checkpoints already under
+    ``checkpoint_dir``. Raises a :class:`~sfron_ops.unlearn.data.DataError` for the data, a ``ValueError``
+    for the forget set and a :class:`RunConfigError` for a method; returns a
+    :class:`~sfron_ops.unlearn.checkpoints.CheckpointError` for every checkpoint that cannot be resumed
+    (unreadable, or of another run), touching none of them."""
+    labels = _labels(scenario, methods)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
+    problems, model = [], None
+    for seed in seeds:
+        split = scenario.split(seed)
+        if len(split.remain_idx) == 0:
+            raise ValueError(f"seed {seed}: every training sample is in the forget set, none remains")
+        loaders = _loaders(split, scenario, seed)
+        first = model is None
+        if first:
+            model = build_model(scenario.model, split.input_shape, split.num_classes, **scenario.model_kwargs)
+            model = model.to(device)
+        built = build_methods(_run_specs(scenario, loaders, labels), model if first else None, loss_fn)
+        problems += checkpoints.check((checkpoints.path(checkpoint_dir, seed, tag),
+                                       checkpoints.run_key(method, run_key(scenario, split, seed, tag)))
+                                      for tag, method in built.items())
+    return problems
 
 
 def tune(scenario: Scenario, grids: dict, seeds=None, *, max_fa=None, device=None, progress=None,
@@ -171,10 +260,7 @@ def run_scenario(scenario: Scenario, seeds=(0, 1, 2), methods=None, *, device=No
     ``methods``: labels of ``scenario.methods`` to run (default: all). With ``checkpoint_dir`` every
     training and unlearning run checkpoints there and a second call resumes where the first stopped.
     """
-    labels = list(scenario.methods) if methods is None else list(methods)
-    unknown = [m for m in labels if m not in scenario.methods]
-    if unknown:
-        raise ValueError(f"Invalid method: {unknown[0]!r}; scenario {scenario.name!r} has {list(scenario.methods)}")
+    labels = _labels(scenario, methods)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     per_seed = {}
     started = time.perf_counter()
@@ -245,6 +331,7 @@ def format_table(results: dict, *, markdown: bool = True) -> str:
 
 
 def save_json(results: dict, path: str) -> None:
+    """``results`` as strict JSON at ``path``, through a temporary file (an interrupted write leaves the old one)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
     def clean(x):  # strict JSON: no NaN or Infinity literals
@@ -258,8 +345,14 @@ def save_json(results: dict, path: str) -> None:
             return [clean(v) for v in x]
         return x
 
-    with open(path, "w") as fh:
-        json.dump(clean(results), fh, indent=1, allow_nan=False)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(clean(results), fh, indent=1, allow_nan=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def plot_results(results_list: list, path: str) -> None:

@@ -186,3 +186,38 @@ def evaluate(model: torch.nn.Module, forget_loader, remain_loader, test_loader, 
             out["JS"] = js_divergence(reference_forget_logits, f_logits, logits=True)
     out["forget_logits"] = f_logits
     return out
+
+
+# ---------------------------------------------------------------------------------------------- generation
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    r"""Fréchet distance between two Gaussians, in float64:
+
+    .. math::
+       d^2 = \lVert \mu_1 - \mu_2 \rVert^2 + \operatorname{tr}\Sigma_1 + \operatorname{tr}\Sigma_2
+             - 2 \operatorname{tr}\big((\Sigma_1 \Sigma_2)^{1/2}\big)
+
+    :math:`\operatorname{tr}((\Sigma_1\Sigma_2)^{1/2})` is the sum of the square roots of the
+    eigenvalues of :math:`\Sigma_1\Sigma_2` (real and non-negative for covariance matrices; the tiny
+    negative or imaginary parts that rounding leaves are dropped).
+    """
+    mu1, mu2 = torch.as_tensor(mu1, dtype=torch.float64), torch.as_tensor(mu2, dtype=torch.float64)
+    s1, s2 = torch.as_tensor(sigma1, dtype=torch.float64), torch.as_tensor(sigma2, dtype=torch.float64)
+    if mu1.shape != mu2.shape or mu1.dim() != 1 or s1.shape != (mu1.numel(),) * 2 or s2.shape != s1.shape:
+        raise ValueError(f"frechet_distance needs means of shape (d,) and covariances (d, d), got {tuple(mu1.shape)}, "
+                         f"{tuple(s1.shape)}, {tuple(mu2.shape)}, {tuple(s2.shape)}")
+    eig = torch.linalg.eigvals(s1 @ s2)
+    covmean_trace = eig.real.clamp_min(0).sqrt().sum()
+    return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * covmean_trace)
+
+
+def feature_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance (ddof = 1) of a set of feature vectors, in float64."""
+    f = torch.as_tensor(features, dtype=torch.float64)
+    if f.dim() != 2 or f.shape[0] < 2:
+        raise ValueError(f"feature_stats needs at least 2 feature vectors of shape (n, d), got {tuple(f.shape)}")
+    return f.mean(dim=0), torch.cov(f.T).reshape(f.shape[1], f.shape[1])
+
+
+def fid(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
+    """FID between two sets of feature vectors: the Fréchet distance of their Gaussian fits."""
+    return frechet_distance(*feature_stats(features_a), *feature_stats(features_b))

@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -19,9 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-log = logging.getLogger("sfron_ops.unlearn")
+from . import checkpoints
 
-CHECKPOINT_VERSION = 1
+log = logging.getLogger("sfron_ops.unlearn")
 
 
 # ---------------------------------------------------------------------------------------------- RNG states
@@ -205,18 +207,44 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _save_atomic(obj, path):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+class RunInterrupted(KeyboardInterrupt):
+    """A Ctrl-C that stopped :func:`run` (``desc``, or the method's name): ``iteration`` of ``iterations`` were
+    done and, when ``checkpoint`` is not None, saved there (run again with ``resume=True`` to continue)."""
+
+    def __init__(self, desc: str, iteration: int, iterations: int, checkpoint: str | None):
+        where = f", saved to {checkpoint}" if checkpoint else ""
+        super().__init__(f"{desc} stopped after iteration {iteration}/{iterations}{where}")
+        self.desc, self.iteration, self.iterations, self.checkpoint = desc, iteration, iterations, checkpoint
+
+
+class _InterruptHold:
+    """From construction to :meth:`release`, hold a Ctrl-C (SIGINT) back as ``requested`` so that the loop
+    stops at an iteration boundary, where the state is whole and can be saved; a second Ctrl-C interrupts
+    at once. Only where Python's own handler is installed (the main thread, no handler of the caller's)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def release(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
 
 def run(method, model: nn.Module, forget_loader=None, remain_loader=None, *, loss_fn=None, device=None,
         seed: int | None = None, checkpoint: str | None = None, checkpoint_every: int | None = None,
-        resume: bool = False, stop_after: int | None = None, progress: bool | None = None,
-        log_every: int | None = None, desc: str | None = None, callback=None, **hparams) -> RunResult:
+        checkpoint_key: dict | None = None, resume: bool = False, stop_after: int | None = None,
+        progress: bool | None = None, log_every: int | None = None, desc: str | None = None, callback=None,
+        **hparams) -> RunResult:
     """Run ``method`` on ``model`` in place and return a :class:`RunResult`.
 
     Args:
@@ -227,13 +255,21 @@ def run(method, model: nn.Module, forget_loader=None, remain_loader=None, *, los
         loss_fn: per-sample loss ``loss_fn(output, target)`` (``reduction="none"``); cross-entropy by default.
         device: where batches go (default: the model's device).
         seed: seed the global random generators before a fresh start (not on resume).
-        checkpoint: file to save to every ``checkpoint_every`` iterations and at the end.
+        checkpoint: file to save to every ``checkpoint_every`` iterations, at the end, and on Ctrl-C.
+        checkpoint_key: what else determines the run besides the method and its hyperparameters (data,
+            forget set, seed, model, ...), as a nested dict of plain values; saved with the checkpoint.
         resume: continue from ``checkpoint`` if it exists (the run then ends exactly as an uninterrupted one).
+            A checkpoint of another method, other hyperparameters or another ``checkpoint_key`` is refused
+            with a :class:`~sfron_ops.unlearn.checkpoints.CheckpointError` naming what differs.
         stop_after: stop once this many iterations are done (the checkpoint is saved), e.g. to split a job.
         progress: show a tqdm bar (default: when stderr is a terminal).
         log_every: record the mean forget/remain loss and accuracy every this many iterations
             (default: about 20 records per run); records go to ``history`` and the ``sfron_ops.unlearn`` logger.
-        callback: ``callback(iteration, model)`` after each record, e.g. for evaluation (not timed).
+        callback: ``callback(iteration, model)`` after each record, e.g. for evaluation (not timed); a dict it
+            returns joins the record (and so the history and the checkpoint).
+
+    A Ctrl-C during the loop stops the run at the end of the current iteration, saves the checkpoint
+    (if any) and raises :class:`RunInterrupted`, a ``KeyboardInterrupt``; a second Ctrl-C stops at once.
     """
     from .methods import Method, make_method
 
@@ -255,6 +291,7 @@ def run(method, model: nn.Module, forget_loader=None, remain_loader=None, *, los
     if device is None:
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
+    method.plan({k: v for k, v in loaders.items() if v is not None})
     n = method.iterations
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 0):
         raise ValueError(f"Invalid stop_after: {stop_after!r}")
@@ -270,9 +307,9 @@ def run(method, model: nn.Module, forget_loader=None, remain_loader=None, *, los
     data = Batches(loaders, device)
     start, history, elapsed, resumed_from = 0, [], 0.0, None
     saved = None
+    key = checkpoints.run_key(method, checkpoint_key)
     if resume and os.path.exists(checkpoint):
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        _check_checkpoint(saved, method, checkpoint)
+        saved = checkpoints.read(checkpoint, key)
     model.train()
     if saved is not None:
         model.load_state_dict(saved["model"])
@@ -295,12 +332,11 @@ def run(method, model: nn.Module, forget_loader=None, remain_loader=None, *, los
     finished = bool(saved is not None and saved.get("finished"))
 
     def save(iteration):
-        _save_atomic({"version": CHECKPOINT_VERSION, "method_name": method.name,
-                      "hparams": method.hparams_for_checkpoint(), "iteration": iteration, "finished": finished,
-                      "model": model.state_dict(), "method": method.state_dict(), "data": data.state_dict(),
-                      "rng": rng_state(), "history": history, "seconds": elapsed,
-                      # the record being accumulated, so that a resumed history matches an uninterrupted one
-                      "window": {k: (float(v), counts[k]) for k, v in sums.items()}}, checkpoint)
+        checkpoints.save({"version": checkpoints.VERSION, "key": key, "iteration": iteration, "finished": finished,
+                          "model": model.state_dict(), "method": method.state_dict(), "data": data.state_dict(),
+                          "rng": rng_state(), "history": history, "seconds": elapsed,
+                          # the record being accumulated, so that a resumed history matches an uninterrupted one
+                          "window": {k: (float(v), counts[k]) for k, v in sums.items()}}, checkpoint)
 
     bar = None
     if progress:
@@ -314,6 +350,7 @@ def run(method, model: nn.Module, forget_loader=None, remain_loader=None, *, los
             sums[k], counts[k] = total, count
     end = n if stop_after is None else min(n, stop_after)
     i = start
+    hold = _InterruptHold()
     try:
         t0 = time.perf_counter()
         while i < end:
@@ -327,7 +364,8 @@ def run(method, model: nn.Module, forget_loader=None, remain_loader=None, *, los
                 bar.update(1)
             boundary_log = i % log_every == 0 or i == n
             boundary_ckpt = checkpoint is not None and checkpoint_every is not None and i % checkpoint_every == 0
-            if boundary_log or boundary_ckpt or i == end:
+            stop = hold.requested
+            if boundary_log or boundary_ckpt or i == end or stop:
                 _sync(device)
                 elapsed += time.perf_counter() - t0
                 if boundary_log and sums:
@@ -341,11 +379,18 @@ def run(method, model: nn.Module, forget_loader=None, remain_loader=None, *, los
                         bar.set_postfix({k: f"{v:.3g}" for k, v in entry.items()
                                          if k in ("forget_loss", "forget_acc", "remain_loss", "remain_acc")})
                     if callback is not None:
-                        callback(i, model)
-                if checkpoint is not None and (boundary_ckpt or i == end):
+                        entry.update(callback(i, model) or {})  # kept in the history, so a resumed run has it
+                if checkpoint is not None and (boundary_ckpt or i == end or stop):
                     save(i)
+                if stop:
+                    raise RunInterrupted(desc or method.name, i, n, checkpoint)
                 t0 = time.perf_counter()
+    except Exception:
+        if hold.requested:  # e.g. DataLoader workers that the same Ctrl-C stopped: the last save stands
+            raise RunInterrupted(desc or method.name, i, n, None) from None
+        raise
     finally:
+        hold.release()
         if bar is not None:
             bar.close()
     completed = i >= n
@@ -361,21 +406,9 @@ def run(method, model: nn.Module, forget_loader=None, remain_loader=None, *, los
                      seconds=elapsed, history=history, info=method.info(), resumed_from=resumed_from)
 
 
-def _check_checkpoint(saved, method, path):
-    if saved.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"checkpoint {path!r} has version {saved.get('version')!r}; expected {CHECKPOINT_VERSION}")
-    if saved["method_name"] != method.name:
-        raise ValueError(f"checkpoint {path!r} is of method {saved['method_name']!r}, not {method.name!r}")
-    mine = method.hparams_for_checkpoint()
-    diff = sorted(k for k in set(mine) | set(saved["hparams"]) if mine.get(k) != saved["hparams"].get(k))
-    if diff:
-        k = diff[0]
-        raise ValueError(f"checkpoint {path!r} was written with {k}={saved['hparams'].get(k)!r}, "
-                         f"this run has {k}={mine.get(k)!r}")
-
-
 def fmt_seconds(s: float) -> str:
     return f"{s:.2f}s" if s < 120 else f"{s / 60:.1f}min"
 
 
-__all__ = ["run", "RunResult", "Batches", "rng_state", "set_rng_state", "seed_everything", "fmt_seconds"]
+__all__ = ["run", "RunResult", "RunInterrupted", "Batches", "rng_state", "set_rng_state", "seed_everything",
+           "fmt_seconds"]
