@@ -151,6 +151,8 @@ def tagged(sd: dict, skipped: int, sync_counts: list) -> dict:
     the groups' device counters, ``None`` where a group has none yet)."""
     sd["format"] = FORMAT
     sd["skipped_steps"] = skipped
+    # plain dicts: the state dict must load with torch.load(weights_only=True)
+    sd["state"] = {key: dict(entries) for key, entries in sd["state"].items()}
     for saved, counter in zip(sd["param_groups"], sync_counts):
         if counter is not None:
             saved["remain_steps"] = int(counter)

@@ -41,12 +41,15 @@ def check_number(name, value, low=None, high=None, low_open=False, high_open=Fal
         raise ValueError(f"Invalid {name}: {value!r}{_where(where)}" + (f"; expected {expect}" if expect else ""))
 
 
-def check_scalar(name, value, where=None) -> None:
-    """``lr`` or ``forget_alpha``: a finite number >= 0, or a real floating tensor of one element holding one."""
+def check_scalar(name, value, where=None, read_tensors=True) -> None:
+    """``lr`` or ``forget_alpha``: a finite number >= 0, or a real floating tensor of one element holding one
+    (its value read only with ``read_tensors``)."""
     if torch.is_tensor(value):
         if value.numel() != 1 or not value.is_floating_point():
             raise ValueError(f"Invalid {name}: a tensor of dtype {value.dtype} and shape {tuple(value.shape)}"
                              f"{_where(where)}; expected a 0-dim floating tensor (or a number)")
+        if not read_tensors:
+            return
         number = float(value)
         if not (math.isfinite(number) and number >= 0):
             raise ValueError(f"Invalid {name}: {number!r} (a tensor){_where(where)}; expected a finite number >= 0")
@@ -54,12 +57,12 @@ def check_scalar(name, value, where=None) -> None:
     check_number(name, value, low=0.0, where=where, expect="a finite number >= 0")
 
 
-def check_group(group: dict, where: str | None = None) -> None:
+def check_group(group: dict, where: str | None = None, read_tensors: bool = True) -> None:
     """Raise ``ValueError`` naming the first bad hyperparameter of a param group (``where``: which group)."""
     if group["base"] not in BASES:
         raise ValueError(f"Invalid base: {group['base']!r}{_where(where)}; expected one of {BASES}")
     for key in TENSOR_KEYS:
-        check_scalar(key, group[key], where)
+        check_scalar(key, group[key], where, read_tensors)
     check_number("momentum", group["momentum"], low=0.0, where=where, expect="a finite number >= 0")
     check_number("dampening", group["dampening"], low=0.0, high=1.0, where=where, expect="a number in [0, 1]")
     check_number("weight_decay", group["weight_decay"], low=0.0, where=where, expect="a finite number >= 0")

@@ -28,32 +28,41 @@ class Version:
         self.value += 1
 
 
-def _changing(name):
-    """``dict.<name>`` that counts a change first."""
-    method = getattr(dict, name)
-
-    def changed(self, *args, **kwargs):
-        self._version.bump()
-        return method(self, *args, **kwargs)
-
-    changed.__name__ = name
-    return changed
-
-
 class ParamState(dict):
-    """One parameter's state entries."""
-
-    __setitem__ = _changing("__setitem__")
-    __delitem__ = _changing("__delitem__")
-    pop = _changing("pop")
-    popitem = _changing("popitem")
-    clear = _changing("clear")
-    update = _changing("update")
-    setdefault = _changing("setdefault")
+    """One parameter's state entries. (Each mutator is written out with ``super()``: torch.compile traces
+    those, so a step compiled before its state exists can create it.)"""
 
     def __init__(self, version: Version, entries=()):
-        dict.__init__(self, entries)
+        super().__init__(entries)
         self._version = version
+
+    def __setitem__(self, key, value):
+        self._version.bump()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self._version.bump()
+        super().__delitem__(key)
+
+    def pop(self, *args):
+        self._version.bump()
+        return super().pop(*args)
+
+    def popitem(self):
+        self._version.bump()
+        return super().popitem()
+
+    def clear(self):
+        self._version.bump()
+        super().clear()
+
+    def update(self, *args, **kwargs):
+        self._version.bump()
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key, default=None):
+        self._version.bump()
+        return super().setdefault(key, default)
 
     def __reduce__(self):  # pickles and copies as a plain dict
         return dict, (dict(self),)
@@ -62,25 +71,36 @@ class ParamState(dict):
 class OptimizerState(defaultdict):
     """``{param: ParamState}``; a missing parameter gets an empty state, as in torch's optimizers."""
 
-    __delitem__ = _changing("__delitem__")
-    pop = _changing("pop")
-    popitem = _changing("popitem")
-    clear = _changing("clear")
-
     def __init__(self, version: Version, entries=()):
-        defaultdict.__init__(self)
+        super().__init__()
         self._version = version
         for key, value in dict(entries).items():
-            dict.__setitem__(self, key, ParamState(version, value))
+            super().__setitem__(key, ParamState(version, value))
 
     def __missing__(self, key):
         state = ParamState(self._version)
-        dict.__setitem__(self, key, state)
+        super().__setitem__(key, state)
         return state
 
     def __setitem__(self, key, value):
         self._version.bump()
-        dict.__setitem__(self, key, ParamState(self._version, value))
+        super().__setitem__(key, ParamState(self._version, value))
+
+    def __delitem__(self, key):
+        self._version.bump()
+        super().__delitem__(key)
+
+    def pop(self, *args):
+        self._version.bump()
+        return super().pop(*args)
+
+    def popitem(self):
+        self._version.bump()
+        return super().popitem()
+
+    def clear(self):
+        self._version.bump()
+        super().clear()
 
     def update(self, *args, **kwargs):
         for key, value in dict(*args, **kwargs).items():
@@ -105,11 +125,12 @@ def make_missing(state: OptimizerState, group: dict, params, grads, created: lis
         created.append((entries, key))
 
     for p, g in zip(params, grads):
-        entries = state[p]
-        if g is not None and "step" not in entries:
+        entries = state.get(p)
+        if entries is None or "step" not in entries:
+            if g is None:  # no gradient yet: no state, as in torch's optimizers
+                continue
+            entries = state[p]
             make(entries, "step", torch.zeros((), dtype=torch.float32, device=p.device))
-        if "step" not in entries:
-            continue
         if group["base"] == "sgd" and group["momentum"] != 0 and "momentum_buffer" not in entries:
             make(entries, "momentum_buffer", torch.zeros_like(p, memory_format=torch.preserve_format))
         if group["base"] == "adamw" and "exp_avg" not in entries:

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from itertools import compress, repeat
-from operator import attrgetter, is_
 from typing import NamedTuple
 
 import torch
@@ -36,9 +34,6 @@ from . import _dtensor, _impl, _ops
 
 #: backends whose kernels check their arguments on every call themselves (in C++, or by signature)
 SELF_CHECKING = ("fused", "triton")
-
-grad_of = attrgetter("grad")
-
 
 def is_packed(mask, like) -> bool:
     """Whether ``mask`` is bit-packed for ``like``: flat uint8 of ``ceil(numel / 8)`` bytes, not ``like``'s shape.
@@ -86,11 +81,11 @@ class _Bucket(NamedTuple):
 
 def _missing(grads) -> tuple:
     """The positions of the parameters without a gradient."""
-    return tuple(compress(range(len(grads)), map(is_, grads, repeat(None))))
+    return tuple(i for i, g in enumerate(grads) if g is None)
 
 
 def _signature(grads) -> tuple:
-    return tuple(None if g is None else (g.dtype, g.shape) for g in grads)
+    return tuple(None if g is None else (g.dtype, g.shape, g.layout) for g in grads)
 
 
 def _kernel_scalar(value, device):
@@ -160,11 +155,12 @@ class StepPlan:
         self.counts = None
         if self.reduce_group is not None:
             self.counts = [_dtensor.counts_here(p, self.reduce_group) for p in self.params]
-        self._check(flat)
+        if not torch.compiler.is_compiling():  # while tracing, the ops' fake kernels run the same checks
+            self._check(flat)
 
     def matches(self, grads) -> bool:
-        """Whether a step's flat gradient list fits this plan: the same ones present, in the same shapes and
-        dtypes (the plan's checks covered those, so a step on it checks nothing before it writes)."""
+        """Whether a step's flat gradient list fits this plan: the same ones present, in the same shapes, dtypes
+        and layouts (the plan's checks covered those, so a step on it checks nothing before it writes)."""
         return _signature(grads) == self.signature
 
     def capture_problem(self, hyper) -> str | None:
@@ -287,23 +283,28 @@ def _gather(bucket: _Bucket, grads):
 
 
 def run_step(plan: StepPlan, grads: list, hyper: list, *, forget: bool, check_finite: bool,
-             skipped: torch.Tensor | None) -> None:
-    """The step of :func:`sfron` on a plan that :meth:`~StepPlan.matches` the flat gradient list ``grads``."""
+             skipped: torch.Tensor | None, loss: torch.Tensor | None = None) -> None:
+    """The step of :func:`sfron` on a plan that :meth:`~StepPlan.matches` the flat gradient list ``grads``.
+
+    ``loss`` (what a closure returned): with ``check_finite``, a non-finite loss skips the step too.
+    """
     if not plan.devices:
         return
     if plan.self_checking or torch.compiler.is_compiling():
-        _run(plan, grads, hyper, forget, check_finite, skipped)
+        _run(plan, grads, hyper, forget, check_finite, skipped, loss)
     else:
         with _ops.checked_by_caller():
-            _run(plan, grads, hyper, forget, check_finite, skipped)
+            _run(plan, grads, hyper, forget, check_finite, skipped, loss)
 
 
-def _run(plan, grads, hyper, forget, check_finite, skipped):
+def _run(plan, grads, hyper, forget, check_finite, skipped, loss):
     clip_key = "max_grad_norm" if forget else "remain_max_grad_norm"
     buckets = plan.forget_buckets if forget else plan.remain_buckets
     keys = ("lr", "forget_alpha") if forget else ("lr",)
     # tensor hyperparameters a schedule fills on the device: a bad value skips the step (see _groups)
     guarded = [h[k] for h in hyper for k in keys if torch.is_tensor(h[k])]
+    if check_finite and loss is not None:
+        guarded.append(loss)
     measure = check_finite or any(h[clip_key] is not None for h in hyper)
     norm_states = plan.norm_states if measure or guarded else None
     if norm_states is not None:
@@ -327,7 +328,8 @@ def _run(plan, grads, hyper, forget, check_finite, skipped):
             for s in norm_states.values():
                 s[1].zero_()
     for value in guarded:
-        bad = torch.logical_not(torch.isfinite(value) & (value >= 0)).to(torch.float32)
+        ok = torch.isfinite(value) if value is loss else torch.isfinite(value) & (value >= 0)
+        bad = torch.logical_not(ok.all()).to(torch.float32)
         for s in norm_states.values():
             torch.maximum(s[1], bad.to(s.device), out=s[1])
     if skipped is not None and (check_finite or guarded):

@@ -191,8 +191,15 @@ def saliency_mask(forget_fisher, remain_fisher, gamma: float = 1.0, density: flo
     """
     keys = None
     if isinstance(forget_fisher, dict):
-        if not isinstance(remain_fisher, dict) or set(forget_fisher) != set(remain_fisher):
-            raise ValueError("forget_fisher and remain_fisher must be dicts with the same keys")
+        if not isinstance(remain_fisher, dict):
+            raise TypeError(f"forget_fisher is a dict but remain_fisher is a {type(remain_fisher).__name__}")
+        only_forget = [k for k in forget_fisher if k not in remain_fisher]
+        only_remain = [k for k in remain_fisher if k not in forget_fisher]
+        if only_forget or only_remain:
+            raise ValueError("forget_fisher and remain_fisher must have the same keys; "
+                             + "; ".join(f"only in {side}: {', '.join(map(repr, ks[:5]))}{' ...' if len(ks) > 5 else ''}"
+                                         for side, ks in (("forget_fisher", only_forget),
+                                                          ("remain_fisher", only_remain)) if ks))
         keys = list(forget_fisher)
         forget, remain = [forget_fisher[k] for k in keys], [remain_fisher[k] for k in keys]
     else:
@@ -201,16 +208,26 @@ def saliency_mask(forget_fisher, remain_fisher, gamma: float = 1.0, density: flo
             raise ValueError(f"forget_fisher has {len(forget)} tensors but remain_fisher has {len(remain)}")
     for i, (f, r) in enumerate(zip(forget, remain)):
         label = keys[i] if keys else i
+        for side, t in (("forget_fisher", f), ("remain_fisher", r)):
+            if not torch.is_tensor(t) or not t.is_floating_point():
+                raise TypeError(f"{side}[{label!r}] must be a floating point tensor, got "
+                                f"{t.dtype if torch.is_tensor(t) else type(t).__name__}")
         if f.shape != r.shape:
             raise ValueError(f"Fisher shapes differ for {label!r}: {tuple(f.shape)} and {tuple(r.shape)}")
         if f.device != r.device:
             raise ValueError(f"Fisher devices differ for {label!r}: {f.device} and {r.device}")
+        for side, t in (("forget_fisher", f), ("remain_fisher", r)):
+            local = _dtensor.to_local(t)
+            if local.numel() and not bool((torch.isfinite(local) & (local >= 0)).all()):
+                raise ValueError(f"{side}[{label!r}] holds a negative, NaN or infinite value; a Fisher diagonal is a "
+                                 "mean of squares")
     if dtype not in (torch.bool, torch.uint8):
         raise ValueError(f"Invalid dtype: {dtype}; expected torch.bool or torch.uint8")
     if density is not None:
         check_density(density)
-    elif isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or math.isnan(gamma):
-        raise ValueError(f"Invalid gamma: {gamma!r}")
+    elif isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (math.isfinite(gamma) and gamma > 0):
+        # every ratio is positive: gamma <= 0 would keep every weight
+        raise ValueError(f"Invalid gamma: {gamma!r}; expected a finite number > 0")
 
     if density is not None:
         masks, kept, total = density_mask([saliency_ratio(f, r) for f, r in zip(forget, remain)], density,

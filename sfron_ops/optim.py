@@ -226,7 +226,9 @@ class SFRon(Optimizer):
         """One SFR-on step of ``phase`` (default: the current phase, ``"remain"`` unless set)."""
         if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _GLOBAL_PRE_HOOKS
                 or _GLOBAL_POST_HOOKS or torch.autograd.profiler._is_profiler_enabled):
-            return self._observed_step(closure, phase)
+            # the hooks see the arguments as given
+            return self._observed_step(*(() if closure is None else (closure,)),
+                                       **({} if phase is None else {"phase": phase}))
         return self._step(closure, phase)
 
     # torch's Optimizer would wrap step() in its hook runner and profiler range on every call; that runs
@@ -242,17 +244,21 @@ class SFRon(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         groups = self.param_groups
-        checked = tuple(map(_groups.values, groups))
-        if checked != self._checked:  # groups edited since the last step (a schedule, say): check them all
+        if torch.compiler.is_compiling():  # the values are constants of the graph: checked while tracing
             for gi, group in enumerate(groups):
-                _groups.check_group(group, f"param_groups[{gi}]")
-            self._checked = checked
+                _groups.check_group(group, f"param_groups[{gi}]", read_tensors=False)
+        else:
+            checked = tuple(map(_groups.values, groups))
+            if checked != self._checked:  # groups edited since the last step (a schedule, say): check them all
+                for gi, group in enumerate(groups):
+                    _groups.check_group(group, f"param_groups[{gi}]")
+                self._checked = checked
         capturing = self._capturing()
         plan = self._plan
         key = (self._version.value, tuple(map(_groups.structure, groups)))
         if plan is not None and key != self._plan_key:
             plan = None
-        grads = list(map(F.grad_of, plan.params if plan is not None else self._params()))
+        grads = [p.grad for p in (plan.params if plan is not None else self._params())]
         if plan is None or not plan.matches(grads):
             if capturing:
                 raise RuntimeError(
@@ -266,7 +272,7 @@ class SFRon(Optimizer):
             if problem is not None:
                 raise RuntimeError(f"SFRon.step() cannot be captured in a CUDA graph: {problem}")
         F.run_step(plan, grads, groups, forget=phase == "forget", check_finite=self.check_finite,
-                   skipped=self._skipped)
+                   skipped=self._skipped, loss=loss.detach() if torch.is_tensor(loss) else None)
         return loss
 
     _observed_step = Optimizer.profile_hook_step(_step)
@@ -299,7 +305,7 @@ class SFRon(Optimizer):
         """The group's tensors for the step, with the state its structure calls for (made ones listed in ``created``)."""
         params = group["params"]
         _state.make_missing(self.state, group, params, grads, created)
-        states = [self.state[p] for p in params]
+        states = [self.state.get(p, {}) for p in params]
         keys = _checkpoint.BASE_KEYS[group["base"]] if group["base"] == "adamw" or group["momentum"] != 0 else ()
         slow = _groups.slow_active(group) and bool(params)
         return F.GroupTensors(

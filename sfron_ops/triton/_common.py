@@ -421,16 +421,6 @@ def _byte_view(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype == torch.bool else t
 
 
-def check_distinct_steps(name: str, steps) -> None:
-    """Each step counter is advanced once per call, so two parameters cannot share one."""
-    seen = {}
-    for i, s in enumerate(steps):
-        j = seen.setdefault(s.data_ptr(), i)
-        if j != i:
-            raise ValueError(f"{name}: steps[{j}] and steps[{i}] are the same tensor; every parameter needs "
-                             "its own step counter")
-
-
 # --------------------------------------------------------------------------- host: plans and tables
 #
 # Note [plans]

@@ -29,7 +29,6 @@ from ._common import (
     STEP_BLOCK,
     advance_steps,
     arrive,
-    check_distinct_steps,
     chunk_extent,
     chunk_of,
     clip_and_skip,
@@ -44,7 +43,6 @@ from ._common import (
     scalar_arg,
     store,
     times_tensor,
-    traced,
     workspace,
 )
 
@@ -125,8 +123,6 @@ def _adamw_update(params: list[torch.Tensor], grads: list[torch.Tensor], masks: 
         _ops.check_adamw_update(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state, lr=lr, scale=scale,
                                 beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, max_norm=max_norm,
                                 packed_masks=packed_masks, lr_tensor=lr_tensor, scale_tensor=scale_tensor)
-        if params and not traced(params[0]):
-            check_distinct_steps(_ops.OP_NAMES["adamw_update"], steps)
 
     def issue(call, witnesses, state, trace):
         counter, _ = workspace(call.device, 0, trace)

@@ -31,7 +31,6 @@ from ._common import (
     STEP_BLOCK,
     advance_steps,
     arrive,
-    check_distinct_steps,
     chunk_extent,
     chunk_of,
     clip_and_skip,
@@ -46,7 +45,6 @@ from ._common import (
     scalar_arg,
     store,
     times_tensor,
-    traced,
     workspace,
 )
 
@@ -116,8 +114,6 @@ def _sgd_update(params: list[torch.Tensor], grads: list[torch.Tensor], masks: li
                               momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                               max_norm=max_norm, packed_masks=packed_masks, lr_tensor=lr_tensor,
                               scale_tensor=scale_tensor)
-        if params and not traced(params[0]):
-            check_distinct_steps(_ops.OP_NAMES["sgd_update"], steps)
 
     def issue(call, witnesses, state, trace):
         counter, _ = workspace(call.device, 0, trace)

@@ -42,7 +42,8 @@ from torch.nn import functional as F
 from ..fisher import batch_losses, fisher_diagonal
 from ..loss import WEIGHT_EPS, adaptive_weights
 from ..mask import density_mask, saliency_mask
-from ..optim import SFRon, _check_number
+from .._groups import check_number as _check_number
+from ..optim import SFRon
 
 log = logging.getLogger("sfron_ops.unlearn")
 
