@@ -16,11 +16,11 @@ import math
 import torch
 
 from . import _dtensor, _groups
+from ._state import BASE_KEYS
 from .mask import validate
 
 FORMAT = "sfron_ops.SFRon/2"
 
-BASE_KEYS = {"sgd": ("momentum_buffer",), "adamw": ("exp_avg", "exp_avg_sq")}
 KNOWN_KEYS = ("step", "momentum_buffer", "exp_avg", "exp_avg_sq", "slow_param", "mask", "packed_mask",
               "fisher_forget", "fisher_remain")
 #: state entries the torch loader must not cast to the parameter's dtype: Fisher accumulators stay

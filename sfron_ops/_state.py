@@ -10,10 +10,16 @@ notice: the plan holds that same tensor.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import NamedTuple
 
 import torch
 
 from ._groups import slow_active
+from .functional import GroupTensors
+from .packing import for_kernels as kernel_mask
+
+#: a base optimizer's state entries
+BASE_KEYS = {"sgd": ("momentum_buffer",), "adamw": ("exp_avg", "exp_avg_sq")}
 
 
 class Version:
@@ -113,6 +119,46 @@ class OptimizerState(defaultdict):
 
     def __reduce__(self):  # pickles and copies as torch's defaultdict(dict)
         return defaultdict, (dict, {key: dict(value) for key, value in self.items()})
+
+
+class StepTensors(NamedTuple):
+    """What a step plan is made from: each group's tensors and gradients, and the state entries made for them."""
+
+    tensors: list  # functional.GroupTensors per group
+    grads: list  # per group
+    created: list  # (entries, key) of every state entry made
+
+    def undo(self) -> None:
+        for entries, key in self.created:
+            entries.pop(key, None)
+
+
+def step_tensors(state: OptimizerState, groups: list, grads: list, sync_counts: dict) -> StepTensors:
+    """The groups' tensors for a step over the flat gradient list ``grads``, with the state each group's
+    structure calls for (see :func:`make_missing`) and each slow-weight group's sync counter on its device
+    (``sync_counts``: ``{id(group): counter}``, started from ``group["remain_steps"]``)."""
+    tensors, per_group, created, start = [], [], [], 0
+    for group in groups:
+        params = group["params"]
+        group_grads = grads[start:start + len(params)]
+        start += len(params)
+        per_group.append(group_grads)
+        make_missing(state, group, params, group_grads, created)
+        states = [state.get(p, {}) for p in params]
+        keys = BASE_KEYS[group["base"]] if group["base"] == "adamw" or group["momentum"] != 0 else ()
+        slow = slow_active(group) and bool(params)
+        counter = None
+        if slow:
+            device = params[0].device
+            counter = sync_counts.get(id(group))
+            if counter is None or counter.device != device:
+                begin = group["remain_steps"] if counter is None else float(counter)
+                counter = sync_counts[id(group)] = torch.full((), float(begin), dtype=torch.float32, device=device)
+        tensors.append(GroupTensors(
+            params=params, masks=[kernel_mask(s, p) for s, p in zip(states, params)],
+            steps=[s.get("step") for s in states], state=[[s.get(k) for s in states] for k in keys],
+            slow_params=[s.get("slow_param") for s in states] if slow else [], sync_counter=counter))
+    return StepTensors(tensors, per_group, created)
 
 
 def make_missing(state: OptimizerState, group: dict, params, grads, created: list) -> None:

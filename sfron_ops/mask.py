@@ -196,10 +196,12 @@ def saliency_mask(forget_fisher, remain_fisher, gamma: float = 1.0, density: flo
         only_forget = [k for k in forget_fisher if k not in remain_fisher]
         only_remain = [k for k in remain_fisher if k not in forget_fisher]
         if only_forget or only_remain:
-            raise ValueError("forget_fisher and remain_fisher must have the same keys; "
-                             + "; ".join(f"only in {side}: {', '.join(map(repr, ks[:5]))}{' ...' if len(ks) > 5 else ''}"
-                                         for side, ks in (("forget_fisher", only_forget),
-                                                          ("remain_fisher", only_remain)) if ks))
+            def some(keys):
+                return ", ".join(map(repr, keys[:5])) + (" ..." if len(keys) > 5 else "")
+
+            raise ValueError("forget_fisher and remain_fisher must have the same keys; " + "; ".join(
+                f"only in {side}: {some(ks)}" for side, ks in (("forget_fisher", only_forget),
+                                                              ("remain_fisher", only_remain)) if ks))
         keys = list(forget_fisher)
         forget, remain = [forget_fisher[k] for k in keys], [remain_fisher[k] for k in keys]
     else:

@@ -282,45 +282,18 @@ class SFRon(Optimizer):
 
     def _make_plan(self, grads) -> F.StepPlan:
         """A plan for the flat gradient list ``grads``. Everything is checked before the state it needs is made."""
-        per_group, start = [], 0
-        for group in self.param_groups:
-            per_group.append(grads[start:start + len(group["params"])])
-            start += len(group["params"])
-        labels = [label for _, _, label in self._named_params()]
-        created = []
+        groups = _state.step_tensors(self.state, self.param_groups, grads, self._sync_counts)
         try:
-            groups = [self._group_tensors(g, gs, created) for g, gs in zip(self.param_groups, per_group)]
-            plan = F.StepPlan(groups, per_group, self._impl_for, labels)
+            plan = F.StepPlan(groups.tensors, groups.grads, self._impl_for,
+                              [label for _, _, label in self._named_params()])
         except Exception:
-            for state, key in created:  # a refused step leaves no state behind
-                state.pop(key, None)
+            groups.undo()  # a refused step leaves no state behind
             raise
         if plan.devices and (self._skipped is None or self._skipped.device != plan.devices[0]):
             total = self.skipped_steps
             self._skipped = torch.zeros((), dtype=torch.float64, device=plan.devices[0])
             self._skipped_base = total
         return plan
-
-    def _group_tensors(self, group, grads, created) -> F.GroupTensors:
-        """The group's tensors for the step, with the state its structure calls for (made ones listed in ``created``)."""
-        params = group["params"]
-        _state.make_missing(self.state, group, params, grads, created)
-        states = [self.state.get(p, {}) for p in params]
-        keys = _checkpoint.BASE_KEYS[group["base"]] if group["base"] == "adamw" or group["momentum"] != 0 else ()
-        slow = _groups.slow_active(group) and bool(params)
-        return F.GroupTensors(
-            params=params, masks=[packing.for_kernels(s, p) for s, p in zip(states, params)],
-            steps=[s.get("step") for s in states], state=[[s.get(k) for s in states] for k in keys],
-            slow_params=[s.get("slow_param") for s in states] if slow else [],
-            sync_counter=self._sync_counter(group, params[0].device) if slow else None)
-
-    def _sync_counter(self, group, device):
-        """The group's remain steps since the last sync, on the device (from ``group["remain_steps"]`` at first)."""
-        counter = self._sync_counts.get(id(group))
-        if counter is None or counter.device != device:
-            start = group["remain_steps"] if counter is None else float(counter)
-            counter = self._sync_counts[id(group)] = torch.full((), float(start), dtype=torch.float32, device=device)
-        return counter
 
     @staticmethod
     def _capturing() -> bool:
@@ -329,7 +302,7 @@ class SFRon(Optimizer):
 
     @property
     def skipped_steps(self) -> int:
-        """How many steps were skipped (a non-finite direction, or a bad tensor hyperparameter); reading it synchronises."""
+        """How many steps were skipped (a non-finite direction or tensor hyperparameter); reading it synchronises."""
         return self._skipped_base + (0 if self._skipped is None else int(self._skipped))
 
     # ------------------------------------------------------------------ slow weights

@@ -520,9 +520,9 @@ def test_signatures_match_the_op_schemas():
 
         def described(schema):
             # torch.library takes no keyword-only tensors: the triton ops take the optional tensor scalars
-            # (lr_tensor, ...) before their keyword-only numbers
-            return [(a.name, str(a.type), a.kwarg_only and "Tensor" not in str(a.type), a.default_value,
-                     a.alias_info is not None and a.alias_info.is_write) for a in schema.arguments]
+            # (lr_tensor, ...) before their keyword-only numbers, so arguments are compared by name
+            return {a.name: (str(a.type), a.kwarg_only and "Tensor" not in str(a.type), a.default_value,
+                             a.alias_info is not None and a.alias_info.is_write) for a in schema.arguments}
 
         assert described(triton_schema) == described(op_schema), stem
         if not TRITON_ON_CPU:  # interpreted kernels are not JIT functions; the CPU check is in _compile_check
