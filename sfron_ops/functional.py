@@ -85,7 +85,8 @@ def _missing(grads) -> tuple:
 
 
 def _signature(grads) -> tuple:
-    return tuple(None if g is None else (g.dtype, g.shape, g.layout) for g in grads)
+    # (torch keeps a gradient in its parameter's shape and on its device; dtype and layout it lets change)
+    return tuple(None if g is None else (g.dtype, g.layout) for g in grads)
 
 
 def _kernel_scalar(value, device):
@@ -159,8 +160,8 @@ class StepPlan:
             self._check(flat)
 
     def matches(self, grads) -> bool:
-        """Whether a step's flat gradient list fits this plan: the same ones present, in the same shapes, dtypes
-        and layouts (the plan's checks covered those, so a step on it checks nothing before it writes)."""
+        """Whether a step's flat gradient list fits this plan: the same ones present, in the same dtypes and
+        layouts (the plan's checks covered those, so a step on it checks nothing before it writes)."""
         return _signature(grads) == self.signature
 
     def capture_problem(self, hyper) -> str | None:
