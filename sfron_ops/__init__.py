@@ -5,6 +5,7 @@ from ._impl import IMPLS, available_impls, default_impl, extension_available, ex
 from .fisher import fisher_diagonal
 from .loss import LOSS_FLOOR, AdaptiveLoss, ZeroForgetLossWarning, adaptive_cross_entropy, adaptive_weights
 from .mask import SaliencyMask, canonical_name, saliency_mask
+from .monitor import ForgetMonitor, ForgettingStalledWarning
 from .optim import SFRon
 from .integrations import phase, set_phase, unwrap_optimizer  # phases through wrapped optimizers (Accelerate)
 
@@ -17,6 +18,8 @@ __all__ = [
     "adaptive_cross_entropy",
     "LOSS_FLOOR",
     "ZeroForgetLossWarning",
+    "ForgetMonitor",
+    "ForgettingStalledWarning",
     "fisher_diagonal",
     "saliency_mask",
     "SaliencyMask",

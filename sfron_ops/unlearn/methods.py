@@ -28,6 +28,7 @@ from torch.nn import functional as F
 from ..fisher import fisher_diagonal
 from ..loss import LOSS_FLOOR, adaptive_weights, check_weight_args
 from ..mask import saliency_mask
+from ..monitor import SFRON_ADVICE
 from ..optim import SFRon, _check_number
 
 BASES = ("sgd", "adamw")
@@ -66,6 +67,9 @@ class Method:
 
     name = "method"
     needs: tuple = ("remain",)
+    #: what to change when the forget loss does not rise (:class:`~sfron_ops.monitor.ForgetMonitor` warns with it);
+    #: None: the runner records the forget loss of this method but does not warn
+    forget_advice: str | None = None
     defaults = dict(iterations=100, base="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, betas=(0.9, 0.999),
                     eps=1e-8, lr_schedule="cosine", max_grad_norm=None)
 
@@ -375,6 +379,7 @@ class SFRonMethod(Method):
 
     name = "sfron"
     needs = ("forget", "remain")
+    forget_advice = SFRON_ADVICE
     defaults = dict(Method.defaults, iterations=1500, forget_freq=5, forget_alpha=25.0, alpha_schedule="cosine",
                     max_grad_norm=7.0, remain_max_grad_norm=None, lambd=0.5, loss_floor=LOSS_FLOOR, mask=True,
                     gamma=1.0, density=None, fisher_batches=None, slow_alpha=1.0, sync_period=1, reset_fast=True,
