@@ -33,7 +33,7 @@ def test_a_flat_loss_warns_once_after_patience_steps_and_names_the_knobs():
         for i in range(4):
             monitor.record(0.06 + 0.001 * i, 100.0)
         assert not seen and not monitor.stalled  # no verdict before `patience` forget steps
-        for i in range(11):
+        for _ in range(11):
             monitor.record(0.07, 98.0)
     assert [w.category for w in seen] == [ForgettingStalledWarning]  # once, although every check finds a stall
     text = str(seen[0].message)
