@@ -19,12 +19,16 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 
-def run(args, timeout=600):
+def run(args, timeout=600, quiet=False):
+    """Run an example; ``quiet``: it must print no warning either (Python's or torch's logged ones)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                HF_HUB_DISABLE_TELEMETRY="1", WANDB_DISABLED="true")
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(map(str, args))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    if quiet:
+        warned = re.findall(r"^.*(?:Warning: |^W\d{4} ).*$", proc.stderr, flags=re.M)
+        assert not warned, "\n".join(warned)
     return proc.stdout
 
 
@@ -41,7 +45,7 @@ def assert_unlearned(out):
 
 
 def test_plain_loop_example_forgets():
-    out = run([sys.executable, EXAMPLES / "plain_loop.py"])
+    out = run([sys.executable, EXAMPLES / "plain_loop.py"], quiet=True)
     assert_unlearned(out)
     assert "3 of 60 forget samples have a loss of exactly 0" in out and "NOT forgetting" not in out
 
@@ -92,7 +96,8 @@ def test_example_unlearns(example):
 
 @pytest.mark.slow
 def test_compile_example_compiles_a_few_graphs_once():
-    out = run([sys.executable, EXAMPLES / "compile.py", "--iters", "40"])
+    # quiet: no profiler, CUDA_HOME or scheduler-order warning
+    out = run([sys.executable, EXAMPLES / "compile.py", "--iters", "40"], quiet=True)
     assert_unlearned(out)
     graphs = int(re.search(r"compiled graphs: (\d+) for 40 iterations", out).group(1))
     assert 1 <= graphs <= 4
