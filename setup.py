@@ -80,14 +80,15 @@ def extensions():
 
     want_cuda = _flag("SFRON_OPS_BUILD_CUDA")
     if want_cuda is None:
-        have_nvcc = cpp_extension.CUDA_HOME is not None and (
-            shutil.which("nvcc") is not None or os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")))
+        home = cpp_extension.CUDA_HOME  # None wherever torch has no CUDA
+        have_nvcc = shutil.which("nvcc") is not None or bool(home and os.path.exists(os.path.join(home, "bin", "nvcc")))
         # without a GPU here the CUDA kernels would only be compiled, never run: leave them to an explicit request
         checks = (("torch has no CUDA", torch.version.cuda is None), ("no nvcc", not have_nvcc),
                   ("no GPU is visible", torch.cuda.device_count() == 0))
         missing = [why for why, lacking in checks if lacking]
         build_cuda = not missing and bool(cuda_sources)
-        why_not = f"{', '.join(missing)}; SFRON_OPS_BUILD_CUDA=1 adds them, about 9 minutes more on two cores"
+        why_not = (f"{', '.join(missing)}. SFRON_OPS_BUILD_CUDA=1 builds them (make then installs the CUDA build of "
+                   "torch), about 9 minutes more on two cores")
     else:
         build_cuda = want_cuda == "1"
         why_not = "SFRON_OPS_BUILD_CUDA=0"

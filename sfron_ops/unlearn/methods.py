@@ -67,11 +67,12 @@ class Method:
 
     name = "method"
     needs: tuple = ("remain",)
+    defaults = dict(iterations=100, base="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, betas=(0.9, 0.999),
+                    eps=1e-8, lr_schedule="cosine", max_grad_norm=None)
+
     #: what to change when the forget loss does not rise (:class:`~sfron_ops.monitor.ForgetMonitor` warns with it);
     #: None: the runner records the forget loss of this method but does not warn
     forget_advice: str | None = None
-    defaults = dict(iterations=100, base="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, betas=(0.9, 0.999),
-                    eps=1e-8, lr_schedule="cosine", max_grad_norm=None)
 
     def __init__(self, **hparams):
         unknown = sorted(set(hparams) - set(self.defaults))
