@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .loss import LOSS_FLOOR, inverse_loss_powers, normalise_weights
+from .loss import LOSS_FLOOR, WEIGHT_EPS, inverse_loss_powers, normalise_weights
 from .loss import AdaptiveLoss as LocalAdaptiveLoss
 from .loss import adaptive_weights as local_adaptive_weights
 from .mask import SaliencyMask
@@ -296,18 +296,18 @@ def sharded_saliency_mask(params, forget_fishers, remain_fishers, gamma: float =
 
 # --------------------------------------------------------------------------- forget loss
 def adaptive_weights(losses: torch.Tensor, lambd: float = 0.5, loss_floor: float | None = LOSS_FLOOR,
-                     group=None) -> torch.Tensor:
+                     group=None, *, eps: float = WEIGHT_EPS) -> torch.Tensor:
     r""":func:`sfron_ops.adaptive_weights` normalised over the global batch of a data-parallel step.
 
-    The :math:`c_i` are :func:`sfron_ops.adaptive_weights`' (same ``lambd`` and ``loss_floor``);
+    The :math:`c_i` are :func:`sfron_ops.adaptive_weights`' (same ``lambd``, ``loss_floor`` and ``eps``);
     :math:`w_i = N c_i / \sum_j c_j` with :math:`N` and :math:`\sum_j c_j` over every rank's
     samples (one all-reduce of two numbers). With equal per-rank batches, DDP's gradient averaging
     of ``mean_i(w_i * loss_i)`` then gives the single-process gradient of the global batch. Without
     an initialised process group it is the local rule.
     """
     if not (dist.is_available() and dist.is_initialized()):
-        return local_adaptive_weights(losses, lambd, loss_floor)
-    c = inverse_loss_powers(losses, lambd, loss_floor)
+        return local_adaptive_weights(losses, lambd, loss_floor, eps=eps)
+    c = inverse_loss_powers(losses, lambd, loss_floor, eps=eps)
     stats = torch.stack([c.sum(), torch.tensor(float(c.numel()), device=c.device)])
     dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
     return normalise_weights(c, stats[1], stats[0], losses.dtype)

@@ -1,7 +1,7 @@
 r"""(F) sample-wise adaptive weighting of the forget loss.
 
 .. math::
-   c_i = \frac{1}{\max(\operatorname{detach}(\ell_i), f)^{\lambda} + 10^{-15}}, \qquad
+   c_i = \frac{1}{\max(\operatorname{detach}(\ell_i), f)^{\lambda} + \epsilon}, \qquad
    w_i = N \frac{c_i}{\sum_j c_j}, \qquad
    \mathcal{L}_f = \frac1N \sum_i w_i \ell_i
 
@@ -9,8 +9,8 @@ The official formula has no floor (``loss_floor=None``). Without one, a sample w
 exactly zero (a model that fits its training set has some) gets :math:`c_i \approx 10^{15}`: the
 whole batch's weight sits on samples whose gradient is zero and the ascent does nothing. With the
 floor :math:`f` (``LOSS_FLOOR`` by default) a fully fitted sample weighs as much as a sample of
-loss :math:`f`. :mod:`sfron_ops.distributed` reuses these pieces with :math:`N` and
-:math:`\sum_j c_j` taken over every rank.
+loss :math:`f`. :math:`\epsilon` (``eps``) is :math:`10^{-15}`, as in the official classification code.
+:mod:`sfron_ops.distributed` reuses these pieces with :math:`N` and :math:`\sum_j c_j` taken over every rank.
 """
 
 from __future__ import annotations
@@ -60,17 +60,20 @@ def _warn_zero_losses(losses: torch.Tensor) -> None:
             ZeroForgetLossWarning, stacklevel=4)
 
 
-def inverse_loss_powers(losses: torch.Tensor, lambd: float = 0.5, loss_floor: float | None = LOSS_FLOOR):
-    r""":math:`c_i = 1 / (\max(\ell_i, f)^\lambda + 10^{-15})` in float32, detached: the unnormalised weights."""
+def inverse_loss_powers(losses: torch.Tensor, lambd: float = 0.5, loss_floor: float | None = LOSS_FLOOR, *,
+                        eps: float = WEIGHT_EPS):
+    r""":math:`c_i = 1 / (\max(\ell_i, f)^\lambda + \epsilon)` in float32, detached: the unnormalised weights."""
     if losses.dim() != 1:
         raise ValueError(f"losses must be a 1-D tensor of per-sample losses, got shape {tuple(losses.shape)}")
     check_weight_args(lambd, loss_floor)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f"Invalid eps: {eps!r}; expected a finite number >= 0")
     detached = losses.detach().float()
     if loss_floor:
         detached = detached.clamp_min(loss_floor)
     else:
         _warn_zero_losses(detached)
-    return 1.0 / (detached.pow(lambd) + WEIGHT_EPS)
+    return 1.0 / (detached.pow(lambd) + eps)
 
 
 def normalise_weights(c: torch.Tensor, count, total, dtype: torch.dtype) -> torch.Tensor:
@@ -78,18 +81,20 @@ def normalise_weights(c: torch.Tensor, count, total, dtype: torch.dtype) -> torc
     return (count * c / total).to(dtype)
 
 
-def adaptive_weights(losses: torch.Tensor, lambd: float = 0.5, loss_floor: float | None = LOSS_FLOOR) -> torch.Tensor:
+def adaptive_weights(losses: torch.Tensor, lambd: float = 0.5, loss_floor: float | None = LOSS_FLOOR, *,
+                     eps: float = WEIGHT_EPS) -> torch.Tensor:
     r"""Per-sample weights that push hardest on the samples the model still fits.
 
     .. math::
-       c_i = \frac{1}{\max(\operatorname{detach}(\ell_i), f)^{\lambda} + 10^{-15}}, \qquad
+       c_i = \frac{1}{\max(\operatorname{detach}(\ell_i), f)^{\lambda} + \epsilon}, \qquad
        w_i = N \frac{c_i}{\sum_j c_j}
 
     The weights carry no gradient and average to one. ``loss_floor`` is :math:`f` (default
     ``LOSS_FLOOR`` = 1e-4); ``loss_floor=None`` is the official formula, which warns
     (:class:`ZeroForgetLossWarning`, once per process) the first time a batch holds a loss of exactly 0.
+    ``eps`` is :math:`\epsilon`, :math:`10^{-15}` as in the official classification code.
     """
-    c = inverse_loss_powers(losses, lambd, loss_floor)
+    c = inverse_loss_powers(losses, lambd, loss_floor, eps=eps)
     return normalise_weights(c, losses.numel(), c.sum(), losses.dtype)
 
 

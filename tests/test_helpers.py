@@ -56,6 +56,14 @@ def test_adaptive_weights_floor_by_default():
         torch.testing.assert_close(adaptive_cross_entropy(logits, target, 0.5, loss_floor=floor), expected)
 
 
+def test_adaptive_weights_eps():
+    # c = 1 / (l^0.5 + eps): with eps = 1, c = (1/2, 1/3), w = 2 c / sum(c)
+    torch.testing.assert_close(adaptive_weights(torch.tensor([1.0, 4.0]), 0.5, eps=1.0),
+                               torch.tensor([2 * 3 / 5, 2 * 2 / 5]))
+    with pytest.raises(ValueError, match="Invalid eps: -1"):
+        adaptive_weights(torch.ones(2), eps=-1.0)
+
+
 @pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), True, "1e-4"])
 def test_adaptive_loss_rejects_a_bad_floor(bad):
     for make in (lambda: AdaptiveLoss(loss_floor=bad), lambda: adaptive_weights(torch.ones(2), loss_floor=bad),

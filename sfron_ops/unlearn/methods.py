@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..fisher import fisher_diagonal
-from ..loss import LOSS_FLOOR, adaptive_weights, check_weight_args
+from ..loss import LOSS_FLOOR, WEIGHT_EPS, adaptive_weights, check_weight_args
 from ..mask import saliency_mask
 from ..monitor import SFRON_ADVICE
 from ..optim import SFRon, _check_number
@@ -56,10 +56,12 @@ def _record(prefix, loss, output, target, out=None):
     return out
 
 
-def adaptive_forget_loss(losses: torch.Tensor, lambd: float = 0.5, floor: float | None = LOSS_FLOOR) -> torch.Tensor:
+def adaptive_forget_loss(losses: torch.Tensor, lambd: float = 0.5, floor: float | None = LOSS_FLOOR,
+                         eps: float = WEIGHT_EPS) -> torch.Tensor:
     r"""SFR-on's forget loss :math:`\operatorname{mean}_i(w_i \ell_i)` from per-sample losses, with the weights
-    of :func:`sfron_ops.adaptive_weights` (``floor`` is its ``loss_floor``; ``None``: the official formula)."""
-    return (adaptive_weights(losses, lambd, floor) * losses).mean()
+    of :func:`sfron_ops.adaptive_weights` (``floor`` is its ``loss_floor``, ``None``: the official formula;
+    ``eps`` the constant of the weights' denominator)."""
+    return (adaptive_weights(losses, lambd, floor, eps=eps) * losses).mean()
 
 
 class Method:
