@@ -100,9 +100,12 @@ def test_eps_loss_bad_input():
         EpsLoss(3)(_tiny_denoiser(), *_batch()[:1], torch.zeros(2, dtype=torch.long))
 
 
+@pytest.mark.filterwarnings("ignore::sfron_ops.ZeroForgetLossWarning")
 def test_adaptive_weights_eps():
     losses = torch.tensor([4.0, 1.0, 0.0, 0.25])
-    c = 1 / (losses.sqrt() + 1e-8)
+    c = 1 / (losses.sqrt() + 1e-8)  # the official DDPM weights: no floor
+    torch.testing.assert_close(adaptive_weights(losses, 0.5, None, eps=1e-8), 4 * c / c.sum())
+    c = 1 / (losses.clamp_min(1e-4).sqrt() + 1e-8)  # the default floor with the same eps
     torch.testing.assert_close(adaptive_weights(losses, 0.5, eps=1e-8), 4 * c / c.sum())
     assert adaptive_weights(losses, 0.5).tolist() == adaptive_weights(losses, 0.5, eps=1e-15).tolist()
     with pytest.raises(ValueError, match="Invalid eps"):
