@@ -41,7 +41,8 @@ class ForgetMonitor:
     Args:
         patience: forget steps before the first check, and between checks (default 10).
         rise: the forget loss has "risen" once the mean of the latest ``ceil(patience / 4)`` records
-            reaches ``rise`` times the first record (default 2: doubled).
+            reaches ``rise`` times the first record (default 2: doubled). ``None``: record only, never
+            judge (for a loss this rule does not fit, such as a diffusion model's ε-loss).
         warn: issue a :class:`ForgettingStalledWarning` at the first check that finds no rise
             (default True); :attr:`stalled` says so either way.
         advice: the sentence the warning ends with (default: the SFR-on knobs, :data:`SFRON_ADVICE`).
@@ -58,12 +59,14 @@ class ForgetMonitor:
     latest loss and accuracy for a progress bar or a log line.
     """
 
-    def __init__(self, patience: int = 10, rise: float = 2.0, *, warn: bool = True, advice: str | None = SFRON_ADVICE):
+    def __init__(self, patience: int = 10, rise: float | None = 2.0, *, warn: bool = True,
+                 advice: str | None = SFRON_ADVICE):
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ValueError(f"Invalid patience: {patience!r}; expected an integer >= 1")
-        if isinstance(rise, bool) or not isinstance(rise, (int, float)) or not 1.0 <= rise < math.inf:
-            raise ValueError(f"Invalid rise: {rise!r}; expected a finite number >= 1")
-        self.patience, self.rise, self.warn, self.advice = patience, float(rise), warn, advice
+        if rise is not None and (isinstance(rise, bool) or not isinstance(rise, (int, float))
+                                 or not 1.0 <= rise < math.inf):
+            raise ValueError(f"Invalid rise: {rise!r}; expected a finite number >= 1 or None")
+        self.patience, self.rise, self.warn, self.advice = patience, None if rise is None else float(rise), warn, advice
         self.losses: list = []
         self.accuracies: list = []
         self.stalled = False
@@ -98,7 +101,7 @@ class ForgetMonitor:
 
     def check(self) -> bool:
         """Whether the forget loss has risen (see ``rise``); updates :attr:`stalled` and warns on the first stall."""
-        if len(self.losses) < self.patience:
+        if self.rise is None or len(self.losses) < self.patience:
             return not self.stalled
         first = _number(self.losses[0])
         latest = sum(_number(v) for v in self.losses[-self.window:]) / self.window

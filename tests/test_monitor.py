@@ -89,6 +89,16 @@ def test_state_dict_round_trip():
     assert other.summary() == monitor.summary() and other.stalled
 
 
+def test_rise_none_records_without_a_verdict():
+    monitor = ForgetMonitor(patience=2, rise=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(6):
+            monitor.record(0.07, 98.0)
+    assert len(monitor) == 6 and not monitor.stalled and monitor.check()
+    assert monitor.postfix() == {"forget": "0.07→0.07", "forget_acc": "98"}
+
+
 @pytest.mark.parametrize("bad", [dict(patience=0), dict(patience=2.0), dict(rise=0.5), dict(rise=math.inf)])
 def test_bad_arguments(bad):
     with pytest.raises(ValueError, match=f"Invalid {next(iter(bad))}"):
@@ -128,6 +138,30 @@ def test_runner_stays_quiet_when_sfron_forgets():
                   progress=False)
     s = res.monitor.summary()
     assert res.info["forget_stalled"] is False and s["loss"] > 2 * s["first_loss"]
+
+
+class _RunsTheModel(nn.Module):
+    """A per-sample loss that runs the model itself, as a diffusion model's ε-loss does (``takes_model``)."""
+
+    reduction = "none"
+    takes_model = True
+
+    def forward(self, model, x, y):
+        return nn.functional.cross_entropy(model(x), y, reduction="none")
+
+
+def test_runner_records_but_does_not_judge_a_loss_that_runs_the_model():
+    """The doubling rule is a classifier's: with a diffusion-style loss the default monitor records the forget
+    loss and shows it, and neither warns nor gives a verdict (the same run with cross-entropy warns)."""
+    model, forget, remain = _task()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ForgettingStalledWarning)
+        res = run("sfron", model, forget, remain, loss_fn=_RunsTheModel(), iterations=30, forget_freq=2,
+                  forget_alpha=0.0, lr=0.01, mask=False, progress=False)
+    assert len(res.monitor) == 15 and res.monitor.rise is None and "forget_stalled" not in res.info
+    with pytest.warns(ForgettingStalledWarning):
+        run("sfron", _task()[0], forget, remain, iterations=30, forget_freq=2, forget_alpha=0.0, lr=0.01, mask=False,
+            progress=False)
 
 
 def test_runner_monitor_can_be_given_or_turned_off():

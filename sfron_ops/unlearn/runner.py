@@ -274,7 +274,9 @@ def run(method, model: nn.Module, forget_loader=None, remain_loader=None, *, los
             accuracy (default: a new one, which warns if SFR-on's forget loss has not doubled after 10 forget
             steps; ``False``: none). The progress bar shows its first and latest forget loss; ``result.monitor``
             holds it and ``result.info["forget_stalled"]`` its verdict. Its records are saved with the
-            checkpoint and restored on resume.
+            checkpoint and restored on resume. With a loss that runs the model (a diffusion model's
+            ε-loss, ``loss_fn.takes_model``) the default one records and shows the forget loss but gives no
+            verdict (``rise=None``): its rule reads a classifier's forget loss.
 
     A Ctrl-C during the loop stops the run at the end of the current iteration, saves the checkpoint
     (if any) and raises :class:`RunInterrupted`, a ``KeyboardInterrupt``; a second Ctrl-C stops at once.
@@ -313,7 +315,11 @@ def run(method, model: nn.Module, forget_loader=None, remain_loader=None, *, los
         progress = _default_progress()
 
     if forget_monitor is None:
-        forget_monitor = ForgetMonitor(warn=method.forget_advice is not None, advice=method.forget_advice)
+        # its rule (a forget loss that doubles) is a classifier's: a diffusion model's ε-loss (a loss that runs the
+        # model) is recorded and shown, not judged
+        judge = not getattr(loss_fn, "takes_model", False)
+        forget_monitor = ForgetMonitor(rise=2.0 if judge else None, warn=method.forget_advice is not None,
+                                       advice=method.forget_advice)
     elif forget_monitor is not False and not isinstance(forget_monitor, ForgetMonitor):
         raise TypeError(f"forget_monitor must be a ForgetMonitor, None or False, got {type(forget_monitor).__name__}")
     monitor = None if forget_monitor is False else forget_monitor
@@ -422,7 +428,7 @@ def run(method, model: nn.Module, forget_loader=None, remain_loader=None, *, los
         if checkpoint is not None:
             save(i)
     info = method.info()
-    if monitor is not None and len(monitor):
+    if monitor is not None and len(monitor) and monitor.rise is not None:
         monitor.check()
         info["forget_stalled"] = monitor.stalled
     return RunResult(model=model, method=method.name, hparams=dict(method.hparams), iterations=i, completed=completed,
