@@ -2,7 +2,8 @@
 
 Switches (environment variables):
   SFRON_OPS_NO_EXT=1        build no compiled extension (the package still works: reference/foreach/triton)
-  SFRON_OPS_BUILD_CUDA=0|1  leave out / require the CUDA kernels (default: built when torch has CUDA and nvcc exists)
+  SFRON_OPS_BUILD_CUDA=0|1  leave out / require the CUDA kernels (default: built when torch has CUDA, nvcc
+                            exists and a GPU is visible; compiling them takes about 9 minutes on two cores)
   TORCH_CUDA_ARCH_LIST      CUDA architectures (default here: "8.0;9.0")
   MAX_JOBS                  parallel compile jobs (honoured by torch's BuildExtension)
   DEBUG=1                   -O0 -g
@@ -11,6 +12,7 @@ Switches (environment variables):
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import shutil
 import sys
@@ -61,6 +63,8 @@ def extensions():
         print("sfron_ops: SFRON_OPS_NO_EXT=1, building no compiled extension")
         return [], {}
     _set_cuda_home()
+    # torch logs "No CUDA runtime is found" on import wherever no GPU is visible; the lines below say what is built
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
         import torch
         from torch.utils import cpp_extension
@@ -76,11 +80,18 @@ def extensions():
 
     want_cuda = _flag("SFRON_OPS_BUILD_CUDA")
     if want_cuda is None:
-        have_nvcc = cpp_extension.CUDA_HOME is not None and (
-            shutil.which("nvcc") is not None or os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")))
-        build_cuda = torch.version.cuda is not None and have_nvcc and bool(cuda_sources)
+        home = cpp_extension.CUDA_HOME  # None wherever torch has no CUDA
+        have_nvcc = shutil.which("nvcc") is not None or bool(home and os.path.exists(os.path.join(home, "bin", "nvcc")))
+        # without a GPU here the CUDA kernels would only be compiled, never run: leave them to an explicit request
+        checks = (("torch has no CUDA", torch.version.cuda is None), ("no nvcc", not have_nvcc),
+                  ("no GPU is visible", torch.cuda.device_count() == 0))
+        missing = [why for why, lacking in checks if lacking]
+        build_cuda = not missing and bool(cuda_sources)
+        why_not = (f"{', '.join(missing)}. SFRON_OPS_BUILD_CUDA=1 builds them (make then installs the CUDA build of "
+                   "torch), about 9 minutes more on two cores")
     else:
         build_cuda = want_cuda == "1"
+        why_not = "SFRON_OPS_BUILD_CUDA=0"
         if build_cuda and torch.version.cuda is None:
             raise RuntimeError("SFRON_OPS_BUILD_CUDA=1 but the installed torch has no CUDA")
 
@@ -105,10 +116,11 @@ def extensions():
             extra_compile_args={"cxx": cxx + ["-DSFRON_OPS_WITH_CUDA"], "nvcc": nvcc + ["-DSFRON_OPS_WITH_CUDA"]},
             **{**kwargs, "include_dirs": include_dirs + _cuda_include_dirs()},
         )
-        print(f"sfron_ops: building CPU and CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+        print(f"sfron_ops: building the CPU and CUDA kernels ({len(cpu_sources)} C++ and {len(cuda_sources)} CUDA "
+              f"files, TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
     else:
         ext = cpp_extension.CppExtension(sources=cpu_sources, extra_compile_args={"cxx": cxx}, **kwargs)
-        print("sfron_ops: building CPU kernels only")
+        print(f"sfron_ops: building the CPU kernels ({len(cpu_sources)} C++ files); no CUDA kernels: {why_not}")
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 

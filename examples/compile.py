@@ -11,7 +11,9 @@ functions call the class's step. Masks are stored with one bit per weight (mask_
 from __future__ import annotations
 
 import argparse
+import logging
 import math
+import re
 import warnings
 
 import torch
@@ -40,7 +42,13 @@ def main(argv=None):
 
     step = type(opt).step
     # calling the class's step bypasses the scheduler's call tracking, which would warn on its first step
-    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+    warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+    # torch.optim wraps every step in a profiler range; compile it into the graph instead of dropping it with a warning
+    torch._dynamo.config.capture_profiler_record_function = True
+    if not torch.cuda.is_available():
+        # Inductor's CPU code generation imports torch.utils.cpp_extension, which warns that no CUDA runtime is
+        # found whenever a CUDA toolkit is installed but no GPU is visible: nothing this run needs
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
     def forget_step():
         step(opt, phase="forget")

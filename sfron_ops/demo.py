@@ -15,7 +15,7 @@ import math
 import sys
 import time
 
-BUDGET_EXCLUDED = ("FT (long)",)  # beyond the 10 %-of-RT compute ceiling, shown for reference
+from .unlearn.presets import PAST_CEILING as BUDGET_EXCLUDED  # beyond the 10 %-of-RT compute ceiling
 
 
 def _rank(value) -> float:

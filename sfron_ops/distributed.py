@@ -54,7 +54,9 @@ from ._dtensor import (  # noqa: F401  (the DTensor helpers are part of this mod
     wrap_like,
 )
 from .fisher import FISHER_KEYS
-from .loss import WEIGHT_EPS
+from .loss import LOSS_FLOOR, WEIGHT_EPS, inverse_loss_powers, normalise_weights
+from .loss import AdaptiveLoss as LocalAdaptiveLoss
+from .loss import adaptive_weights as local_adaptive_weights
 from .mask import SaliencyMask
 
 __all__ = [
@@ -210,52 +212,39 @@ def sharded_saliency_mask(params, forget_fishers, remain_fishers, gamma: float =
 
 
 # --------------------------------------------------------------------------- forget loss
-def adaptive_weights(losses: torch.Tensor, lambd: float = 0.5, group=None) -> torch.Tensor:
+def adaptive_weights(losses: torch.Tensor, lambd: float = 0.5, loss_floor: float | None = LOSS_FLOOR,
+                     group=None, *, eps: float = WEIGHT_EPS) -> torch.Tensor:
     r""":func:`sfron_ops.adaptive_weights` normalised over the global batch of a data-parallel step.
 
-    .. math::
-       c_i = \frac{1}{\operatorname{detach}(\ell_i)^{\lambda} + 10^{-15}}, \qquad
-       w_i = N \frac{c_i}{\sum_j c_j}, \quad N, \textstyle\sum_j c_j \text{ over every rank's samples}
-
-    With equal per-rank batches, DDP's gradient averaging of
-    ``mean_i(w_i * loss_i)`` then gives the single-process gradient of the
-    global batch. Without an initialised process group it is the local rule.
+    The :math:`c_i` are :func:`sfron_ops.adaptive_weights`' (same ``lambd``, ``loss_floor`` and ``eps``);
+    :math:`w_i = N c_i / \sum_j c_j` with :math:`N` and :math:`\sum_j c_j` over every rank's
+    samples (one all-reduce of two numbers). With equal per-rank batches, DDP's gradient averaging
+    of ``mean_i(w_i * loss_i)`` then gives the single-process gradient of the global batch. Without
+    an initialised process group it is the local rule.
     """
-    from .loss import adaptive_weights as local_weights
-
     if not (dist.is_available() and dist.is_initialized()):
-        return local_weights(losses, lambd)
-    if losses.dim() != 1:
-        raise ValueError(f"losses must be a 1-D tensor of per-sample losses, got shape {tuple(losses.shape)}")
-    if isinstance(lambd, bool) or not isinstance(lambd, (int, float)) or lambd < 0:
-        raise ValueError(f"Invalid lambd: {lambd!r}")
-    c = 1.0 / (losses.detach().float().pow(lambd) + WEIGHT_EPS)
+        return local_adaptive_weights(losses, lambd, loss_floor, eps=eps)
+    c = inverse_loss_powers(losses, lambd, loss_floor, eps=eps)
     stats = torch.stack([c.sum(), torch.tensor(float(c.numel()), device=c.device)])
     dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
-    return (stats[1] * c / stats[0]).to(losses.dtype)
+    return normalise_weights(c, stats[1], stats[0], losses.dtype)
 
 
-def adaptive_cross_entropy(output: torch.Tensor, target: torch.Tensor, lambd: float = 0.5, group=None):
-    """The adaptive forget loss with cross-entropy, weights normalised over the global batch."""
-    losses = torch.nn.functional.cross_entropy(output, target, reduction="none")
-    return (adaptive_weights(losses, lambd, group) * losses).mean()
-
-
-class AdaptiveLoss(torch.nn.Module):
+class AdaptiveLoss(LocalAdaptiveLoss):
     """:class:`sfron_ops.AdaptiveLoss` with weights normalised over the global batch (see :func:`adaptive_weights`)."""
 
-    def __init__(self, loss_fn=None, lambd: float = 0.5, group=None):
-        super().__init__()
-        from .loss import AdaptiveLoss as LocalLoss
+    def __init__(self, loss_fn=None, lambd: float = 0.5, loss_floor: float | None = LOSS_FLOOR, group=None):
+        super().__init__(loss_fn, lambd, loss_floor)
+        self.group = group
 
-        checked = LocalLoss(loss_fn, lambd)  # validates loss_fn's reduction and lambd
-        self.loss_fn, self.lambd, self.group = checked.loss_fn, checked.lambd, group
+    def weights(self, losses: torch.Tensor) -> torch.Tensor:
+        return adaptive_weights(losses, self.lambd, self.loss_floor, self.group)
 
-    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        losses = self.loss_fn(output, target)
-        if losses.dim() != 1:
-            raise ValueError(f"loss_fn returned shape {tuple(losses.shape)}; expected one loss per sample")
-        return (adaptive_weights(losses, self.lambd, self.group) * losses).mean()
+
+def adaptive_cross_entropy(output: torch.Tensor, target: torch.Tensor, lambd: float = 0.5,
+                           loss_floor: float | None = LOSS_FLOOR, group=None) -> torch.Tensor:
+    """The adaptive forget loss with cross-entropy, weights normalised over the global batch."""
+    return AdaptiveLoss(None, lambd, loss_floor, group)(output, target)
 
 
 # --------------------------------------------------------------------------- checkpoints

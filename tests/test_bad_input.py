@@ -391,3 +391,31 @@ def test_saliency_mask_names_mismatched_keys_and_bad_fisher():
         saliency_mask({"a": torch.rand(2), "b": torch.rand(2)}, {"a": torch.rand(2), "c": torch.rand(2)})
     with pytest.raises(ValueError, match="remain_fisher\\['a'\\] holds a negative, NaN or infinite value"):
         saliency_mask({"a": torch.rand(2)}, {"a": torch.tensor([0.5, math.nan])})
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lambd=math.nan), "Invalid lambd: nan"),
+    (dict(lambd=math.inf), "Invalid lambd: inf"),
+    (dict(lambd=-0.5), "Invalid lambd: -0.5"),
+    (dict(loss_floor=math.nan), "Invalid loss_floor: nan"),
+    (dict(loss_floor=-1e-4), "Invalid loss_floor"),
+])
+def test_adaptive_loss_refuses_bad_weight_arguments(kwargs, message):
+    losses = torch.rand(4)
+    with pytest.raises(ValueError, match=message):
+        sfron_ops.adaptive_weights(losses, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        sfron_ops.AdaptiveLoss(**kwargs)
+    with pytest.raises(ValueError, match=message):
+        sfron_ops.adaptive_cross_entropy(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), **kwargs)
+
+
+def test_an_empty_forget_batch_is_refused_before_any_gradient():
+    m = model()
+    before = [p.detach().clone() for p in m.parameters()]
+    with pytest.raises(ValueError, match="forget batch is empty"):
+        sfron_ops.AdaptiveLoss()(m(torch.randn(0, 5)), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="forget batch is empty"):
+        sfron_ops.adaptive_weights(torch.zeros(0))
+    assert all(p.grad is None for p in m.parameters())
+    assert all(torch.equal(p, b) for p, b in zip(m.parameters(), before))

@@ -12,7 +12,14 @@ from benchmarks import cases, measure, report, run, suite
 from benchmarks.ops import OPS
 
 
+def _needs_torchvision():
+    # torchvision comes with the CUDA build of torch (requirements-cuda.txt, as in CI); PyPI's does not load beside
+    # a CPU build of torch
+    pytest.importorskip("torchvision", reason="the ResNet-18 and ViT-B/16 cases need torchvision")
+
+
 def test_model_cases_have_the_published_parameter_counts():
+    _needs_torchvision()
     resnet = cases.build_case("resnet18_cifar")
     vit = cases.build_case("vit_b16")
     assert (resnet.n_tensors, resnet.numel) == (62, 11_173_962)
@@ -78,6 +85,7 @@ def test_every_contender_computes_what_the_reference_computes(op):
 
 
 def test_smoke_run_writes_json_markdown_and_chart(tmp_path, capsys):
+    _needs_torchvision()
     threads = torch.get_num_threads()
     results = run.main(["--smoke", "--device", "cpu", "--out", str(tmp_path)])
     assert torch.get_num_threads() == threads  # the run restores the thread count it changed

@@ -4,6 +4,7 @@ per-batch clipping, and diffusers' models behind the same call."""
 import pytest
 import torch
 
+import sfron_ops.loss
 from sfron_ops import adaptive_weights, fisher_diagonal
 from sfron_ops.diffusion import DiffusersDenoiser, EpsLoss, guided_eps, paired_timesteps, sample
 from sfron_ops.unlearn.models import DigitsDenoiser, build_denoiser
@@ -100,9 +101,13 @@ def test_eps_loss_bad_input():
         EpsLoss(3)(_tiny_denoiser(), *_batch()[:1], torch.zeros(2, dtype=torch.long))
 
 
-def test_adaptive_weights_eps():
+@pytest.mark.filterwarnings("ignore::sfron_ops.ZeroForgetLossWarning")
+def test_adaptive_weights_eps(monkeypatch):
+    monkeypatch.setattr(sfron_ops.loss, "_zero_loss_warned", False)  # leaves the once-per-process warning to others
     losses = torch.tensor([4.0, 1.0, 0.0, 0.25])
-    c = 1 / (losses.sqrt() + 1e-8)
+    c = 1 / (losses.sqrt() + 1e-8)  # the official DDPM weights: no floor
+    torch.testing.assert_close(adaptive_weights(losses, 0.5, None, eps=1e-8), 4 * c / c.sum())
+    c = 1 / (losses.clamp_min(1e-4).sqrt() + 1e-8)  # the default floor with the same eps
     torch.testing.assert_close(adaptive_weights(losses, 0.5, eps=1e-8), 4 * c / c.sum())
     assert adaptive_weights(losses, 0.5).tolist() == adaptive_weights(losses, 0.5, eps=1e-15).tolist()
     with pytest.raises(ValueError, match="Invalid eps"):

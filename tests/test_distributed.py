@@ -431,6 +431,18 @@ def test_density_masks_with_ties_match_one_process(ranks):
 def test_single_process_helpers_need_no_process_group():
     losses = torch.rand(7) + 0.1
     torch.testing.assert_close(sdist.adaptive_weights(losses, 0.5), sfron_ops.adaptive_weights(losses, 0.5))
+    fitted = torch.tensor([0.0, 1e-6, 0.5, 2.0])  # the same floor, by default and when given
+    for floor in (1e-4, 0.1):
+        torch.testing.assert_close(sdist.adaptive_weights(fitted, 0.5, floor),
+                                   sfron_ops.adaptive_weights(fitted, 0.5, floor))
+    torch.testing.assert_close(sdist.adaptive_weights(fitted), sfron_ops.adaptive_weights(fitted))
+    logits, target = torch.randn(4, 3), torch.randint(0, 3, (4,))
+    torch.testing.assert_close(sdist.AdaptiveLoss(loss_floor=0.1)(logits, target),
+                               sfron_ops.AdaptiveLoss(loss_floor=0.1)(logits, target))
+    torch.testing.assert_close(sdist.adaptive_cross_entropy(logits, target),
+                               sfron_ops.adaptive_cross_entropy(logits, target))
+    with pytest.raises(ValueError, match="Invalid loss_floor"):
+        sdist.AdaptiveLoss(loss_floor=-1.0)
     assert sdist.norm_reduce_group([[torch.zeros(3)]]) is None
     assert not sdist.is_dtensor(torch.zeros(3)) and not sdist.is_sharded(torch.zeros(3))
     with pytest.raises(ValueError, match="expected one loss per sample"):

@@ -1,11 +1,22 @@
 """AdaptiveLoss / adaptive_weights, fisher_diagonal and canonical_name."""
 
+import warnings
+
 import pytest
 import torch
 from models import batches, small_cnn
 from torch.nn import functional as F
 
-from sfron_ops import AdaptiveLoss, adaptive_weights, canonical_name, fisher_diagonal, saliency_mask
+import sfron_ops.loss
+from sfron_ops import (
+    AdaptiveLoss,
+    adaptive_cross_entropy,
+    adaptive_weights,
+    canonical_name,
+    fisher_diagonal,
+    saliency_mask,
+)
+from sfron_ops.loss import ZeroForgetLossWarning
 
 
 def test_adaptive_weights_hand_checked():
@@ -16,10 +27,49 @@ def test_adaptive_weights_hand_checked():
     assert adaptive_weights(losses).mean().item() == pytest.approx(1.0)
 
 
-def test_adaptive_weights_concentrate_on_zero_losses():
-    # a sample fitted exactly gets weight ~N: with l = 0 its c is 1e15
-    w = adaptive_weights(torch.tensor([0.0, 1.0, 2.0]))
+def test_adaptive_weights_concentrate_on_zero_losses_without_a_floor(monkeypatch):
+    # the official formula: a sample fitted exactly gets weight ~N, since with l = 0 its c is 1e15
+    monkeypatch.setattr(sfron_ops.loss, "_zero_loss_warned", False)
+    with pytest.warns(ZeroForgetLossWarning, match="1 of 3 forget samples"):
+        w = adaptive_weights(torch.tensor([0.0, 1.0, 2.0]), loss_floor=None)
     assert w[0].item() == pytest.approx(3.0, rel=1e-6) and w[1:].sum().item() < 1e-6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # only the first batch with zeros warns
+        adaptive_weights(torch.tensor([0.0, 1.0]), loss_floor=None)
+
+
+def test_adaptive_weights_floor_by_default():
+    losses = torch.tensor([0.0, 1e-6, 1e-4, 0.01, 1.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a floor: nothing to warn about
+        w = adaptive_weights(losses)
+    c = 1 / torch.tensor([1e-4, 1e-4, 1e-4, 0.01, 1.0]).sqrt()  # max(l, 1e-4)^-0.5
+    torch.testing.assert_close(w, 5 * c / c.sum())
+    assert sfron_ops.LOSS_FLOOR == 1e-4
+    torch.testing.assert_close(adaptive_weights(losses, 0.5, loss_floor=0.01),
+                               adaptive_weights(losses.clamp_min(0.01), 0.5, loss_floor=None))
+    logits, target = torch.randn(6, 3), torch.randint(0, 3, (6,))
+    per_sample = F.cross_entropy(logits, target, reduction="none")
+    for floor in (None, 1e-4, 0.5):
+        expected = (adaptive_weights(per_sample, 0.5, floor) * per_sample).mean()
+        torch.testing.assert_close(AdaptiveLoss(lambd=0.5, loss_floor=floor)(logits, target), expected)
+        torch.testing.assert_close(adaptive_cross_entropy(logits, target, 0.5, loss_floor=floor), expected)
+
+
+def test_adaptive_weights_eps():
+    # c = 1 / (l^0.5 + eps): with eps = 1, c = (1/2, 1/3), w = 2 c / sum(c)
+    torch.testing.assert_close(adaptive_weights(torch.tensor([1.0, 4.0]), 0.5, eps=1.0),
+                               torch.tensor([2 * 3 / 5, 2 * 2 / 5]))
+    with pytest.raises(ValueError, match="Invalid eps: -1"):
+        adaptive_weights(torch.ones(2), eps=-1.0)
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), True, "1e-4"])
+def test_adaptive_loss_rejects_a_bad_floor(bad):
+    for make in (lambda: AdaptiveLoss(loss_floor=bad), lambda: adaptive_weights(torch.ones(2), loss_floor=bad),
+                 lambda: adaptive_cross_entropy(torch.randn(2, 3), torch.zeros(2, dtype=torch.long), loss_floor=bad)):
+        with pytest.raises(ValueError, match="Invalid loss_floor"):
+            make()
 
 
 def test_adaptive_loss_weights_carry_no_gradient():

@@ -2,25 +2,33 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
+from torch.nn import functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 
-def run(args, timeout=600):
+def run(args, timeout=600, quiet=False):
+    """Run an example; ``quiet``: it must print no warning either (Python's or torch's logged ones)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                HF_HUB_DISABLE_TELEMETRY="1", WANDB_DISABLED="true")
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(map(str, args))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    if quiet:
+        warned = re.findall(r"^.*(?:Warning: |^W\d{4} ).*$", proc.stderr, flags=re.M)
+        assert not warned, "\n".join(warned)
     return proc.stdout
 
 
@@ -36,6 +44,50 @@ def assert_unlearned(out):
     assert acc["after"][1] > 0.95, acc  # the retain set still is
 
 
+def test_plain_loop_example_forgets():
+    out = run([sys.executable, EXAMPLES / "plain_loop.py"], quiet=True)
+    assert_unlearned(out)
+    assert "3 of 60 forget samples have a loss of exactly 0" in out and "NOT forgetting" not in out
+
+
+def test_readme_loop_forgets_where_the_official_formula_does_not(monkeypatch, one_thread):
+    """The README's loop (examples/plain_loop.py) on a small MLP whose 60 mislabelled forget samples include
+    three of loss exactly 0: AdaptiveLoss's default floor forgets them; the official formula (loss_floor=None)
+    does not, and at the README's own lr and alpha the forget monitor says so."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import plain_loop
+    from toy import accuracy
+
+    from sfron_ops import ForgettingStalledWarning, ZeroForgetLossWarning
+    from sfron_ops import loss as loss_module
+
+    forget, retain = plain_loop.noisy_label_digits(seed=0)
+    original = plain_loop.train_original(forget, retain, seed=0)
+    with torch.no_grad():
+        assert int((F.cross_entropy(original(forget[0]), forget[1], reduction="none") == 0).sum()) == 3
+    assert accuracy(original, forget) == accuracy(original, retain) == 1.0
+
+    def unlearn(**settings):
+        model = copy.deepcopy(original)
+        monkeypatch.setattr(loss_module, "_zero_loss_warned", False)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            monitor = plain_loop.unlearn(model, forget, retain, **settings)
+        return accuracy(model, forget), accuracy(model, retain), monitor, {w.category for w in seen}
+
+    # the example's settings: the default floor forgets everything and keeps the retain set
+    fa, ra, monitor, warned = unlearn(lr=0.1, forget_alpha=300.0)
+    assert fa <= 0.02 and ra >= 0.98 and not warned and not monitor.stalled
+    fa, ra, _, warned = unlearn(lr=0.1, forget_alpha=300.0, loss_floor=None)
+    assert fa >= 0.3 and ZeroForgetLossWarning in warned
+    # the README's settings (the paper's CIFAR-10 lr and alpha): forgets with the floor; without it, nothing
+    # moves and the monitor warns
+    fa, ra, monitor, warned = unlearn(lr=0.01, forget_alpha=25.0)
+    assert fa <= 0.05 and not warned and not monitor.stalled
+    fa, ra, monitor, warned = unlearn(lr=0.01, forget_alpha=25.0, loss_floor=None)
+    assert fa == 1.0 and ra == 1.0 and {ZeroForgetLossWarning, ForgettingStalledWarning} <= warned
+
+
 @pytest.mark.parametrize("example", ["accelerate_loop.py", "amp.py", "lightning_module.py"])
 def test_example_unlearns(example):
     pytest.importorskip({"accelerate_loop.py": "accelerate", "lightning_module.py": "lightning"}.get(example, "torch"))
@@ -44,7 +96,8 @@ def test_example_unlearns(example):
 
 @pytest.mark.slow
 def test_compile_example_compiles_a_few_graphs_once():
-    out = run([sys.executable, EXAMPLES / "compile.py", "--iters", "40"])
+    # quiet: no profiler, CUDA_HOME or scheduler-order warning
+    out = run([sys.executable, EXAMPLES / "compile.py", "--iters", "40"], quiet=True)
     assert_unlearned(out)
     graphs = int(re.search(r"compiled graphs: (\d+) for 40 iterations", out).group(1))
     assert 1 <= graphs <= 4

@@ -38,7 +38,7 @@ def run_official(base, forget, remain, masks):
     for i in range(N_ITERS):
         if i % FORGET_FREQ == 0:
             x, y = forget[i // FORGET_FREQ]
-            loss = -alpha_at(i) * adaptive_cross_entropy(model(x), y, 0.5)
+            loss = -alpha_at(i) * adaptive_cross_entropy(model(x), y, 0.5, loss_floor=None)  # official weights
             opt.zero_grad()
             loss.backward()
             for name, p in model.named_parameters():
@@ -64,7 +64,7 @@ def run_ours(base, forget, remain, masks, impl):
             for group in opt.param_groups:
                 group["forget_alpha"] = alpha_at(i)
             opt.zero_grad()
-            adaptive_cross_entropy(model(x), y, 0.5).backward()
+            adaptive_cross_entropy(model(x), y, 0.5, loss_floor=None).backward()
             opt.step(phase="forget")
         x, y = remain[i]
         opt.zero_grad()

@@ -130,6 +130,32 @@ def test_table_and_plot_with_a_diverged_method(tmp_path, recwarn):
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
 
 
+def test_plot_names_each_panel_shows_zero_bars_and_marks_the_ceiling(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    rt = {"FA": 0.0, "RA": 100.0, "TA": 97.0, "MIA": 40.0, "Avg.D": 0.0, "KL": 0.0, "JS": 0.0, "RTE": 1.0}
+    rows = {"RT": rt, "Original": dict(rt, FA=100.0), "SFR-on": dict(rt, KL=0.6, **{"Avg.D": 2.0}),
+            "FT (long)": dict(rt, KL=0.3, **{"Avg.D": 1.0})}
+    results = dict(_summary(rows), scenario="digits-class")
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    experiment.plot_results([results], str(tmp_path / "plot.png"), past_ceiling=("FT (long)",))
+    (fig,) = figures
+    axes = fig.axes
+    assert all(ax.get_title().startswith("digits-class: ") for ax in axes)
+    # every FA is 0: each gets a mark on the axis in FA's colour
+    fa_color = axes[0].get_legend().legend_handles[0].get_facecolor()
+    zero_marks = [ln for ln in axes[0].lines if list(ln.get_ydata()) == [0, 0] and ln.get_color() == fa_color]
+    assert len(zero_marks) == 3
+    for ax in axes:  # FT (long) hatched, behind a dashed line
+        assert any(p.get_hatch() == "//" for p in ax.patches)
+        assert any(ln.get_linestyle() == "--" for ln in ax.lines)
+    assert any("FT (long), which runs past the compute ceiling" in t.get_text() for t in fig.texts)
+    kl_ticks = [t.get_text() for t in axes[2].get_yticklabels()]
+    assert "0.5" in kl_ticks and not any("times" in t or "^" in t for t in kl_ticks)
+    plt.close(fig)
+
+
 def test_run_scenario_resumes_from_its_checkpoints(tmp_path):
     scenario = _tiny(methods=("SFR-on",))
     first = experiment.run_scenario(scenario, seeds=(0,), checkpoint_dir=str(tmp_path), echo=lambda s: None)

@@ -12,7 +12,7 @@ from torch import nn
 
 from sfron_ops import SFRon, adaptive_weights, fisher_diagonal, saliency_mask
 from sfron_ops.diffusion import EpsLoss
-from sfron_ops.unlearn import cli, generation, make_method, presets, run
+from sfron_ops.unlearn import adaptive_forget_loss, cli, generation, make_method, presets, run
 from sfron_ops.unlearn.data import TensorLoader
 from sfron_ops.unlearn.metrics import feature_stats, fid, frechet_distance
 from sfron_ops.unlearn.models import DigitsDenoiser, build_denoiser
@@ -315,6 +315,13 @@ def test_ddpm_presets_are_valid_and_keep_the_authors_settings():
     sfron, salun, sa = (presets.DIGITS_DDPM[k]["iterations"] for k in ("SFR-on", "SalUn", "SA"))
     assert salun >= 10 * sfron and sa >= 10 * sfron
     assert adaptive_weights(torch.tensor([1.0, 4.0]), 0.5, eps=paper["weight_eps"]).sum() == pytest.approx(2.0)
+    # the authors' DDPM weights 1/(loss^0.5 + 1e-8), without a floor, on losses below the classifiers' floor too
+    assert paper["loss_floor"] is None and presets.DIGITS_DDPM["SFR-on"]["loss_floor"] is None
+    losses = torch.tensor([3e-6, 5e-5, 0.02, 1.7, 40.0], requires_grad=True)
+    c = 1.0 / (losses.detach().pow(0.5) + 1e-8)
+    official = (losses.numel() * c / c.sum() * losses).mean()
+    assert adaptive_forget_loss(losses, paper["lambd"], paper["loss_floor"], paper["weight_eps"]).item() == \
+        official.item()
 
 
 def test_tune_keeps_the_lowest_fid_among_configurations_that_forget(monkeypatch):

@@ -1,14 +1,16 @@
 """Methods: the zero-forget-loss pitfall of the adaptive weights, SalUn's mask, and what each method does."""
 
 import copy
-import logging
 import math
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
+import sfron_ops.loss
 from sfron_ops import AdaptiveLoss, adaptive_weights
+from sfron_ops.loss import ZeroForgetLossWarning
 from sfron_ops.unlearn import adaptive_forget_loss, make_method, run
 from sfron_ops.unlearn.data import TensorLoader
 from sfron_ops.unlearn.methods import distill_kl, magnitude_mask, random_labels
@@ -26,18 +28,22 @@ def _overfit_linear():
     return model, x, y
 
 
-def test_zero_losses_take_all_the_adaptive_weight():
+def test_zero_losses_take_all_the_adaptive_weight(monkeypatch):
+    monkeypatch.setattr(sfron_ops.loss, "_zero_loss_warned", False)  # it warns once per process
     model, x, y = _overfit_linear()
     losses = nn.functional.cross_entropy(model(x), y, reduction="none")
     assert losses[0] == 0 and losses[1] == 0 and losses[2] > 0.1 and losses[3] > 0.1
-    w = adaptive_weights(losses, 0.5)  # the official weights: ~N/2 on each zero, ~1e-15 elsewhere
+    with pytest.warns(ZeroForgetLossWarning, match="2 of 4 forget samples have a loss of exactly 0"):
+        w = adaptive_weights(losses, 0.5, loss_floor=None)  # the official weights: ~N/2 on each zero, ~1e-15 else
     assert w[:2].tolist() == pytest.approx([2.0, 2.0]) and w[2:].max() < 1e-12
-    floored = adaptive_weights(losses.clamp_min(1e-4), 0.5)
+    floored = adaptive_weights(losses, 0.5)  # the default floor, 1e-4
+    torch.testing.assert_close(floored, adaptive_weights(losses.clamp_min(1e-4), 0.5, loss_floor=None))
     c = torch.tensor([1e-4 ** -0.5, 1e-4 ** -0.5, losses[2].item() ** -0.5, losses[3].item() ** -0.5])
     expected = 4 * c / c.sum()
     assert floored.tolist() == pytest.approx(expected.tolist(), rel=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore::sfron_ops.ZeroForgetLossWarning")  # the official formula on purpose
 def test_the_floor_gives_the_ascent_its_gradient_back():
     model, x, y = _overfit_linear()
     ce = nn.CrossEntropyLoss(reduction="none")
@@ -47,11 +53,12 @@ def test_the_floor_gives_the_ascent_its_gradient_back():
         loss.backward()
         return model.weight.grad.norm().item()
 
-    official = grad_norm(AdaptiveLoss(ce, 0.5)(model(x), y))
+    official = grad_norm(AdaptiveLoss(ce, 0.5, loss_floor=None)(model(x), y))
     same = grad_norm(adaptive_forget_loss(ce(model(x), y), 0.5, None))
     floored = grad_norm(adaptive_forget_loss(ce(model(x), y), 0.5, 1e-4))
+    default = grad_norm(AdaptiveLoss(ce, 0.5)(model(x), y))
     plain = grad_norm(ce(model(x), y).mean())
-    assert same == official
+    assert same == official and default == floored
     assert official < 1e-9 * plain  # all weight on samples without gradient: nothing to ascend
     assert floored > 0.01 * plain and floored > 1e6 * official
 
@@ -71,7 +78,7 @@ def _fitted_task(seed=0, steps=20):
     return model, (x[:20], y[:20]), (x[20:], y[20:])
 
 
-def test_sfron_stalls_on_zero_losses_without_the_floor(caplog):
+def test_sfron_stalls_on_zero_losses_without_the_floor(monkeypatch):
     model, (xf, yf), (xr, yr) = _fitted_task(steps=10)
     with torch.no_grad():
         right = (model(xf).argmax(1) == yf).nonzero().flatten()[:4]
@@ -82,22 +89,24 @@ def test_sfron_stalls_on_zero_losses_without_the_floor(caplog):
 
     def unlearn(loss_floor):
         m = copy.deepcopy(model)
-        with caplog.at_level(logging.WARNING, logger="sfron_ops.unlearn"):
+        monkeypatch.setattr(sfron_ops.loss, "_zero_loss_warned", False)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
             run("sfron", m, TensorLoader(xf, yf, 20), TensorLoader(xr, yr, 50), progress=False, iterations=10,
                 forget_freq=1, lr=0.01, forget_alpha=50.0, max_grad_norm=5.0, loss_floor=loss_floor, mask=False)
+        zero_warnings = [w for w in seen if issubclass(w.category, ZeroForgetLossWarning)]
         with torch.no_grad():
             out = m(xf)
-            return nn.functional.cross_entropy(out, yf).item(), (out.argmax(1) == yf).float().mean().item()
+            return nn.functional.cross_entropy(out, yf).item(), (out.argmax(1) == yf).float().mean().item(), \
+                zero_warnings
 
     acc0 = (model(xf).argmax(1) == yf).float().mean().item()
-    caplog.clear()
-    loss, acc = unlearn(None)  # the official weights: the ascent stalls
+    loss, acc, warned = unlearn(None)  # the official weights: the ascent stalls
     assert loss == pytest.approx(losses.mean().item(), rel=0.05) and acc >= acc0 - 0.1
-    assert "exactly 0" in caplog.text
-    caplog.clear()
-    loss, acc = unlearn(1e-4)
+    assert len(warned) == 1 and "exactly 0" in str(warned[0].message)  # once, not on each of the 10 batches
+    loss, acc, warned = unlearn(1e-4)
     assert loss > 5 * losses.mean().item() and acc <= acc0 - 0.3
-    assert "exactly 0" not in caplog.text
+    assert not warned
 
 
 def test_magnitude_mask_keeps_the_largest_gradients():

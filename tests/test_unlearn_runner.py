@@ -61,20 +61,31 @@ def _flat(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def test_sfron_method_is_the_official_loop():
-    """The runner's "sfron" with the official loss reproduces a hand-written SPEC loop bit for bit."""
-    n, ff, alpha, lr = 12, 3, 8.0, 0.05
-    ce = nn.CrossEntropyLoss(reduction="none")
+def _loaders_with_zero_losses(model):
+    """The tensor loaders, with three forget samples the model fits so well that their float32 loss is exactly 0."""
+    (xf, yf), (xr, yr) = _data(0)
+    xf, yf = xf.clone(), yf.clone()
+    xf[:3] *= 300
+    with torch.no_grad():
+        model.eval()
+        yf[:3] = model(xf[:3]).argmax(1)
+        assert int((nn.functional.cross_entropy(model(xf), yf, reduction="none") == 0).sum()) >= 2
+        model.train()
+    return TensorLoader(xf, yf, 8, shuffle=True, seed=1), TensorLoader(xr, yr, 16, shuffle=True, seed=2)
 
+
+def _plain_loop(n, ff, alpha, lr, loss_floor, data):
+    """The README's loop: Fisher, ratio mask, SFRon, AdaptiveLoss; ``loss_floor="default"`` leaves it out."""
+    ce = nn.CrossEntropyLoss(reduction="none")
     model = _model(dropout=0.0)
-    forget, remain = _loaders()
+    forget, remain = data(model)
     fisher_f = fisher_diagonal(model, forget, ce)
     fisher_r = fisher_diagonal(model, remain, ce)
     masks = saliency_mask(fisher_f, fisher_r, gamma=1.0).masks
     opt = SFRon(model.named_parameters(), mask=masks, lr=lr, momentum=0.9, weight_decay=5e-4, forget_alpha=alpha,
                 max_grad_norm=7.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=n)
-    adaptive = AdaptiveLoss(ce, lambd=0.5)
+    adaptive = AdaptiveLoss(ce, lambd=0.5) if loss_floor == "default" else AdaptiveLoss(ce, 0.5, loss_floor)
 
     def cycle(loader):
         while True:
@@ -95,16 +106,29 @@ def test_sfron_method_is_the_official_loop():
         ce(model(x), y).mean().backward()
         opt.step()
         sched.step()
+    return model, masks
 
+
+@pytest.mark.filterwarnings("ignore::sfron_ops.ZeroForgetLossWarning")
+@pytest.mark.parametrize("loss_floor", [None, "default"])
+def test_sfron_method_is_the_plain_loop(loss_floor):
+    """The runner's "sfron" reproduces the README's loop bit for bit, with the official weights (loss_floor=None)
+    and with both defaults, on forget batches that hold samples of loss exactly 0."""
+    n, ff, alpha, lr = 12, 3, 8.0, 0.05
+    model, masks = _plain_loop(n, ff, alpha, lr, loss_floor, _loaders_with_zero_losses)
     twin = _model(dropout=0.0)
-    forget, remain = _loaders()
+    forget, remain = _loaders_with_zero_losses(twin)
+    floor = {} if loss_floor == "default" else {"loss_floor": loss_floor}
     res = run("sfron", twin, forget, remain, iterations=n, forget_freq=ff, forget_alpha=alpha, lr=lr,
-              loss_floor=None, max_grad_norm=7.0, progress=False)
+              max_grad_norm=7.0, progress=False, **floor)
     assert res.completed and res.iterations == n
     assert torch.equal(_flat(model), _flat(twin))
     kept = sum(int(m.sum()) for m in masks.values())
     assert res.info["mask_kept"] == kept and 0 < kept < res.info["mask_total"]
+    assert res.info["forget_zero_losses_seen"] > 0
     assert res.history[-1]["forget_alpha"] == pytest.approx(alpha * (1 + math.cos(math.pi * 9 / n)) / 2)
+    other, _ = _plain_loop(n, ff, alpha, lr, "default" if loss_floor is None else None, _loaders_with_zero_losses)
+    assert not torch.equal(_flat(other), _flat(twin))  # the floor matters on these batches
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
@@ -142,6 +166,10 @@ def test_resume_continues_identically(tmp_path, name, kind):
         assert a.keys() == b.keys()
         for k in a:
             assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-6), k
+    # the forget monitor goes on from the checkpoint too, bit for bit
+    assert len(second.monitor) == len(full.monitor) == (0 if name in ("train", "ft") else len(full.monitor) or -1)
+    assert second.monitor.state_dict() == full.monitor.state_dict()
+    assert second.info.get("forget_stalled") == full.info.get("forget_stalled")
 
 
 def test_resume_of_a_finished_run_changes_nothing(tmp_path):
@@ -216,7 +244,7 @@ def test_ctrl_c_stops_at_an_iteration_boundary_and_resumes_exactly(tmp_path):
     RunInterrupted; resuming from it ends bitwise where an uninterrupted run ends."""
     torch.manual_seed(123)
     whole = _model()
-    run("sfron", whole, *_loaders(), progress=False, log_every=3, **SMALL["sfron"])
+    full = run("sfron", whole, *_loaders(), progress=False, log_every=3, **SMALL["sfron"])
 
     def interrupt(i, model):
         if i == 3:
@@ -229,11 +257,13 @@ def test_ctrl_c_stops_at_an_iteration_boundary_and_resumes_exactly(tmp_path):
             **SMALL["sfron"])
     assert isinstance(err.value, KeyboardInterrupt) and (err.value.iteration, err.value.checkpoint) == (4, ckpt)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    assert torch.load(ckpt, weights_only=True)["iteration"] == 4
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["iteration"] == 4 and len(saved["monitor"]["losses"]) > 0  # the forget steps before the stop
     resumed = _model(seed=7)
     res = run("sfron", resumed, *_loaders(), progress=False, log_every=3, checkpoint=ckpt, resume=True,
               **SMALL["sfron"])
     assert res.resumed_from == 4 and torch.equal(_flat(resumed), _flat(whole))
+    assert res.monitor.state_dict() == full.monitor.state_dict()
 
 
 def test_periodic_checkpoints(tmp_path):

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from transformers import Trainer
 
 from ..distributed import adaptive_weights
+from ..loss import LOSS_FLOOR, check_weight_args
 from ..optim import SFRon
 from . import phase, unwrap_optimizer
 
@@ -78,13 +79,14 @@ class SFRonTrainer(Trainer):
         masks: saliency masks for :meth:`~sfron_ops.SFRon.set_masks` (dict by parameter name).
         forget_freq: a forget step every ``forget_freq`` optimizer steps (the official code uses 5).
         alpha_schedule: ``"cosine"`` (official) or ``"constant"``.
-        lambd: λ of the adaptive weights :math:`w_i \propto 1 / \ell_i^{\lambda}`.
+        lambd: λ of the adaptive weights :math:`w_i \propto 1 / \max(\ell_i, f)^{\lambda}`.
+        loss_floor: their floor :math:`f` (default ``sfron_ops.LOSS_FLOOR``; ``None``: the official formula).
 
     Everything else is ``Trainer``'s. With ``optimizers=(opt, sched)`` an SFRon built by the caller is used.
     """
 
     def __init__(self, *args, sfron_kwargs=None, masks=None, forget_freq: int = 1, alpha_schedule: str = "cosine",
-                 lambd: float = 0.5, **kwargs):
+                 lambd: float = 0.5, loss_floor: float | None = LOSS_FLOOR, **kwargs):
         if isinstance(forget_freq, bool) or not isinstance(forget_freq, int) or forget_freq < 1:
             raise ValueError(f"Invalid forget_freq: {forget_freq!r}")
         if alpha_schedule not in ("cosine", "constant"):
@@ -93,7 +95,8 @@ class SFRonTrainer(Trainer):
         self.masks = masks
         self.forget_freq = forget_freq
         self.alpha_schedule = alpha_schedule
-        self.lambd = lambd
+        check_weight_args(lambd, loss_floor)
+        self.lambd, self.loss_floor = lambd, loss_floor
         super().__init__(*args, **kwargs)
         if self.args.gradient_accumulation_steps != 1:
             raise ValueError(f"SFRonTrainer needs gradient_accumulation_steps=1 (a forget step is a whole optimizer "
@@ -131,7 +134,7 @@ class SFRonTrainer(Trainer):
         outputs = model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         losses = per_sample_loss(logits, labels)
-        return (adaptive_weights(losses, self.lambd) * losses).mean()
+        return (adaptive_weights(losses, self.lambd, self.loss_floor) * losses).mean()
 
     def forget_step(self, model, forget_inputs) -> torch.Tensor:
         """One forget-phase optimizer step on ``forget_inputs``; returns the forget loss."""

@@ -518,7 +518,7 @@ def print_generation(results, echo=print):
 
 def write_outputs(results_list, out):
     """results.json, table.md and results.png for one or more scenarios in ``out``."""
-    from . import experiment
+    from . import experiment, presets
 
     os.makedirs(out, exist_ok=True)
     payload = results_list[0] if len(results_list) == 1 else {r["scenario"]: r for r in results_list}
@@ -527,7 +527,7 @@ def write_outputs(results_list, out):
         for r in results_list:
             fh.write(f"### {r['scenario']}\n\n{r['description']}. Seeds {r['seeds']}, mean ± std.\n\n")
             fh.write(experiment.format_table(r) + "\n\n")
-    experiment.plot_results(results_list, os.path.join(out, "results.png"))
+    experiment.plot_results(results_list, os.path.join(out, "results.png"), past_ceiling=presets.PAST_CEILING)
 
 
 if __name__ == "__main__":

@@ -355,55 +355,92 @@ def save_json(results: dict, path: str) -> None:
             os.remove(tmp)
 
 
-def plot_results(results_list: list, path: str) -> None:
-    """One row per scenario: FA/TA/MIA next to RT's, Avg.D, and KL to RT, each mean ± std over seeds."""
+def plot_results(results_list: list, path: str, *, past_ceiling=()) -> None:
+    """One row per scenario: FA/TA/MIA next to RT's, Avg.D, and KL to RT, each mean ± std over seeds.
+
+    Every panel names its scenario; a mean of exactly 0 gets a mark on the axis in its series' colour (so an
+    all-zero FA is visible); the rows in ``past_ceiling`` (methods given more compute than the others) are
+    hatched and set apart by a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    def bars(ax, xs, values, stds, **kw):
+    def finite(x):  # results read back from JSON carry None for NaN
+        return x is not None and math.isfinite(x)
+
+    def bars(ax, xs, values, stds, labels, **kw):
         """Bars with error bars that stop at zero; a non-finite mean (a method whose model diverged)
         gets no bar but a "not finite" mark, so that one run cannot break the axis."""
-        def finite(x):  # results read back from JSON carry None for NaN
-            return x is not None and math.isfinite(x)
-
         keep = [i for i, v in enumerate(values) if finite(v)]
         sd = [stds[i] if finite(stds[i]) else 0.0 for i in keep]
-        drawn = ax.bar([xs[i] for i in keep], [values[i] for i in keep], kw.pop("width", 0.8),
+        width = kw.pop("width", 0.8)
+        drawn = ax.bar([xs[i] for i in keep], [values[i] for i in keep], width,
                        yerr=[[min(e, values[i]) for i, e in zip(keep, sd)], sd], **kw)
+        color = drawn.patches[0].get_facecolor() if drawn.patches else None
+        for i, patch in zip(keep, drawn.patches):
+            if labels[i] in past_ceiling:
+                patch.set_hatch("//")
+                patch.set_edgecolor("white")
+            if values[i] == 0:  # a bar of height 0 is invisible: mark the spot on the axis
+                ax.plot([xs[i] - width / 2, xs[i] + width / 2], [0, 0], color=color, lw=3, clip_on=False,
+                        solid_capstyle="butt", zorder=3)
         for i in set(range(len(values))) - set(keep):
             ax.annotate("not finite", (xs[i], 0), xycoords=("data", "axes fraction"), rotation=90, ha="center",
                         va="bottom", fontsize=7)
         return dict(zip(keep, drawn))
 
-    fig, axes = plt.subplots(len(results_list), 3, figsize=(15, 3.6 * len(results_list)), squeeze=False)
+    marked = []
+
+    def mark_ceiling(ax, labels):
+        beyond = [i for i, lab in enumerate(labels) if lab in past_ceiling]
+        if beyond:
+            ax.axvline(min(beyond) - 0.5, color="0.4", ls="--", lw=0.8)
+            marked.extend(labels[i] for i in beyond if labels[i] not in marked)
+
+    fig, axes = plt.subplots(len(results_list), 3, figsize=(16, 3.8 * len(results_list)), squeeze=False)
     for row, results in zip(axes, results_list):
+        name = results.get("scenario", "")
         labels = [lab for lab in results["order"] if lab != "Original"]
         s = results["summary"]
         x = np.arange(len(labels))
         width = 0.27
         for j, key in enumerate(("FA", "TA", "MIA")):
             bars(row[0], x + (j - 1) * width, [s[lab][key][0] for lab in labels], [s[lab][key][1] for lab in labels],
-                 width=width, label=key, capsize=2)
+                 labels, width=width, label=key, capsize=2)
         row[0].set_xticks(x, labels, rotation=30)
         row[0].set_ylabel("%")
-        row[0].set_title(f"{results['scenario']}: FA, TA, MIA (mean ± std)")
+        row[0].set_title(f"{name}: FA, TA, MIA (mean ± std)")
         row[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        mark_ceiling(row[0], labels)
         meth = [lab for lab in labels if lab != "RT"]
         xm = np.arange(len(meth))
-        for ax, key, title, log in ((row[1], "Avg.D", "Avg.D to RT, % points (lower is better)", False),
-                                    (row[2], "KL", "KL(p_RT || p) on D_f, nats (lower is better)", True)):
-            drawn = bars(ax, xm, [s[lab][key][0] for lab in meth], [s[lab][key][1] for lab in meth], capsize=3,
-                         color="tab:gray")
+        for ax, key, title, log in ((row[1], "Avg.D", "Avg.D to RT, % points ↓", False),
+                                    (row[2], "KL", "KL(p_RT || p) on D_f, nats ↓", True)):
+            values = [s[lab][key][0] for lab in meth]
+            drawn = bars(ax, xm, values, [s[lab][key][1] for lab in meth], meth, capsize=3, color="tab:gray")
             if "SFR-on" in meth and meth.index("SFR-on") in drawn:
                 drawn[meth.index("SFR-on")].set_color("tab:red")
             if log:
+                # plain numbers at 1, 2 and 5 times each power of ten, instead of 6 x 10^-1
                 ax.set_yscale("log")
+                shown = [v for v in values if finite(v) and v > 0]
+                if shown:  # room below the lowest bar, so that a labelled tick lies under it
+                    ax.set_ylim(min(shown) / 1.6, max(shown) * 1.3)
+                ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.yaxis.set_minor_formatter(NullFormatter())
             ax.set_xticks(xm, meth, rotation=30)
-            ax.set_title(title)
-    fig.tight_layout()
+            ax.set_title(f"{name}: {title}")
+            mark_ceiling(ax, meth)
+    footnote = 0.0
+    if marked:
+        footnote = 0.25 / (3.8 * len(results_list))
+        fig.text(0.5, 0.004, f"Hatched, right of the dashed line: {', '.join(marked)}, which runs past the compute "
+                 "ceiling the other methods share.", ha="center", va="bottom", fontsize=9, color="0.25")
+    fig.tight_layout(rect=(0, footnote, 1, 1))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

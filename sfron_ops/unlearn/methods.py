@@ -32,20 +32,18 @@ every method calls ``loss_fn(model, x, y)`` where a classifier's loss is ``loss_
 from __future__ import annotations
 
 import copy
-import logging
 import math
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..fisher import batch_losses, fisher_diagonal
-from ..loss import WEIGHT_EPS, adaptive_weights
-from ..mask import density_mask, saliency_mask
 from .._groups import check_number as _check_number
+from ..fisher import batch_losses, fisher_diagonal
+from ..loss import LOSS_FLOOR, WEIGHT_EPS, adaptive_weights, check_weight_args
+from ..mask import density_mask, saliency_mask
+from ..monitor import SFRON_ADVICE
 from ..optim import SFRon
-
-log = logging.getLogger("sfron_ops.unlearn")
 
 BASES = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
@@ -77,19 +75,12 @@ def _record(prefix, loss, output, target, out=None):
     return out
 
 
-def adaptive_forget_loss(losses: torch.Tensor, lambd: float = 0.5, floor: float | None = None,
+def adaptive_forget_loss(losses: torch.Tensor, lambd: float = 0.5, floor: float | None = LOSS_FLOOR,
                          eps: float = WEIGHT_EPS) -> torch.Tensor:
-    r"""SFR-on's forget loss :math:`\operatorname{mean}_i(w_i \ell_i)` with the weights of
-    :func:`sfron_ops.adaptive_weights` computed from :math:`\max(\ell_i, \text{floor})`.
-
-    Why a floor: the weights :math:`\propto 1/(\ell_i^\lambda + 10^{-15})` give a sample whose
-    float32 loss is exactly zero a weight of about :math:`10^{15}`, so the batch's whole weight
-    sits on samples whose gradient is (numerically) zero and the ascent does nothing. With a floor
-    a fully fitted sample counts as much as a sample of loss ``floor``. ``floor=None`` (or 0) is the
-    official formula. ``eps`` is the constant of the weights' denominator (:func:`sfron_ops.adaptive_weights`).
-    """
-    weights = adaptive_weights(losses.clamp_min(floor) if floor else losses, lambd, eps=eps)
-    return (weights * losses).mean()
+    r"""SFR-on's forget loss :math:`\operatorname{mean}_i(w_i \ell_i)` from per-sample losses, with the weights
+    of :func:`sfron_ops.adaptive_weights` (``floor`` is its ``loss_floor``, ``None``: the official formula;
+    ``eps`` the constant of the weights' denominator)."""
+    return (adaptive_weights(losses, lambd, floor, eps=eps) * losses).mean()
 
 
 class Method:
@@ -100,6 +91,10 @@ class Method:
     schedules: tuple = SCHEDULES
     defaults = dict(iterations=100, base="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, betas=(0.9, 0.999),
                     eps=1e-8, lr_schedule="cosine", max_grad_norm=None)
+
+    #: what to change when the forget loss does not rise (:class:`~sfron_ops.monitor.ForgetMonitor` warns with it);
+    #: None: the runner records the forget loss of this method but does not warn
+    forget_advice: str | None = None
 
     def __init__(self, **hparams):
         unknown = sorted(set(hparams) - set(self.defaults))
@@ -655,8 +650,8 @@ class SFRonMethod(Method):
     remain batch; the learning rate follows CosineAnnealingLR(T_max = n). The mask comes from the
     Fisher ratio of the original model on D_f and D_r (``gamma``, or ``density``).
 
-    ``loss_floor`` (default 1e-4) guards the adaptive weights against exact-zero forget losses
-    (see :func:`adaptive_forget_loss`); ``loss_floor=None`` is the official formula bit for bit.
+    ``loss_floor`` (default ``sfron_ops.loss.LOSS_FLOOR``, 1e-4, as in :class:`sfron_ops.AdaptiveLoss`) guards
+    the adaptive weights against exact-zero forget losses; ``loss_floor=None`` is the official formula bit for bit.
     ``weight_eps`` is the constant of the weights' denominator (1e-15; the official diffusion code
     uses 1e-8). ``fisher_clip`` clips each batch's gradient to that norm before it is squared into
     the Fisher; ``mask_guidance`` takes the Fisher of a diffusion model on its guided prediction
@@ -665,10 +660,11 @@ class SFRonMethod(Method):
 
     name = "sfron"
     needs = ("forget", "remain")
+    forget_advice = SFRON_ADVICE
     defaults = dict(Method.defaults, iterations=1500, forget_freq=5, forget_alpha=25.0, alpha_schedule="cosine",
-                    max_grad_norm=7.0, remain_max_grad_norm=None, lambd=0.5, loss_floor=1e-4, weight_eps=WEIGHT_EPS,
-                    mask=True, gamma=1.0, density=None, fisher_batches=None, fisher_clip=None, mask_guidance=None,
-                    slow_alpha=1.0, sync_period=1, reset_fast=True, check_finite=True, impl=None)
+                    max_grad_norm=7.0, remain_max_grad_norm=None, lambd=0.5, loss_floor=LOSS_FLOOR,
+                    weight_eps=WEIGHT_EPS, mask=True, gamma=1.0, density=None, fisher_batches=None, fisher_clip=None,
+                    mask_guidance=None, slow_alpha=1.0, sync_period=1, reset_fast=True, check_finite=True, impl=None)
 
     def validate(self):
         super().validate()
@@ -677,9 +673,7 @@ class SFRonMethod(Method):
         _check_number("forget_alpha", hp["forget_alpha"], low=0.0)
         if hp["alpha_schedule"] not in SCHEDULES:
             raise ValueError(f"Invalid alpha_schedule: {hp['alpha_schedule']!r}; expected one of {SCHEDULES}")
-        _check_number("lambd", hp["lambd"], low=0.0)
-        if hp["loss_floor"] is not None:
-            _check_number("loss_floor", hp["loss_floor"], low=0.0)
+        check_weight_args(hp["lambd"], hp["loss_floor"])
         if not isinstance(hp["mask"], bool):
             raise ValueError(f"Invalid mask: {hp['mask']!r}; expected True or False")
         if hp["density"] is not None:
@@ -740,10 +734,6 @@ class SFRonMethod(Method):
             zeros = (losses.detach() == 0).sum()
             rec["forget_zero"] = zeros.float()
             self._zero_total = self._zero_total + zeros
-            if i == 0 and not hp["loss_floor"] and bool(zeros):  # one host sync, on the first step only
-                log.warning("sfron: %d samples of the first forget batch have a loss of exactly 0; their adaptive "
-                            "weight is ~1e15 and their gradient ~0, so the ascent stalls. Set loss_floor (e.g. "
-                            "1e-4).", int(zeros))
         xr, yr = data.next("remain")
         losses, out = self.losses(xr, yr)
         loss = _mean(losses)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..monitor import ForgetMonitor
 from . import checkpoints
 
 log = logging.getLogger("sfron_ops.unlearn")
@@ -196,6 +197,7 @@ class RunResult:
     history: list = field(default_factory=list)
     info: dict = field(default_factory=dict)
     resumed_from: int | None = None
+    monitor: ForgetMonitor | None = None
 
 
 def _default_progress() -> bool:
@@ -244,6 +246,7 @@ def run(method, model: nn.Module, forget_loader=None, remain_loader=None, *, los
         seed: int | None = None, checkpoint: str | None = None, checkpoint_every: int | None = None,
         checkpoint_key: dict | None = None, resume: bool = False, stop_after: int | None = None,
         progress: bool | None = None, log_every: int | None = None, desc: str | None = None, callback=None,
+        forget_monitor=None,
         **hparams) -> RunResult:
     """Run ``method`` on ``model`` in place and return a :class:`RunResult`.
 
@@ -267,6 +270,13 @@ def run(method, model: nn.Module, forget_loader=None, remain_loader=None, *, los
             (default: about 20 records per run); records go to ``history`` and the ``sfron_ops.unlearn`` logger.
         callback: ``callback(iteration, model)`` after each record, e.g. for evaluation (not timed); a dict it
             returns joins the record (and so the history and the checkpoint).
+        forget_monitor: a :class:`~sfron_ops.monitor.ForgetMonitor` fed with every forget step's loss and
+            accuracy (default: a new one, which warns if SFR-on's forget loss has not doubled after 10 forget
+            steps; ``False``: none). The progress bar shows its first and latest forget loss; ``result.monitor``
+            holds it and ``result.info["forget_stalled"]`` its verdict. Its records are saved with the
+            checkpoint and restored on resume. With a loss that runs the model (a diffusion model's
+            ε-loss, ``loss_fn.takes_model``) the default one records and shows the forget loss but gives no
+            verdict (``rise=None``): its rule reads a classifier's forget loss.
 
     A Ctrl-C during the loop stops the run at the end of the current iteration, saves the checkpoint
     (if any) and raises :class:`RunInterrupted`, a ``KeyboardInterrupt``; a second Ctrl-C stops at once.
@@ -304,6 +314,16 @@ def run(method, model: nn.Module, forget_loader=None, remain_loader=None, *, los
     if progress is None:
         progress = _default_progress()
 
+    if forget_monitor is None:
+        # its rule (a forget loss that doubles) is a classifier's: a diffusion model's ε-loss (a loss that runs the
+        # model) is recorded and shown, not judged
+        judge = not getattr(loss_fn, "takes_model", False)
+        forget_monitor = ForgetMonitor(rise=2.0 if judge else None, warn=method.forget_advice is not None,
+                                       advice=method.forget_advice)
+    elif forget_monitor is not False and not isinstance(forget_monitor, ForgetMonitor):
+        raise TypeError(f"forget_monitor must be a ForgetMonitor, None or False, got {type(forget_monitor).__name__}")
+    monitor = None if forget_monitor is False else forget_monitor
+
     data = Batches(loaders, device)
     start, history, elapsed, resumed_from = 0, [], 0.0, None
     saved = None
@@ -318,6 +338,8 @@ def run(method, model: nn.Module, forget_loader=None, remain_loader=None, *, los
         data.load_state_dict(saved["data"])
         set_rng_state(saved["rng"])
         start, history, elapsed = saved["iteration"], saved["history"], saved["seconds"]
+        if monitor is not None and saved.get("monitor") is not None:
+            monitor.load_state_dict(saved["monitor"])
         resumed_from = start
         log.info("%s: resumed from %s at iteration %d/%d", method.name, checkpoint, start, n)
     else:
@@ -335,6 +357,7 @@ def run(method, model: nn.Module, forget_loader=None, remain_loader=None, *, los
         checkpoints.save({"version": checkpoints.VERSION, "key": key, "iteration": iteration, "finished": finished,
                           "model": model.state_dict(), "method": method.state_dict(), "data": data.state_dict(),
                           "rng": rng_state(), "history": history, "seconds": elapsed,
+                          "monitor": None if monitor is None else monitor.state_dict(),
                           # the record being accumulated, so that a resumed history matches an uninterrupted one
                           "window": {k: (float(v), counts[k]) for k, v in sums.items()}}, checkpoint)
 
@@ -356,6 +379,8 @@ def run(method, model: nn.Module, forget_loader=None, remain_loader=None, *, los
         while i < end:
             model.train()
             record = method.step(i, data)
+            if monitor is not None and "forget_loss" in record:
+                monitor.record(record["forget_loss"], record.get("forget_acc"))
             for k, v in record.items():
                 sums[k] = sums.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v)
                 counts[k] = counts.get(k, 0) + 1
@@ -376,8 +401,8 @@ def run(method, model: nn.Module, forget_loader=None, remain_loader=None, *, los
                     log.info("%s %d/%d %s", method.name, i, n, " ".join(
                         f"{k}={v:.4g}" for k, v in entry.items() if k != "iteration" and isinstance(v, float)))
                     if bar is not None:
-                        bar.set_postfix({k: f"{v:.3g}" for k, v in entry.items()
-                                         if k in ("forget_loss", "forget_acc", "remain_loss", "remain_acc")})
+                        shown = {k: f"{v:.3g}" for k, v in entry.items() if k in ("remain_loss", "remain_acc")}
+                        bar.set_postfix({**(monitor.postfix() if monitor is not None else {}), **shown})
                     if callback is not None:
                         entry.update(callback(i, model) or {})  # kept in the history, so a resumed run has it
                 if checkpoint is not None and (boundary_ckpt or i == end or stop):
@@ -402,8 +427,12 @@ def run(method, model: nn.Module, forget_loader=None, remain_loader=None, *, los
         finished = True
         if checkpoint is not None:
             save(i)
+    info = method.info()
+    if monitor is not None and len(monitor) and monitor.rise is not None:
+        monitor.check()
+        info["forget_stalled"] = monitor.stalled
     return RunResult(model=model, method=method.name, hparams=dict(method.hparams), iterations=i, completed=completed,
-                     seconds=elapsed, history=history, info=method.info(), resumed_from=resumed_from)
+                     seconds=elapsed, history=history, info=info, resumed_from=resumed_from, monitor=monitor)
 
 
 def fmt_seconds(s: float) -> str:
