@@ -97,6 +97,24 @@ def values(group: dict) -> tuple:
     return tuple(id(v) if torch.is_tensor(v) else v for k, v in group.items() if k not in ("params", "param_names"))
 
 
+class Checked:
+    """Checks every group's hyperparameters before a step, again only when a value changed since the last check."""
+
+    def __init__(self):
+        self._seen = None
+
+    def __call__(self, groups) -> None:
+        if torch.compiler.is_compiling():  # the values are constants of the graph: checked while tracing
+            for gi, group in enumerate(groups):
+                check_group(group, f"param_groups[{gi}]", read_tensors=False)
+            return
+        seen = tuple(map(values, groups))
+        if seen != self._seen:  # groups edited since the last step (a schedule, say): check them all
+            for gi, group in enumerate(groups):
+                check_group(group, f"param_groups[{gi}]")
+            self._seen = seen
+
+
 def slow_active(group) -> bool:
     """Whether the group keeps slow weights; a = 1 with a reset is the identity (the official CIFAR-10 setting)."""
     return not (group["slow_alpha"] == 1.0 and group["reset_fast"])

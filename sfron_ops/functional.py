@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _dtensor, _impl, _ops
+from . import _dtensor, _groups, _impl, _ops
 
 #: backends whose kernels check their arguments on every call themselves (in C++, or by signature)
 SELF_CHECKING = ("fused", "triton")
@@ -238,6 +238,45 @@ class StepPlan:
         if match is None or int(match.group(2)) >= len(index):
             return message
         return f"{message} (the {match.group(1)} entry of parameter {self.labels[index[int(match.group(2))]]})"
+
+
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (never while compiling: the graph is made later)."""
+    return (not torch.compiler.is_compiling() and torch.cuda.is_initialized()
+            and torch.cuda.is_current_stream_capturing())
+
+
+class PlanCache:
+    """An optimizer's last :class:`StepPlan`, reused while its parameters, gradients, masks and state fit it.
+
+    ``get(groups, version, make)`` returns the plan and the flat gradient list of a step on the param groups
+    ``groups``. A plan is made again (``make(grads)``) when ``version.value`` (the state's version, which making a
+    plan may advance as it creates state) or a group's structure changed, or the gradients no longer match; never while a CUDA graph is being captured, where a
+    plan that does not fit is an error, as is one whose step cannot be captured.
+    """
+
+    def __init__(self):
+        self._plan = self._key = None
+
+    def get(self, groups, version, make) -> tuple[StepPlan, list]:
+        structure = tuple(map(_groups.structure, groups))
+        plan = self._plan if self._key == (version.value, structure) else None
+        params = plan.params if plan is not None else [p for group in groups for p in group["params"]]
+        grads = [p.grad for p in params]
+        in_capture = capturing()
+        if plan is None or not plan.matches(grads):
+            if in_capture:
+                raise RuntimeError(
+                    "SFRon.step() cannot be captured in a CUDA graph before one eager step with the same "
+                    "parameters, gradients, masks and state: run an eager step first (it creates the state "
+                    "and the step plan that a replay reuses)")
+            plan = self._plan = make(grads)
+            self._key = (version.value, structure)
+        if in_capture:
+            problem = plan.capture_problem(groups)
+            if problem is not None:
+                raise RuntimeError(f"SFRon.step() cannot be captured in a CUDA graph: {problem}")
+        return plan, grads
 
 
 @torch.no_grad()

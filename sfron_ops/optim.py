@@ -117,7 +117,7 @@ class SFRon(Optimizer):
 
     def _reset_runtime(self, skipped: int = 0) -> None:
         self._phase = "remain"
-        self._plan = self._plan_key = self._checked = None
+        self._plans, self._checked = F.PlanCache(), _groups.Checked()
         self._skipped = None  # a device counter, made with the first plan
         self._skipped_base = skipped
         self._sync_counts = {}  # id(group) -> the group's remain steps since the last sync, on the device
@@ -244,41 +244,13 @@ class SFRon(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         groups = self.param_groups
-        if torch.compiler.is_compiling():  # the values are constants of the graph: checked while tracing
-            for gi, group in enumerate(groups):
-                _groups.check_group(group, f"param_groups[{gi}]", read_tensors=False)
-        else:
-            checked = tuple(map(_groups.values, groups))
-            if checked != self._checked:  # groups edited since the last step (a schedule, say): check them all
-                for gi, group in enumerate(groups):
-                    _groups.check_group(group, f"param_groups[{gi}]")
-                self._checked = checked
-        capturing = self._capturing()
-        plan = self._plan
-        key = (self._version.value, tuple(map(_groups.structure, groups)))
-        if plan is not None and key != self._plan_key:
-            plan = None
-        grads = [p.grad for p in (plan.params if plan is not None else self._params())]
-        if plan is None or not plan.matches(grads):
-            if capturing:
-                raise RuntimeError(
-                    "SFRon.step() cannot be captured in a CUDA graph before one eager step with the same "
-                    "parameters, gradients, masks and state: run an eager step first (it creates the state "
-                    "and the step plan that a replay reuses)")
-            plan = self._plan = self._make_plan(grads)
-            self._plan_key = (self._version.value, key[1])  # making the plan may have created state
-        if capturing:
-            problem = plan.capture_problem(groups)
-            if problem is not None:
-                raise RuntimeError(f"SFRon.step() cannot be captured in a CUDA graph: {problem}")
+        self._checked(groups)
+        plan, grads = self._plans.get(groups, self._version, self._make_plan)
         F.run_step(plan, grads, groups, forget=phase == "forget", check_finite=self.check_finite,
                    skipped=self._skipped, loss=loss.detach() if torch.is_tensor(loss) else None)
         return loss
 
     _observed_step = Optimizer.profile_hook_step(_step)
-
-    def _params(self) -> list:
-        return [p for group in self.param_groups for p in group["params"]]
 
     def _make_plan(self, grads) -> F.StepPlan:
         """A plan for the flat gradient list ``grads``. Everything is checked before the state it needs is made."""
@@ -294,11 +266,6 @@ class SFRon(Optimizer):
             self._skipped = torch.zeros((), dtype=torch.float64, device=plan.devices[0])
             self._skipped_base = total
         return plan
-
-    @staticmethod
-    def _capturing() -> bool:
-        return (not torch.compiler.is_compiling() and torch.cuda.is_initialized()
-                and torch.cuda.is_current_stream_capturing())
 
     @property
     def skipped_steps(self) -> int:

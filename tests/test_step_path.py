@@ -181,14 +181,14 @@ def test_capture_is_refused_clearly(monkeypatch):
     data = batches(2, seed=5)
     model = small_cnn()
     opt = SFRon(model.parameters(), impl="reference", **BASES["sgd"])
-    monkeypatch.setattr(SFRon, "_capturing", lambda self: True)
+    monkeypatch.setattr(functional, "capturing", lambda: True)
     _grads(model, data, 0, forget=False)
     with pytest.raises(RuntimeError, match="before one eager step"):
         opt.step()
     assert not opt.state  # nothing was created
-    monkeypatch.setattr(SFRon, "_capturing", lambda self: False)
+    monkeypatch.setattr(functional, "capturing", lambda: False)
     opt.step()
-    monkeypatch.setattr(SFRon, "_capturing", lambda self: True)
+    monkeypatch.setattr(functional, "capturing", lambda: True)
     with pytest.raises(RuntimeError, match="one CUDA device"):
         opt.step()
 
