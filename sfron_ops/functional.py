@@ -132,7 +132,9 @@ class StepPlan:
                 raise ValueError(f"the gradient of parameter {self.labels[i]} is {g.layout} (sparse gradients are "
                                  "not supported)")
         self.missing = _missing(flat)
-        self.signature, self.eager_signature = _signature(flat), _eager_signature(flat)
+        self.signature = _signature(flat)
+        # a plan made while tracing has no eager signature: the first eager step on it makes a new one
+        self.eager_signature = None if torch.compiler.is_compiling() else _eager_signature(flat)
         names = {}
 
         def kernels(device):
