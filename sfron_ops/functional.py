@@ -132,7 +132,10 @@ class StepPlan:
                 raise ValueError(f"the gradient of parameter {self.labels[i]} is {g.layout} (sparse gradients are "
                                  "not supported)")
         self.missing = _missing(flat)
-        self.signature, self.eager_signature = _signature(flat), _eager_signature(flat)
+        self.signature = _signature(flat)
+        # the C++ signature cannot be traced: a plan made while tracing (the state created inside a compiled step)
+        # matches traced steps only, and the first eager step makes its own
+        self.eager_signature = None if torch.compiler.is_compiling() else _eager_signature(flat)
         names = {}
 
         def kernels(device):
