@@ -9,7 +9,7 @@ Hyperparameters are the official CIFAR-10 configuration (SGD lr 0.01, momentum
 0.9, weight decay 5e-4, forget alpha 25, clip 7) and, for AdamW, the
 TinyImageNet one (lr 2e-5, weight decay 0.05, forget alpha 500, clip 7).
 
-Byte model (``performance.md`` section 4): DRAM bytes per parameter of the
+Byte model: DRAM bytes per parameter of the
 minimal single-pass kernels, with ``P`` the parameter element size (4 for
 fp32, 2 for bf16), a 1-byte mask and float32 Fisher accumulators. The same
 count is used for every contender, so GB/s is an effective rate ("how fast the

@@ -4,7 +4,7 @@
 
 Every rank takes its slice of each global batch. The gradients are averaged over the ranks (DDP
 all-reduces them, FSDP2 reduce-scatters them into each rank's shard), the adaptive forget loss
-normalises its weights over the global batch (sfron_ops.distributed.adaptive_cross_entropy), and
+normalises its weights over the global batch (sfron_ops.adaptive_cross_entropy does so by itself), and
 SFRon sums the forget step's norm over the shards, so every rank computes what one process would on
 the global batch. Under FSDP2 the masks, Fisher, momentum and slow weights are DTensors sharded like
 their parameters. Runs on CPU with gloo, or on GPUs with nccl.
@@ -88,7 +88,7 @@ def main(argv=None):
             g["forget_alpha"] = 10.0 * (1 + math.cos(math.pi * i / args.iters)) / 2
         if i % 2 == 0:
             x, y = local(next(f_stream))
-            sdist.adaptive_cross_entropy(model(x), y).backward()  # weights normalised over the global batch
+            sfron_ops.adaptive_cross_entropy(model(x), y).backward()  # weights normalised over the global batch
             opt.step(phase="forget")
             opt.zero_grad()
         x, y = local(next(r_stream))

@@ -28,12 +28,8 @@ KNOWN_KEYS = ("step", "momentum_buffer", "exp_avg", "exp_avg_sq", "slow_param", 
 KEEP_DTYPE = ("mask", "packed_mask", "fisher_forget", "fisher_remain")
 
 
-def _local(t):
-    return _dtensor.to_local(t)
-
-
 def _finite(t) -> bool:
-    t = _local(t)
+    t = _dtensor.to_local(t)
     return t.numel() == 0 or bool(torch.isfinite(t).all())
 
 
@@ -126,7 +122,7 @@ def _check_entries(entries: dict, p, base: str, mask_format: str, label: str) ->
             if t.shape != p.shape or t.dtype != torch.float32:
                 raise ValueError(f"{where}: {key!r} has shape {tuple(t.shape)} and dtype {t.dtype}; expected the "
                                  f"parameter's shape {tuple(p.shape)} in torch.float32")
-            if not _finite(t) or bool((_local(t) < 0).any()):
+            if not _finite(t) or bool((_dtensor.to_local(t) < 0).any()):
                 raise ValueError(f"{where}: {key!r} must hold finite numbers >= 0")
     if "mask" in entries and "packed_mask" in entries:
         raise ValueError(f"{where} has both 'mask' and 'packed_mask'")
@@ -138,8 +134,8 @@ def _check_entries(entries: dict, p, base: str, mask_format: str, label: str) ->
                              "mask_format='packed' stores binary masks only")
     if "packed_mask" in entries:
         m = entries["packed_mask"]
-        expected = (_local(p).numel() + 7) // 8
-        local = _local(m)
+        expected = (_dtensor.to_local(p).numel() + 7) // 8
+        local = _dtensor.to_local(m)
         if m.dtype != torch.uint8 or m.dim() != 1 or (not _dtensor.is_dtensor(p) and local.numel() != expected):
             raise ValueError(f"{where}: 'packed_mask' must be a 1-D uint8 tensor of {expected} bytes, got "
                              f"{m.dtype} of shape {tuple(m.shape)}")

@@ -1,4 +1,5 @@
-"""DTensor (FSDP2) helpers: the one place that knows about placements, local shards and the global norm.
+"""DTensor (FSDP2) helpers: the one place that knows about placements, local shards, global indices and
+the collectives over them (the global norm, the saliency mask's counts and cut-off).
 
 Every other module reaches DTensors through these functions, so a plain
 tensor passes through all of them unchanged and ``torch.distributed`` is
@@ -108,6 +109,17 @@ def norm_reduce_group(grads_per_group):
     return dist.group.WORLD
 
 
+def placed_group(tensors):
+    """The process group of a list that holds DTensors (their mesh's, see :func:`norm_reduce_group`, or the
+    world when none is sharded), or ``None`` for a list of plain tensors: one process's work."""
+    if not any(is_dtensor(t) for t in tensors):
+        return None
+    group = norm_reduce_group([tensors]) or (dist.group.WORLD if dist.is_initialized() else None)
+    if group is None:
+        raise RuntimeError("DTensors need an initialised torch.distributed process group")
+    return group
+
+
 def counts_here(t, group) -> bool:
     """Whether this rank adds ``t``'s local squares to the global norm (each element exactly once)."""
     if not is_dtensor(t):
@@ -135,3 +147,62 @@ def all_reduce_norm_states(norm_states: dict, group) -> None:
     dist.all_reduce(states[0], op=dist.ReduceOp.SUM, group=group)
     for s in states[1:]:
         s.copy_(states[0])
+
+
+# --------------------------------------------------------------------------- data-parallel collectives
+def data_parallel_group(group=None):
+    """The ranks a batch statistic is summed over: ``group``, else the default group when torch.distributed
+    is initialised with more than one rank, else ``None`` (one process)."""
+    if group is not None:
+        return group
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
+def _collective_device(group) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def sum_ints(values: list, group) -> list:
+    """Python ints summed over the ranks of ``group`` (one collective); ``group=None``: the values themselves."""
+    if group is None:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.int64, device=_collective_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t.tolist()
+
+
+def gather_1d(local: torch.Tensor, group) -> torch.Tensor:
+    """Every rank's 1-D ``local`` (lengths may differ), concatenated in rank order, on the CPU of every rank;
+    ``group=None``: ``local`` itself."""
+    if group is None:
+        return local
+    sizes = [None] * dist.get_world_size(group)
+    dist.all_gather_object(sizes, local.numel(), group=group)
+    padded = torch.zeros(max(sizes), dtype=local.dtype, device=_collective_device(group))
+    padded[: local.numel()] = local
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([part[:n].cpu() for part, n in zip(parts, sizes)])
+
+
+def global_index(t, offset: int):
+    """Maps local flat positions of ``t`` (a DTensor's local block, or a plain tensor) to flat indices
+    in the global order: ``offset`` plus the row-major index in ``t``'s global shape."""
+    if not is_dtensor(t) or t.dim() == 0:
+        return lambda pos: pos + offset
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local_shape, start = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    strides = torch.ones(t.dim(), dtype=torch.int64)
+    for d in range(t.dim() - 2, -1, -1):
+        strides[d] = strides[d + 1] * t.shape[d + 1]
+
+    def index(pos):
+        coords = torch.stack(torch.unravel_index(pos.cpu(), tuple(local_shape)), dim=1) + torch.tensor(start)
+        return (coords * strides).sum(dim=1).to(pos.device) + offset
+
+    return index

@@ -6,7 +6,7 @@ every op returns nothing. The same file stem names the family everywhere:
 ``csrc/cpu/<stem>.cpp``, ``csrc/cuda/<stem>.cu``, ``sfron_ops/triton/<stem>.py``,
 ``tests/test_<stem>.py`` and ``benchmarks/bench_<stem>.py``.
 
-Conventions shared by all ops (see ``SPEC.md``):
+Conventions shared by all ops:
 
 * arithmetic is float32 whatever the tensor dtype; results are rounded once
   to the dtype of the tensor they are stored in;

@@ -34,17 +34,10 @@ class Version:
         self.value += 1
 
 
-class ParamState(dict):
-    """One parameter's state entries. (Each mutator is written out with ``super()``: torch.compile traces
-    those, so a step compiled before its state exists can create it.)"""
-
-    def __init__(self, version: Version, entries=()):
-        super().__init__(entries)
-        self._version = version
-
-    def __setitem__(self, key, value):
-        self._version.bump()
-        super().__setitem__(key, value)
+class _Counted:
+    """The mutators that ``ParamState`` and ``OptimizerState`` share: each bumps the version, then changes the
+    dict. (Each is written out with ``super()``: torch.compile traces those, so a step compiled before its
+    state exists can create it.)"""
 
     def __delitem__(self, key):
         self._version.bump()
@@ -62,6 +55,18 @@ class ParamState(dict):
         self._version.bump()
         super().clear()
 
+
+class ParamState(_Counted, dict):
+    """One parameter's state entries."""
+
+    def __init__(self, version: Version, entries=()):
+        super().__init__(entries)
+        self._version = version
+
+    def __setitem__(self, key, value):
+        self._version.bump()
+        super().__setitem__(key, value)
+
     def update(self, *args, **kwargs):
         self._version.bump()
         super().update(*args, **kwargs)
@@ -74,7 +79,7 @@ class ParamState(dict):
         return dict, (dict(self),)
 
 
-class OptimizerState(defaultdict):
+class OptimizerState(_Counted, defaultdict):
     """``{param: ParamState}``; a missing parameter gets an empty state, as in torch's optimizers."""
 
     def __init__(self, version: Version, entries=()):
@@ -91,22 +96,6 @@ class OptimizerState(defaultdict):
     def __setitem__(self, key, value):
         self._version.bump()
         super().__setitem__(key, ParamState(self._version, value))
-
-    def __delitem__(self, key):
-        self._version.bump()
-        super().__delitem__(key)
-
-    def pop(self, *args):
-        self._version.bump()
-        return super().pop(*args)
-
-    def popitem(self):
-        self._version.bump()
-        return super().popitem()
-
-    def clear(self):
-        self._version.bump()
-        super().clear()
 
     def update(self, *args, **kwargs):
         for key, value in dict(*args, **kwargs).items():

@@ -133,7 +133,8 @@ class StepPlan:
                                  "not supported)")
         self.missing = _missing(flat)
         self.signature = _signature(flat)
-        # a plan made while tracing has no eager signature: the first eager step on it makes a new one
+        # a plan made while tracing has no eager signature (Dynamo cannot trace the C++ one): the first eager
+        # step on it makes a new one
         self.eager_signature = None if torch.compiler.is_compiling() else _eager_signature(flat)
         names = {}
 

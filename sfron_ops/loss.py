@@ -11,7 +11,9 @@ whole batch's weight sits on samples whose gradient is zero and the ascent does 
 floor :math:`f` (``LOSS_FLOOR`` by default) a fully fitted sample weighs as much as a sample of
 loss :math:`f`. :math:`\epsilon` (``eps``) is :math:`10^{-15}`, as in the official classification code
 (its diffusion code uses :math:`10^{-8}`).
-:mod:`sfron_ops.distributed` reuses these pieces with :math:`N` and :math:`\sum_j c_j` taken over every rank.
+
+Data-parallel runs (DDP, FSDP2) take :math:`N` and :math:`\sum_j c_j` over every rank's samples, so
+that the ranks' averaged gradients are the single-process gradient of the global batch.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ import math
 import warnings
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
+
+from . import _dtensor
 
 WEIGHT_EPS = 1e-15
 #: the default floor under the per-sample losses of the weights (``loss_floor=None``: the official formula)
@@ -77,13 +82,8 @@ def inverse_loss_powers(losses: torch.Tensor, lambd: float = 0.5, loss_floor: fl
     return 1.0 / (detached.pow(lambd) + eps)
 
 
-def normalise_weights(c: torch.Tensor, count, total, dtype: torch.dtype) -> torch.Tensor:
-    r""":math:`w_i = N c_i / \sum_j c_j` with ``count`` = N and ``total`` = the sum (local or over ranks)."""
-    return (count * c / total).to(dtype)
-
-
-def adaptive_weights(losses: torch.Tensor, lambd: float = 0.5, loss_floor: float | None = LOSS_FLOOR, *,
-                     eps: float = WEIGHT_EPS) -> torch.Tensor:
+def adaptive_weights(losses: torch.Tensor, lambd: float = 0.5, loss_floor: float | None = LOSS_FLOOR, group=None,
+                     *, eps: float = WEIGHT_EPS) -> torch.Tensor:
     r"""Per-sample weights that push hardest on the samples the model still fits.
 
     .. math::
@@ -95,13 +95,25 @@ def adaptive_weights(losses: torch.Tensor, lambd: float = 0.5, loss_floor: float
     (:class:`ZeroForgetLossWarning`, once per process) the first time a batch holds a loss of exactly 0.
     ``eps`` is :math:`\epsilon`, :math:`10^{-15}` as in the official classification code (its diffusion code
     uses :math:`10^{-8}`).
+
+    Under ``torch.distributed`` with more than one rank, :math:`N` and :math:`\sum_j c_j` are taken over
+    the samples of every rank of ``group`` (default: all of them; one all-reduce of two numbers), so every
+    rank must call it. With equal per-rank batches, the data-parallel average of ``mean_i(w_i * loss_i)``
+    then has the single-process gradient of the global batch.
     """
-    if losses.numel() == 0:
+    group = _dtensor.data_parallel_group(group)
+    if group is None and losses.numel() == 0:
         # the mean of no weighted losses is NaN, and a step on it would move nothing the user meant to forget
         raise ValueError("adaptive_weights: the forget batch is empty (losses has shape "
                          f"{tuple(losses.shape)}); each forget step needs at least one sample")
     c = inverse_loss_powers(losses, lambd, loss_floor, eps=eps)
-    return normalise_weights(c, losses.numel(), c.sum(), losses.dtype)
+    if group is None:
+        count, total = losses.numel(), c.sum()
+    else:
+        stats = torch.stack([c.sum(), torch.tensor(float(c.numel()), device=c.device)])
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+        total, count = stats
+    return (count * c / total).to(losses.dtype)
 
 
 class AdaptiveLoss(nn.Module):
@@ -109,11 +121,12 @@ class AdaptiveLoss(nn.Module):
 
     ``loss_fn(output, target)`` must return per-sample losses (``reduction="none"``);
     the default is cross-entropy. The optimizer's forget phase does the ascent:
-    do not negate this loss. ``lambd`` and ``loss_floor`` are those of :func:`adaptive_weights`
-    (``loss_floor=None``: the official formula).
+    do not negate this loss. ``lambd``, ``loss_floor`` and ``group`` are those of :func:`adaptive_weights`
+    (``loss_floor=None``: the official formula; under DDP or FSDP2 the weights are normalised over the
+    global batch).
     """
 
-    def __init__(self, loss_fn=None, lambd: float = 0.5, loss_floor: float | None = LOSS_FLOOR):
+    def __init__(self, loss_fn=None, lambd: float = 0.5, loss_floor: float | None = LOSS_FLOOR, group=None):
         super().__init__()
         if loss_fn is None:
             loss_fn = nn.CrossEntropyLoss(reduction="none")
@@ -124,9 +137,10 @@ class AdaptiveLoss(nn.Module):
         self.loss_fn = loss_fn
         self.lambd = lambd
         self.loss_floor = loss_floor
+        self.group = group
 
     def weights(self, losses: torch.Tensor) -> torch.Tensor:
-        return adaptive_weights(losses, self.lambd, self.loss_floor)
+        return adaptive_weights(losses, self.lambd, self.loss_floor, self.group)
 
     def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         losses = self.loss_fn(output, target)
@@ -139,7 +153,7 @@ class AdaptiveLoss(nn.Module):
 
 
 def adaptive_cross_entropy(output: torch.Tensor, target: torch.Tensor, lambd: float = 0.5,
-                           loss_floor: float | None = LOSS_FLOOR) -> torch.Tensor:
+                           loss_floor: float | None = LOSS_FLOOR, group=None) -> torch.Tensor:
     """:class:`AdaptiveLoss` with cross-entropy, as a function."""
     losses = F.cross_entropy(output, target, reduction="none")
-    return (adaptive_weights(losses, lambd, loss_floor) * losses).mean()
+    return (adaptive_weights(losses, lambd, loss_floor, group) * losses).mean()

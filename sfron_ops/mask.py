@@ -145,6 +145,8 @@ def density_mask(scores, density: float, *, dtype: torch.dtype = torch.bool) -> 
 
     Ties at the cut-off are broken by the flat index over the tensors in order (lower first), so
     that the count is exact whatever the number of equal scores (many exact-zero gradients, say).
+    DTensor scores (FSDP2) give DTensor masks placed like them and exactly one process's masks:
+    the cut-off comes from every rank's scores, the ties from their global flat indices.
 
     Args:
         scores: a list or dict of tensors (any devices); the ranking is global.
@@ -154,16 +156,27 @@ def density_mask(scores, density: float, *, dtype: torch.dtype = torch.bool) -> 
     check_density(density)
     keys = list(scores) if isinstance(scores, dict) else None
     tensors = [scores[k] for k in keys] if keys is not None else list(scores)
+    group = _dtensor.placed_group(tensors)
+    local = [_dtensor.to_local(t).detach().float() for t in tensors]
+    # each element is ranked once: a tensor replicated over the ranks is counted by one of them
+    counted = [group is None or _dtensor.counts_here(t, group) for t in tensors]
     total = sum(t.numel() for t in tensors)
-    flat = torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors]) if tensors else torch.empty(0)
-    cutoff, ties = density_cutoff(flat, density_count(density, total))
-    last_tie = int((flat == cutoff).nonzero()[ties - 1]) if ties else -1
-    masks, offset = [], 0
-    for t in tensors:
-        start = offset
-        masks.append(keep_top(t.detach().float(), cutoff, last_tie, lambda pos, start=start: pos + start).to(dtype))
-        offset += t.numel()
-    kept = sum(int(m.count_nonzero()) for m in masks)
+    mine = [s.reshape(-1).cpu() for s, c in zip(local, counted) if c]
+    cutoff, ties = density_cutoff(_dtensor.gather_1d(torch.cat(mine) if mine else torch.empty(0), group),
+                                  density_count(density, total))
+    offsets = [0]
+    for t in tensors[:-1]:
+        offsets.append(offsets[-1] + t.numel())
+    index_of = [_dtensor.global_index(t, o) for t, o in zip(tensors, offsets)]
+    last_tie = -1
+    if ties:  # the lowest `ties` global indices among the elements equal to the cut-off, over every rank
+        tied = [index_of[i]((s == cutoff).view(-1).nonzero().view(-1)).cpu()
+                for i, (s, c) in enumerate(zip(local, counted)) if c]
+        tied = torch.cat(tied).sort().values[:ties] if tied else torch.empty(0, dtype=torch.int64)
+        last_tie = int(_dtensor.gather_1d(tied, group).sort().values[ties - 1])
+    masks = [keep_top(s, cutoff, last_tie, index_of[i]).to(dtype) for i, s in enumerate(local)]
+    kept = _dtensor.sum_ints([sum(int(m.count_nonzero()) for m, c in zip(masks, counted) if c)], group)[0]
+    masks = [_dtensor.wrap_like(m, t) for m, t in zip(masks, tensors)]
     return SaliencyMask(dict(zip(keys, masks)) if keys is not None else masks, kept, total)
 
 
@@ -187,7 +200,10 @@ def saliency_mask(forget_fisher, remain_fisher, gamma: float = 1.0, density: flo
         impl: the kernel backend of the ratio rule (the density rule runs in plain PyTorch).
 
     Returns:
-        ``SaliencyMask(masks, kept, total)``, ``masks`` shaped like the inputs.
+        ``SaliencyMask(masks, kept, total)``, ``masks`` shaped like the inputs. DTensor Fisher diagonals
+        (FSDP2: ``fisher_diagonal`` of a ``fully_shard`` model, or an optimizer's) give DTensor masks placed
+        like them; ``kept`` and ``total`` count the global tensors, each element once, and with ``density``
+        the masks are exactly one process's on the full tensors.
     """
     keys = None
     if isinstance(forget_fisher, dict):
@@ -208,8 +224,8 @@ def saliency_mask(forget_fisher, remain_fisher, gamma: float = 1.0, density: flo
         forget, remain = list(forget_fisher), list(remain_fisher)
         if len(forget) != len(remain):
             raise ValueError(f"forget_fisher has {len(forget)} tensors but remain_fisher has {len(remain)}")
-    for i, (f, r) in enumerate(zip(forget, remain)):
-        label = keys[i] if keys else i
+    labels = keys if keys else range(len(forget))
+    for label, f, r in zip(labels, forget, remain):
         for side, t in (("forget_fisher", f), ("remain_fisher", r)):
             if not torch.is_tensor(t) or not t.is_floating_point():
                 raise TypeError(f"{side}[{label!r}] must be a floating point tensor, got "
@@ -218,11 +234,18 @@ def saliency_mask(forget_fisher, remain_fisher, gamma: float = 1.0, density: flo
             raise ValueError(f"Fisher shapes differ for {label!r}: {tuple(f.shape)} and {tuple(r.shape)}")
         if f.device != r.device:
             raise ValueError(f"Fisher devices differ for {label!r}: {f.device} and {r.device}")
-        for side, t in (("forget_fisher", f), ("remain_fisher", r)):
-            local = _dtensor.to_local(t)
-            if local.numel() and not bool((torch.isfinite(local) & (local >= 0)).all()):
-                raise ValueError(f"{side}[{label!r}] holds a negative, NaN or infinite value; a Fisher diagonal is a "
-                                 "mean of squares")
+        placements = [(t.device_mesh, tuple(t.placements)) if _dtensor.is_dtensor(t) else None for t in (f, r)]
+        if placements[0] != placements[1]:
+            raise ValueError(f"Fisher placements differ for {label!r}: {placements[0]} and {placements[1]} "
+                             "(None: a plain tensor)")
+    # under FSDP2 every rank checks its shards, and all of them raise for the first bad tensor
+    group = _dtensor.placed_group(forget + remain)
+    pairs = [_dtensor.to_local(t) for pair in zip(forget, remain) for t in pair]
+    bad = _dtensor.sum_ints([int(not bool((torch.isfinite(t) & (t >= 0)).all())) for t in pairs], group)
+    if any(bad):
+        i = next(i for i, b in enumerate(bad) if b)
+        raise ValueError(f"{('forget_fisher', 'remain_fisher')[i % 2]}[{list(labels)[i // 2]!r}] holds a negative, "
+                         "NaN or infinite value; a Fisher diagonal is a mean of squares")
     if dtype not in (torch.bool, torch.uint8):
         raise ValueError(f"Invalid dtype: {dtype}; expected torch.bool or torch.uint8")
     if density is not None:
@@ -235,9 +258,19 @@ def saliency_mask(forget_fisher, remain_fisher, gamma: float = 1.0, density: flo
         masks, kept, total = density_mask([saliency_ratio(f, r) for f, r in zip(forget, remain)], density,
                                           dtype=dtype)
     else:
-        forget = [f.to(torch.float32) for f in forget]
-        remain = [r.to(torch.float32) for r in remain]
-        masks = [torch.empty(f.shape, dtype=dtype, device=f.device) for f in forget]
-        kept = F.saliency_mask_(forget, remain, masks, gamma=gamma, impl=impl) if masks else 0
-        total = sum(m.numel() for m in masks)
+        local_f = [_dtensor.to_local(f).to(torch.float32) for f in forget]
+        local_r = [_dtensor.to_local(r).to(torch.float32) for r in remain]
+        masks = [torch.empty(f.shape, dtype=dtype, device=f.device) for f in local_f]
+        # each element is counted once: a tensor replicated over the ranks is counted by one of them
+        counted = [group is None or _dtensor.counts_here(f, group) for f in forget]
+        kept = 0
+        for part in (True, False):
+            idx = [i for i, c in enumerate(counted) if c == part]
+            if idx:
+                n = F.saliency_mask_([local_f[i] for i in idx], [local_r[i] for i in idx], [masks[i] for i in idx],
+                                     gamma=gamma, impl=impl)
+                kept += n if part else 0
+        kept = _dtensor.sum_ints([kept], group)[0]
+        total = sum(f.numel() for f in forget)
+        masks = [_dtensor.wrap_like(m, f) for m, f in zip(masks, forget)]
     return SaliencyMask(dict(zip(keys, masks)) if keys is not None else masks, kept, total)

@@ -9,7 +9,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks as _GLOBAL_POST_HOOKS
 from torch.optim.optimizer import _global_optimizer_pre_hooks as _GLOBAL_PRE_HOOKS
 
-from . import _checkpoint, _dtensor, _groups, _impl, _state, distributed, fisher, packing
+from . import _checkpoint, _groups, _impl, _state, fisher, packing
 from . import functional as F
 from . import mask as _mask
 
@@ -321,11 +321,8 @@ class SFRon(Optimizer):
         params = [p for _, p, _ in self._named_params()]
         forget = [fisher.stored(self.state.get(p, {}), p, "forget") for p in params]
         remain = [fisher.stored(self.state.get(p, {}), p, "remain") for p in params]
-        if any(_dtensor.is_dtensor(p) for p in params):  # FSDP2: each rank computes its shards
-            result = distributed.sharded_saliency_mask(params, forget, remain, gamma=gamma, density=density,
-                                                       impl=self._impl_for)
-        else:
-            result = _mask.saliency_mask(forget, remain, gamma=gamma, density=density, impl=self._impl_for)
+        # under FSDP2 the Fisher diagonals are DTensors and each rank computes its shards
+        result = _mask.saliency_mask(forget, remain, gamma=gamma, density=density, impl=self._impl_for)
         for p, m in zip(params, result.masks):
             packing.store(self.state[p], p, m, self.mask_format)
         return result.kept, result.total

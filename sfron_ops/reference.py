@@ -5,7 +5,7 @@ as the default (``CompositeExplicitAutograd``) kernel of each op in
 :mod:`sfron_ops._ops`, so the ops run anywhere, and compiled kernels override
 them per device. Tests and benchmarks import them directly.
 
-The formulas follow ``SPEC.md`` literally; skipping a step on a non-finite
+Each function computes its docstring's formula literally; skipping a step on a non-finite
 direction is done with ``torch.where`` so that nothing here needs the host to
 look at device values.
 """

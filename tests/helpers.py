@@ -44,6 +44,17 @@ def kernels(impl: str) -> dict:
     return _impl.kernels(impl)
 
 
+def emulate_cuda_as_fused(monkeypatch) -> dict:
+    """Make ``impl="fused"`` run csrc/cuda under the emulation on CPU tensors; the emulated kernel table."""
+    reason = impl_skip_reason(EMULATED_CUDA, "cpu")
+    if reason is not None:
+        pytest.skip(reason)
+    emulated = kernels(EMULATED_CUDA)
+    package_kernels = _impl.kernels
+    monkeypatch.setattr(_impl, "kernels", lambda impl: emulated if impl == "fused" else package_kernels(impl))
+    return emulated
+
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SIZES = [0, 1, 22, 4097, 70000]
 MASK_KINDS = ["none", "zeros", "ones", "random", "float", "packed"]

@@ -27,3 +27,14 @@ def batches(n: int, batch: int = 16, seed: int = 1):
 def random_masks(model: nn.Module, seed: int = 2, density: float = 0.5) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {n: torch.rand(p.shape, generator=g) < density for n, p in model.named_parameters()}
+
+
+#: the framework-integration tests' optimizer: a clipped forget step and slow weights, on the foreach backend
+INTEGRATION_KW = dict(lr=0.05, momentum=0.9, weight_decay=5e-4, forget_alpha=3.0, max_grad_norm=0.5, slow_alpha=0.5,
+                      sync_period=2, impl="foreach")
+
+
+def tiny_mlp() -> nn.Module:
+    """10 features, 3 classes."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3))

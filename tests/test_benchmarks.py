@@ -48,7 +48,7 @@ def test_ragged_case_is_odd_sized_and_misaligned():
 
 
 def test_byte_model_matches_the_performance_notes():
-    # fp32 bytes per parameter from the byte model in performance.md, section 4
+    # fp32 bytes per parameter from the byte model in benchmarks/ops.py's docstring
     expected = {"forget_plain": 13, "forget_clip": 18, "forget_full": 26, "fisher": 12, "saliency_mask": 9,
                 "slow_sync_0.5": 16, "slow_sync_1": 8}
     for op, per_param in expected.items():

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 import sfron_ops
 from helpers import impl_skip_reason  # noqa: E402
+from models import batches, random_masks, small_cnn
 
 ITERS = 8
 CONFIGS = {
@@ -220,6 +221,43 @@ def test_cuda_graph_replays_the_eager_iteration(base, impl):
         sched.step()
     for a, b in zip(model.parameters(), eager):
         torch.testing.assert_close(a.detach(), b, rtol=1e-5, atol=1e-6)
+
+
+def _phase_steps(opt, compiled):
+    def forget_step():
+        opt.step(phase="forget")
+
+    def remain_step():
+        opt.step()
+
+    if compiled:
+        return torch.compile(forget_step, fullgraph=True), torch.compile(remain_step, fullgraph=True)
+    return forget_step, remain_step
+
+
+@pytest.mark.parametrize("impl_name", ["reference", "foreach"])
+def test_compiled_from_the_first_step_matches_eager(impl_name):
+    """Float hyperparameters, and the optimizer state created inside the compiled step on its first call."""
+    data = batches(6, seed=16)
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = small_cnn()
+        opt = sfron_ops.SFRon(model.named_parameters(), mask=random_masks(model), base="sgd", lr=0.02, momentum=0.9,
+                              dampening=0.1, weight_decay=5e-4, forget_alpha=3.0, max_grad_norm=5.0, impl=impl_name,
+                              slow_alpha=0.5, sync_period=2)
+        forget_step, remain_step = _phase_steps(opt, compiled)
+        for i in range(3):
+            (xf, yf), (xr, yr) = data[2 * i], data[2 * i + 1]
+            opt.zero_grad()
+            sfron_ops.adaptive_cross_entropy(model(xf), yf).backward()
+            forget_step()
+            opt.zero_grad()
+            F.cross_entropy(model(xr), yr).backward()
+            remain_step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.gpu

@@ -7,7 +7,8 @@ pass, a ratio mask, a forget step every other iteration (adaptive loss, masked, 
 clipped), a remain step every iteration (clipped), slow weights that sync every third remain step,
 a cosine learning rate, SGD with momentum or AdamW. Each rank's copy is then checked against the
 single process, the ranks against each other, and a run resumed from a ``torch.distributed.checkpoint``
-taken halfway against the uninterrupted run.
+taken halfway against the uninterrupted run. The README's stand-alone helpers (``fisher_diagonal``,
+``saliency_mask``, ``AdaptiveLoss``) run unchanged on DDP and FSDP2 models and are checked the same way.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def train(model, opt, sched, data, part, start, stop):
             for g in opt.param_groups:
                 g["forget_alpha"] = FORGET_ALPHA * (1 + math.cos(math.pi * i / ITERS)) / 2
             x, y = rows(data["forget"][i], part)
-            sdist.adaptive_cross_entropy(model(x), y).backward()
+            sfron_ops.adaptive_cross_entropy(model(x), y).backward()  # normalised over the global batch
             norms.append(forget_norm(opt))
             opt.step(phase="forget")
             opt.zero_grad()
@@ -115,6 +116,37 @@ def forget_norm(opt):
     return math.sqrt(total)
 
 
+def readme_run(model, data, part):
+    """The README's usage, unchanged, on ``model`` (plain, DDP or FSDP2): ``fisher_diagonal`` on the forget
+    and remain batches, ``saliency_mask`` by ratio and by density, ``SFRon(mask=...)``, then forget steps on
+    ``AdaptiveLoss`` and remain steps on cross-entropy."""
+    ce = nn.functional.cross_entropy
+    fishers = [sfron_ops.fisher_diagonal(model, [rows(b, part) for b in data[f"fisher_{which}"]], ce)
+               for which in ("forget", "remain")]
+    ratio = sfron_ops.saliency_mask(*fishers, gamma=1.0)
+    density = sfron_ops.saliency_mask(*fishers, density=0.3)
+    opt = sfron_ops.SFRon(model.named_parameters(), mask=ratio.masks, lr=0.05, momentum=0.9,
+                          forget_alpha=FORGET_ALPHA, max_grad_norm=0.5, impl="foreach")
+    forget_loss = sfron_ops.AdaptiveLoss(lambd=0.5)
+    for i in range(4):
+        x, y = rows(data["forget"][i], part)
+        forget_loss(model(x), y).backward()
+        opt.step(phase="forget")
+        opt.zero_grad()
+        x, y = rows(data["remain"][i], part)
+        ce(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+    def by_name(tensors):
+        return {sfron_ops.canonical_name(n): _full(t) for n, t in tensors.items()}
+
+    return dict(fishers=[by_name(f) for f in fishers], ratio=(ratio.kept, ratio.total), masks=by_name(ratio.masks),
+                density=(density.kept, density.total), density_masks=by_name(density.masks),
+                placed=[sdist.is_dtensor(m) for m in ratio.masks.values()],
+                params=[_full(p) for p in model.parameters()])
+
+
 # --------------------------------------------------------------------------- single process
 def single_process(base):
     data = make_data()
@@ -129,7 +161,7 @@ def single_process(base):
 
 # --------------------------------------------------------------------------- the ranks
 def _full(t):
-    return t.full_tensor() if sdist.is_dtensor(t) else t.detach().clone()
+    return t.full_tensor().detach() if sdist.is_dtensor(t) else t.detach().clone()
 
 
 def _wrap(mode, model, mesh):
@@ -237,7 +269,8 @@ def tie_fishers():
 
 
 def _density_ties(mesh):
-    """sharded_saliency_mask by density on FSDP2 parameters (uneven shards) plus one plain tensor."""
+    """saliency_mask by density on Fisher diagonals placed like FSDP2 parameters (uneven shards) plus one plain
+    tensor."""
     from torch.distributed.tensor import distribute_tensor
 
     model = _wrap("fsdp2", make_model(), mesh)
@@ -251,7 +284,7 @@ def _density_ties(mesh):
     remain = [place(r, p) for r, p in zip(remain, params)]
     out = {}
     for density in TIE_DENSITIES:
-        res = sdist.sharded_saliency_mask(params, forget, remain, density=density, dtype=torch.uint8)
+        res = sfron_ops.saliency_mask(forget, remain, density=density, dtype=torch.uint8)
         out[density] = dict(kept=res.kept, total=res.total, masks=[_full(m) for m in res.masks],
                             placed=[sdist.is_dtensor(m) for m in res.masks])
     return out
@@ -270,6 +303,11 @@ def worker(out_dir):
     for mode, base in SCENARIOS:
         ckpt = os.path.join(out_dir, f"ckpt_{mode}_{base}")
         results[(mode, base)] = _rank_run(mode, base, data, part, mesh, ckpt)
+    for mode in ("ddp", "fsdp2"):
+        try:
+            results[("readme", mode)] = readme_run(_wrap(mode, make_model(), mesh), data, part)
+        except Exception as e:  # both ranks fail alike; the tests show what broke
+            results[("readme", mode)] = dict(error=f"{type(e).__name__}: {e}")
     results["fisher_no_sync"] = _fisher_no_sync(data, part)
     results["density_ties"] = _density_ties(mesh)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -296,6 +334,11 @@ def ranks(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single():
     return {base: single_process(base) for base in CONFIGS}
+
+
+@pytest.fixture(scope="module")
+def readme_single():
+    return readme_run(make_model(), make_data(), None)
 
 
 def _close(actual, expected, **tol):
@@ -428,6 +471,38 @@ def test_density_masks_with_ties_match_one_process(ranks):
                 assert torch.equal(a, e)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_readme_fisher_diagonal_and_saliency_mask_match_one_process(ranks, readme_single, mode):
+    """fisher_diagonal of a DDP or FSDP2 model is the global batches' Fisher (DTensors under FSDP2), and
+    saliency_mask takes it as it comes: the masks, by ratio and by density, are one process's."""
+    ref = readme_single
+    for rank in range(WORLD):
+        got = ranks[rank][("readme", mode)]
+        assert "error" not in got, got.get("error")
+        for fishers, expected in zip(got["fishers"], ref["fishers"]):
+            assert fishers.keys() == expected.keys()
+            _close(list(fishers.values()), list(expected.values()))
+        assert got["placed"] == [mode == "fsdp2"] * 4
+        for key in ("ratio", "density"):
+            assert got[key] == ref[key] and 0 < ref[key][0] < ref[key][1]
+        for key in ("masks", "density_masks"):
+            assert got[key].keys() == ref[key].keys()
+            for name, m in ref[key].items():
+                assert torch.equal(got[key][name], m), (key, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_readme_adaptive_loss_matches_one_process(ranks, readme_single, mode):
+    """AdaptiveLoss normalises its weights over the global batch, so the forget steps of every rank are the
+    single process's on the global batches."""
+    for rank in range(WORLD):
+        got = ranks[rank][("readme", mode)]
+        assert "error" not in got, got.get("error")
+        _close(got["params"], readme_single["params"])
+
+
 def test_single_process_helpers_need_no_process_group():
     losses = torch.rand(7) + 0.1
     torch.testing.assert_close(sdist.adaptive_weights(losses, 0.5), sfron_ops.adaptive_weights(losses, 0.5))
@@ -447,6 +522,9 @@ def test_single_process_helpers_need_no_process_group():
     assert not sdist.is_dtensor(torch.zeros(3)) and not sdist.is_sharded(torch.zeros(3))
     with pytest.raises(ValueError, match="expected one loss per sample"):
         sdist.AdaptiveLoss()(torch.randn(2, 3, 4), torch.zeros(2, 4, dtype=torch.long))
+    # the distributed module's names for the forget loss are the package's, which normalise over ranks themselves
+    assert sdist.adaptive_weights is sfron_ops.adaptive_weights and sdist.AdaptiveLoss is sfron_ops.AdaptiveLoss
+    assert sdist.adaptive_cross_entropy is sfron_ops.adaptive_cross_entropy
 
 
 if __name__ == "__main__":

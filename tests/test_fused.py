@@ -4,8 +4,9 @@ The shared differential suites (``tests/test_<stem>.py``) run every backend thro
 matrix; this file adds what is particular to the compiled kernels: that they are registered for
 CPU (and CUDA when built with it), that the C++ schema fragment of the stand-alone library equals
 the Python schemas, the CPU work split and instruction-set choice (bitwise reproducible), the
-non-contiguous fallback, mixed dtypes in one call, error messages, whole optimizer trajectories,
-``torch.compile`` and CUDA-graph capture. GPU tests run by themselves when CUDA is present.
+non-contiguous fallback, mixed dtypes in one call, error messages, ``torch.compile`` of the ops and
+CUDA-graph capture (whole SFRon trajectories: ``tests/test_trajectory.py``). GPU tests run by
+themselves when CUDA is present.
 
 The kernel tests also run csrc/cuda without a GPU: the ``cuda_emulated`` target compiles the CUDA
 sources for the CPU under tests/cuda_emulation, and ``FUSED`` (and ``impl="fused"``) then call them
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import EMULATED_CUDA, REQUIRED_IMPLS, assert_lists_close, clones, dtype_id, impl_skip_reason, kernels
+from helpers import EMULATED_CUDA, REQUIRED_IMPLS, assert_lists_close, clones, dtype_id, emulate_cuda_as_fused
 
 import sfron_ops
 from sfron_ops import _impl, _ops, reference
@@ -56,13 +57,7 @@ def _real_device(name):
 
 def _emulated_cuda(monkeypatch):
     """CPU tensors, with FUSED and impl="fused" running csrc/cuda under the emulation."""
-    reason = impl_skip_reason(EMULATED_CUDA, "cpu")
-    if reason is not None:
-        pytest.skip(reason)
-    emulated = kernels(EMULATED_CUDA)
-    package_kernels = _impl.kernels
-    monkeypatch.setattr(sys.modules[__name__], "FUSED", emulated)
-    monkeypatch.setattr(_impl, "kernels", lambda impl: emulated if impl == "fused" else package_kernels(impl))
+    monkeypatch.setattr(sys.modules[__name__], "FUSED", emulate_cuda_as_fused(monkeypatch))
     return torch.device("cpu")
 
 
@@ -727,80 +722,6 @@ def _opcheck_samples(device):
 def test_opcheck(dispatch_device, sample):
     stem, args, kwargs = _opcheck_samples(dispatch_device)[sample]
     torch.library.opcheck(_ops.op(stem), args, kwargs)
-
-
-# ----------------------------------------------------------------------------- optimizer trajectories
-
-
-def _model(device):
-    # no conv bias in front of the batch norm: its gradient would be rounding noise, which Adam scales up to lr
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-                               torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 5)).to(device)
-
-
-def _trajectory(impl, base, device, dtype, steps=8, reset_fast=True):
-    model = _model(device).to(dtype)
-    g = torch.Generator().manual_seed(1)
-    masks = {n: (torch.rand(p.shape, generator=g) < 0.6).to(device) for n, p in model.named_parameters()}
-    hyper = dict(lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True) if base == "sgd" else dict(
-        lr=0.01, betas=(0.8, 0.95), weight_decay=0.05)
-    opt = sfron_ops.SFRon(model.named_parameters(), mask=masks, base=base, impl=impl, forget_alpha=4.0,
-                          max_grad_norm=0.5, remain_max_grad_norm=2.0, slow_alpha=0.6, sync_period=2,
-                          reset_fast=reset_fast, **hyper)
-    data = torch.Generator().manual_seed(2)
-    snapshots = []
-    for i in range(steps):
-        x = torch.randn(6, 3, 8, 8, generator=data).to(device, dtype)
-        y = torch.randint(0, 5, (6,), generator=data).to(device)
-        loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-        loss.backward()
-        opt.step(phase="forget" if i % 3 == 0 else "remain")
-        opt.zero_grad()
-        state = [t.detach().clone() for p in model.parameters() for t in opt.state[p].values() if torch.is_tensor(t)]
-        snapshots.append(([p.detach().clone() for p in model.parameters()], state))
-    return snapshots
-
-
-@pytest.mark.parametrize("reset_fast", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
-@pytest.mark.parametrize("base", ["sgd", "adamw"])
-def test_sfron_trajectory_matches_reference(fused_device, base, dtype, reset_fast):
-    expected = _trajectory("reference", base, fused_device, dtype, reset_fast=reset_fast)
-    actual = _trajectory("fused", base, fused_device, dtype, reset_fast=reset_fast)
-    for step, ((p_a, s_a), (p_e, s_e)) in enumerate(zip(actual, expected)):
-        assert len(s_a) == len(s_e) and len(s_a) > len(p_a)  # steps, buffers/moments, masks, slow weights
-        assert_lists_close(p_a, p_e, f"step {step} params")
-        assert_lists_close(s_a, s_e, f"step {step} state")
-
-
-def test_resumed_fused_run_is_bitwise_equal(tmp_path):
-    """Clipping reads a norm summed over fixed chunks, so a run restored from a checkpoint continues
-    on exactly the same bits."""
-    _require_fused("cpu")
-
-    def run(resume_at=None):
-        model = _model("cpu")
-        opt = sfron_ops.SFRon(model.parameters(), impl="fused", lr=0.05, momentum=0.9, forget_alpha=3.0,
-                              max_grad_norm=0.3, slow_alpha=0.5, sync_period=2)
-        data = torch.Generator().manual_seed(3)
-        for i in range(7):
-            if i == resume_at:
-                torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
-                model = _model("cpu")
-                opt = sfron_ops.SFRon(model.parameters(), impl="fused", lr=0.05, momentum=0.9, forget_alpha=3.0,
-                                      max_grad_norm=0.3, slow_alpha=0.5, sync_period=2)
-                ckpt = torch.load(tmp_path / "ckpt.pt")
-                model.load_state_dict(ckpt["model"])
-                opt.load_state_dict(ckpt["opt"])
-            x, y = torch.randn(4, 3, 8, 8, generator=data), torch.randint(0, 5, (4,), generator=data)
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step(phase="forget" if i % 2 == 0 else "remain")
-            opt.zero_grad()
-        return [p.detach() for p in model.parameters()]
-
-    for a, b in zip(run(), run(resume_at=3)):
-        assert torch.equal(a, b)
 
 
 # ----------------------------------------------------------------------------- torch.compile and CUDA graphs

@@ -9,7 +9,7 @@ for _key in ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
+from models import INTEGRATION_KW, tiny_mlp  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 accelerate = pytest.importorskip("accelerate")
@@ -19,13 +19,6 @@ from sfron_ops.integrations import accelerate as sfron_accelerate  # noqa: E402
 from sfron_ops.integrations import set_phase, unwrap_optimizer  # noqa: E402
 
 ITERS = 6
-KW = dict(lr=0.05, momentum=0.9, weight_decay=5e-4, forget_alpha=3.0, max_grad_norm=0.5, slow_alpha=0.5,
-          sync_period=2, impl="foreach")
-
-
-def mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3))
 
 
 def data(n=2 * ITERS + 4):
@@ -52,8 +45,8 @@ def loop(model, opt, forget_step, remain_step, start=0, stop=ITERS):
 
 
 def plain_run():
-    model = mlp()
-    opt = sfron_ops.SFRon(model.named_parameters(), **KW)
+    model = tiny_mlp()
+    opt = sfron_ops.SFRon(model.named_parameters(), **INTEGRATION_KW)
 
     def fisher(which, loss):
         loss.backward()
@@ -79,8 +72,8 @@ def accelerator():
 
 
 def prepared(accelerator):
-    model = mlp()
-    return accelerator.prepare(model, sfron_ops.SFRon(model.named_parameters(), **KW))
+    model = tiny_mlp()
+    return accelerator.prepare(model, sfron_ops.SFRon(model.named_parameters(), **INTEGRATION_KW))
 
 
 def test_prepared_run_matches_the_plain_loop_bitwise(accelerator):
@@ -118,10 +111,10 @@ def test_phase_reaches_sfron_through_the_wrapper(accelerator):
 
 
 def test_masks_set_before_prepare_survive_it(accelerator):
-    model = mlp()
+    model = tiny_mlp()
     g = torch.Generator().manual_seed(5)
     masks = {n: torch.rand(p.shape, generator=g) < 0.5 for n, p in model.named_parameters()}
-    model, opt = accelerator.prepare(model, sfron_ops.SFRon(model.named_parameters(), mask=masks, **KW))
+    model, opt = accelerator.prepare(model, sfron_ops.SFRon(model.named_parameters(), mask=masks, **INTEGRATION_KW))
     for name, p in model.named_parameters():
         assert torch.equal(unwrap_optimizer(opt).state[p]["mask"], masks[name])
 

@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
+from models import INTEGRATION_KW, tiny_mlp  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 pl = pytest.importorskip("lightning.pytorch")
@@ -21,13 +21,6 @@ from sfron_ops.integrations.lightning import SFRonModule  # noqa: E402
 
 ITERS = 6
 BATCH = 8
-KW = dict(lr=0.05, momentum=0.9, weight_decay=5e-4, forget_alpha=3.0, max_grad_norm=0.5, slow_alpha=0.5,
-          sync_period=2, impl="foreach")
-
-
-def mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3))
 
 
 def dataset():
@@ -45,7 +38,7 @@ def masks_for(model):
 class Unlearner(SFRonModule):
     def __init__(self):
         super().__init__(forget_freq=2, total_iterations=ITERS)
-        self.net = mlp()
+        self.net = tiny_mlp()
         self.phases = []
 
     def forward(self, x):
@@ -60,7 +53,7 @@ class Unlearner(SFRonModule):
         return F.cross_entropy(self(x), y)
 
     def configure_optimizers(self):
-        opt = sfron_ops.SFRon(self.net.named_parameters(), mask=masks_for(self.net), **KW)
+        opt = sfron_ops.SFRon(self.net.named_parameters(), mask=masks_for(self.net), **INTEGRATION_KW)
         opt.register_step_pre_hook(lambda o, a, k: self.phases.append(k.get("phase") or o.current_phase))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=ITERS)
         return {"optimizer": opt, "lr_scheduler": sched}
@@ -72,8 +65,8 @@ def trainer(tmp_path, **kw):
 
 
 def plain_loop(autocast=False):
-    model = mlp()
-    opt = sfron_ops.SFRon(model.named_parameters(), mask=masks_for(model), **KW)
+    model = tiny_mlp()
+    opt = sfron_ops.SFRon(model.named_parameters(), mask=masks_for(model), **INTEGRATION_KW)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=ITERS)
     loader = torch.utils.data.DataLoader(dataset(), batch_size=BATCH)
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else \

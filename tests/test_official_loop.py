@@ -31,41 +31,32 @@ def alpha_at(i):
     return FORGET_ALPHA * (1 + math.cos(math.pi * i / N_ITERS)) / 2
 
 
-def run_official(base, forget, remain, masks):
+def run(base, forget, remain, masks, impl=None):
+    """``impl=None``: the official loop (one torch.optim optimizer; -alpha_i, the masks and the clipping
+    applied by hand); otherwise SFRon with that backend. The iterations around the forget step are the same."""
     model = small_cnn()
-    opt = BASES[base][1](model.parameters())
+    if impl is None:
+        opt = BASES[base][1](model.parameters())
+    else:
+        opt = SFRon(model.named_parameters(), mask=masks, base=base, forget_alpha=FORGET_ALPHA,
+                    max_grad_norm=MAX_NORM, impl=impl, **BASES[base][0])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=N_ITERS)
     for i in range(N_ITERS):
         if i % FORGET_FREQ == 0:
             x, y = forget[i // FORGET_FREQ]
-            loss = -alpha_at(i) * adaptive_cross_entropy(model(x), y, 0.5, loss_floor=None)  # official weights
             opt.zero_grad()
-            loss.backward()
-            for name, p in model.named_parameters():
-                p.grad *= masks[name]
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=MAX_NORM)
-            opt.step()
-        x, y = remain[i]
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        sched.step()
-    return model, opt
-
-
-def run_ours(base, forget, remain, masks, impl):
-    model = small_cnn()
-    opt = SFRon(model.named_parameters(), mask=masks, base=base, forget_alpha=FORGET_ALPHA, max_grad_norm=MAX_NORM,
-                impl=impl, **BASES[base][0])
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=N_ITERS)
-    for i in range(N_ITERS):
-        if i % FORGET_FREQ == 0:
-            x, y = forget[i // FORGET_FREQ]
-            for group in opt.param_groups:
-                group["forget_alpha"] = alpha_at(i)
-            opt.zero_grad()
-            adaptive_cross_entropy(model(x), y, 0.5, loss_floor=None).backward()
-            opt.step(phase="forget")
+            loss = adaptive_cross_entropy(model(x), y, 0.5, loss_floor=None)  # official weights
+            if impl is None:
+                (-alpha_at(i) * loss).backward()
+                for name, p in model.named_parameters():
+                    p.grad *= masks[name]
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=MAX_NORM)
+                opt.step()
+            else:
+                for group in opt.param_groups:
+                    group["forget_alpha"] = alpha_at(i)
+                loss.backward()
+                opt.step(phase="forget")
         x, y = remain[i]
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
@@ -78,12 +69,12 @@ def run_ours(base, forget, remain, masks, impl):
 def test_matches_official_loop(base, impl_any):
     forget, remain = batches(N_ITERS // FORGET_FREQ, seed=11), batches(N_ITERS, seed=12)
     masks = random_masks(small_cnn())
-    ref_model, ref_opt = run_official(base, forget, remain, masks)
-    model, opt = run_ours(base, forget, remain, masks, impl_any)
+    ref_model, ref_opt = run(base, forget, remain, masks)
+    model, opt = run(base, forget, remain, masks, impl_any)
     largest = 0.0
     for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
         largest = max(largest, (p - q).abs().max().item())
-        torch.testing.assert_close(p, q, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p, q, msg=lambda m, name=name: f"{name}: {m}")
         ours, theirs = opt.state[p], ref_opt.state[q]
         if base == "sgd":
             torch.testing.assert_close(ours["momentum_buffer"], theirs["momentum_buffer"])

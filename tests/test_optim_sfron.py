@@ -57,8 +57,10 @@ def assert_same(a, b):
 # ---------------------------------------------------------------------------------------------- checkpoints
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
 def test_resume_is_bitwise_equal(base, impl_any):
+    """Forget steps clip (their direction's norm is above 0.3), and clipping reads a norm summed over fixed
+    chunks, so a run restored from a checkpoint continues on exactly the same bits."""
     data = batches(80, seed=3)
-    kw = dict(slow_alpha=0.5, sync_period=3, remain_max_grad_norm=10.0)
+    kw = dict(slow_alpha=0.5, sync_period=3, max_grad_norm=0.3, remain_max_grad_norm=10.0)
     model = small_cnn()
     opt = make_opt(model, base, impl_any, **kw)
     for i in range(40):
@@ -533,37 +535,6 @@ def test_lr_schedulers_drive_both_phases(make_sched):
         lrs.append(lr)
         sched.step()
     assert len(set(lrs)) > 1
-
-
-@pytest.mark.parametrize("impl_name", ["reference", "foreach"])
-def test_compiled_step_matches_eager(impl_name):
-    data = batches(6, seed=16)
-    results = []
-    for compiled in (False, True):
-        torch._dynamo.reset()
-        model = small_cnn()
-        opt = make_opt(model, "sgd", impl_name, slow_alpha=0.5, sync_period=2)
-
-        def forget_step():
-            opt.step(phase="forget")
-
-        def remain_step():
-            opt.step()
-
-        if compiled:
-            forget_step = torch.compile(forget_step, fullgraph=True)
-            remain_step = torch.compile(remain_step, fullgraph=True)
-        for i in range(3):
-            (xf, yf), (xr, yr) = data[2 * i], data[2 * i + 1]
-            opt.zero_grad()
-            adaptive_cross_entropy(model(xf), yf).backward()
-            forget_step()
-            opt.zero_grad()
-            F.cross_entropy(model(xr), yr).backward()
-            remain_step()
-        results.append([p.detach().clone() for p in model.parameters()])
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b)
 
 
 def test_report_runs():

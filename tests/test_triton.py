@@ -1,11 +1,12 @@
-"""The Triton backend on its own: every op and whole SFRon trajectories against the reference.
+"""The Triton backend on its own: every op against the reference.
 
 CPU tensors run through the Triton interpreter (``TRITON_INTERPRET=1``, set by
 ``conftest.py`` when there is no GPU); CUDA tensors run the compiled kernels and
 are marked ``gpu``. Besides the math, these tests check what is specific to this
 backend: one launch per pass (pointer tables), the table cache following tensor
 addresses, deterministic norms, the non-contiguous fallback, tracing by
-``torch.compile``, and that the kernels compile to vectorised sm_90 code.
+``torch.compile``, and that the kernels compile to vectorised sm_90 code. Whole
+SFRon trajectories are compared in ``tests/test_trajectory.py``.
 """
 
 import os
@@ -19,7 +20,7 @@ pytest.importorskip("triton")
 
 from helpers import clones, dtype_id, make, make_masks  # noqa: E402
 
-from sfron_ops import SFRon, _impl, _ops, mask, reference  # noqa: E402
+from sfron_ops import _impl, _ops, mask, reference  # noqa: E402
 
 TRITON_ON_CPU = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = ([pytest.param("cpu", id="cpu-interpreted")] if TRITON_ON_CPU else []) + (
@@ -448,53 +449,6 @@ def test_bad_input_names_the_tensor_and_changes_nothing(device):
     assert_lists(params, before, "params", exact=True)
 
 
-# ------------------------------------------------------------------------------------------------- SFRon
-def sfron_trajectory(impl, base, dtype, device, iterations=8, mask_format="dense"):
-    """8 SFR-on iterations (forget steps on even iterations, clipped; remain steps, slow weights synced every
-    2nd), with bool, float (dense format only) and no masks, two param groups and one non-finite forget
-    gradient."""
-    g = torch.Generator().manual_seed(11)
-    shapes = [(0,), (1,), (7,), (33, 5), (4099,), (2, 3, 3)]
-    params = [torch.nn.Parameter((torch.rand(s, generator=g) * 2 - 1).to(device, dtype)) for s in shapes]
-    soft = torch.rand(33, 5, generator=g)
-    masks = [None, torch.ones(1, dtype=torch.bool), torch.rand(7, generator=g) < 0.5,
-             soft.to(dtype) if mask_format == "dense" else soft < 0.5, torch.rand(4099, generator=g) < 0.3, None]
-    hyper = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-3) if base == "sgd" else \
-        dict(lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.05)
-    opt = SFRon([{"params": params[:3]}, {"params": params[3:], "lr": hyper["lr"] / 2}],
-                mask=[None if m is None else m.to(device) for m in masks], base=base, forget_alpha=4.0,
-                max_grad_norm=3.0, remain_max_grad_norm=20.0, slow_alpha=0.5, sync_period=2,
-                reset_fast=base == "sgd", impl=impl, mask_format=mask_format, **hyper)
-    for i in range(iterations):
-        phases = ["forget", "remain"] if i % 2 == 0 else ["remain"]
-        for phase in phases:
-            for p in params:
-                p.grad = (torch.randn(p.shape, generator=g) * 3).to(device, dtype)
-            if i == 4 and phase == "forget":
-                params[4].grad[17] = float("inf")
-            opt.step(phase=phase)
-    return params, opt
-
-
-@pytest.mark.parametrize("base,dtype,mask_format", [
-    ("sgd", torch.float32, "dense"), ("adamw", torch.float32, "dense"), ("sgd", torch.bfloat16, "dense"),
-    ("adamw", torch.bfloat16, "dense"), ("adamw", torch.float32, "packed")],
-    ids=lambda v: dtype_id(v) if isinstance(v, torch.dtype) else v)
-def test_sfron_trajectory_matches_the_reference(device, base, dtype, mask_format):
-    ours, opt = sfron_trajectory("triton", base, dtype, device, mask_format=mask_format)
-    theirs, ref = sfron_trajectory("reference", base, dtype, device, mask_format=mask_format)
-    assert_lists([p.detach() for p in ours], [p.detach() for p in theirs], "params")
-    assert opt.skipped_steps == ref.skipped_steps == 1
-    for i, (p, q) in enumerate(zip(ours, theirs)):
-        state, expected = opt.state[p], ref.state[q]
-        assert state.keys() == expected.keys(), i
-        assert "slow_param" in state
-        for key in expected:
-            if torch.is_tensor(expected[key]):
-                exact = key in ("step", "mask", "packed_mask")
-                assert_lists([state[key]], [expected[key]], f"state[{i}][{key!r}]", exact=exact)
-
-
 # ------------------------------------------------------------------------------------------------- integration
 def test_impl_selection(device):
     assert _impl.resolve_impl("triton", device) == "triton"
@@ -525,7 +479,7 @@ def test_signatures_match_the_op_schemas():
                              a.alias_info is not None and a.alias_info.is_write) for a in schema.arguments}
 
         assert described(triton_schema) == described(op_schema), stem
-        if not TRITON_ON_CPU:  # interpreted kernels are not JIT functions; the CPU check is in _compile_check
+        if not TRITON_ON_CPU:  # interpreted kernels are not JIT functions; the CPU check is in triton_compile_check.py
             kernels = torch._library.triton.get_triton_kernels_for_op(triton_schema.name)
             assert [k.__name__ for k in kernels] == [f"_{stem}_kernel"], stem
 
@@ -592,10 +546,11 @@ def test_kernels_compile_to_vectorised_sm90_code_and_trace_with_exact_writes():
     """Triton's compiler and ptxas (shipped with Triton) build every launched variant for an H100/H200
     without a GPU: valid code, no register spills, 16-byte vector accesses. torch.compile records one
     kernel launch per tensor, and torch's analysis of each kernel finds exactly the arguments it writes."""
+    here = os.path.dirname(os.path.abspath(__file__))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-m", "sfron_ops.triton._compile_check", "--arch", "90"], env=env,
-                            capture_output=True, text=True, timeout=900,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, os.path.join(here, "triton_compile_check.py"), "--arch", "90"],
+                            env=env, capture_output=True, text=True, timeout=900, cwd=os.path.dirname(here))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "0 without vector loads or with spills" in result.stdout
     writes = {}

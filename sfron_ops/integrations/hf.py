@@ -23,8 +23,7 @@ import torch
 from torch.nn import functional as F
 from transformers import Trainer
 
-from ..distributed import adaptive_weights
-from ..loss import LOSS_FLOOR, check_weight_args
+from ..loss import LOSS_FLOOR, adaptive_weights, check_weight_args
 from ..optim import SFRon
 from . import phase, unwrap_optimizer
 

@@ -12,7 +12,7 @@ The runner (:func:`sfron_ops.unlearn.run`) owns the loop, the timing, logging an
   the others held at their starting values, as in SalUn.
 - ``scrub``: SCRUB: a student starting from the original moves away from the frozen original
   (the teacher) on D_f and stays close to it, and to the labels, on D_r.
-- ``sfron``: SFR-on, the official loop (SPEC): masked adaptive ascent every ``forget_freq``
+- ``sfron``: SFR-on, the authors' official loop: masked adaptive ascent every ``forget_freq``
   iterations with a cosine-decayed ``forget_alpha``, a remain step every iteration, CosineAnnealingLR.
 - ``sa``: Selective Amnesia (generative models only): the forget class learns to produce noise,
   generated images of the other classes are replayed, and an EWC term holds the weights near the original's.
@@ -643,7 +643,7 @@ class SCRUB(Baseline):
 
 
 class SFRonMethod(Method):
-    """SFR-on through :class:`sfron_ops.SFRon` (the official loop of the SPEC).
+    """SFR-on through :class:`sfron_ops.SFRon` (the authors' official loop).
 
     Per iteration ``i`` of ``n``: if ``i % forget_freq == 0``, a forget step on one forget batch
     with the adaptive loss and ``forget_alpha * (1 + cos(pi i / n)) / 2``; then a remain step on one

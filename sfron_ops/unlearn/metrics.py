@@ -1,6 +1,6 @@
 """Evaluation of an unlearned classifier against the retrained oracle (RT).
 
-Vocabulary (SPEC, "Evaluation vocabulary"): FA, RA, TA are accuracies in percent on the forget,
+Vocabulary (docs/unlearning.md, "Evaluation"): FA, RA, TA are accuracies in percent on the forget,
 remain and test sets; MIA is MIA-efficacy in percent; Avg.D is the mean absolute gap to RT over
 FA, RA, TA and MIA; KL and JS compare output distributions with RT's on the forget set (nats);
 RTE is the wall time of the unlearning run in seconds.

@@ -1,5 +1,5 @@
 // Loads the stand-alone sfron_ops library, calls every op through the dispatcher on CPU tensors
-// and checks the results against a plain per-tensor libtorch reference of the same math (SPEC.md).
+// and checks the results against a plain per-tensor libtorch reference of the same math (sfron_ops/reference.py).
 // Exit status 0 when every check passes; run by ctest.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>

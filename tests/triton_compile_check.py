@@ -1,6 +1,6 @@
 """Compile every kernel variant the backend launches for a GPU target, without a GPU.
 
-``python -m sfron_ops.triton._compile_check [--arch 90]`` runs each family on
+``python tests/triton_compile_check.py [--arch 90]`` runs each family on
 small CPU tensors with launches recorded but not executed, compiles each
 recorded variant with Triton's own compiler and ``ptxas`` for ``sm_<arch>``,
 and prints what the PTX does: global loads and stores (``v4`` = 16-byte
@@ -28,9 +28,9 @@ _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", 
 
 def _variants():
     """Launch records covering direct and table mode, every mask kind and both storage widths."""
-    from ..reference import pack_mask
-    from . import KERNELS
-    from ._common import record_launches
+    from sfron_ops.reference import pack_mask
+    from sfron_ops.triton import KERNELS
+    from sfron_ops.triton._common import record_launches
 
     with record_launches(execute=False) as records:
         for shapes in ([(1 << 16,)], [(4097,), (3, 5)]):
@@ -128,7 +128,7 @@ def traced_writes() -> list[tuple[str, list[str]]]:
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
     from triton.backends.compiler import GPUTarget
 
-    from . import KERNELS
+    from sfron_ops.triton import KERNELS
 
     try:
         triton.runtime.driver.active.get_current_target()
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
         print(f"graph {name} writes={','.join(sorted(writes))}")
     from torch._library.triton import get_triton_kernels_for_op
 
-    from . import TRITON_OPS
+    from sfron_ops.triton import TRITON_OPS
 
     for op in TRITON_OPS.values():
         name = op._opoverload._schema.name
