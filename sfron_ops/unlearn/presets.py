@@ -237,3 +237,56 @@ def digits_ddpm_scenario(*, methods: dict | None = None, classes=None, denoiser:
         description=f"digits (sklearn, 8x8, pixels in [-1, 1]), class-conditional DDPM ({denoiser} denoiser, 1,000 "
                     "noise steps, 10 % label dropout); one class forgotten at a time; judged on generated images "
                     "by a CNN trained on the real ones", **kw)
+
+
+# ---------------------------------------------------------------------------------------------- facts, language model
+# The original and RT: a 2-layer GPT-2 (n_embd 128, 0.47M parameters) trained from scratch for 30 epochs, AdamW
+# lr 3e-3 with a linear schedule after 10 % warm-up, batch 32, weight decay 0.01: it learns every answer
+# (probability ~0.98 per token) and prefers the true value in the other sentence (the paraphrase).
+FACTS_TRAIN = dict(epochs=30, lr=3e-3, batch_size=32, weight_decay=0.01, warmup=0.1, max_grad_norm=1.0)
+# Unlearning, every method: 10 epochs over the forget set, each forget batch of 16 paired with 16 random retain
+# examples (TOFU's pairing), AdamW with weight decay 0.01. The baselines: linear schedule after one epoch of
+# warm-up, gradient clipping at 1 and their published constants (GradDiff gamma = alpha = 1; NPO beta 0.1;
+# SimNPO beta 4.5, delta 0, gamma 0.125). SFR-on: a forget step and a remain step per batch pair, the forget step
+# on the adaptive loss over each answer's NLL, masked by the Fisher saliency of the answer tokens, cosine lr and
+# alpha, clipped at 1 (both phases).
+_LM = dict(epochs=10)
+FACTS_LM = {
+    "SFR-on": dict(method="sfron", **_LM, lr=1e-3, forget_alpha=1.0),
+    "GradAscent": dict(method="ga", **_LM, lr=1e-4),
+    "GradDiff": dict(method="graddiff", **_LM, lr=1e-4),
+    "NPO": dict(method="npo", **_LM, lr=1e-4),
+    "SimNPO": dict(method="simnpo", **_LM, lr=1e-4),
+    "FT": dict(method="ft", **_LM, lr=1e-4),
+}
+LM_TUNING_SEEDS = (100, 101)
+_LM_LR = (1e-4, 3e-4, 1e-3, 3e-3)
+LM_TUNING_GRIDS = {
+    "SFR-on": _grid("sfron", dict(_LM), lr=(3e-4, 1e-3, 3e-3), forget_alpha=(0.3, 1.0, 3.0)),
+    "GradAscent": _grid("ga", dict(_LM), lr=_LM_LR),
+    "GradDiff": _grid("graddiff", dict(_LM), lr=_LM_LR),
+    "NPO": _grid("npo", dict(_LM), lr=_LM_LR),
+    "SimNPO": _grid("simnpo", dict(_LM), lr=_LM_LR),
+    "FT": _grid("ft", dict(_LM), lr=_LM_LR),
+}
+
+
+def facts_lm_scenario(*, methods: dict | None = None, fractions=None, people: int = 200, train: dict | None = None,
+                      model: dict | None = None, precisions=None, **options):
+    """Unlearning facts about fictitious people from a tiny GPT-2, TOFU-style (``sfron_ops.unlearn.language``).
+
+    ``fractions``: the forget splits (default 1, 5 and 10 % of the people); ``options`` go to
+    :class:`~sfron_ops.unlearn.language.LMScenario` (batch size, scored retain people, tuning seeds, ...)."""
+    from .language import LMScenario
+
+    kw = dict(options)
+    if fractions is not None:
+        kw["fractions"] = tuple(fractions)
+    if precisions is not None:
+        kw["precisions"] = tuple(precisions)
+    return LMScenario(
+        name="facts-lm", people=people, model=dict(model or {}), train=dict(FACTS_TRAIN if train is None else train),
+        methods=copy.deepcopy(FACTS_LM if methods is None else methods), tuning_seeds=LM_TUNING_SEEDS,
+        description=f"{people} fictitious people with six facts each (TOFU's shape: questions, paraphrased and "
+                    "perturbed answers, world facts, a never-seen holdout), a 2-layer GPT-2 trained from scratch "
+                    "with a word-level tokenizer; whole people forgotten", **kw)
