@@ -238,6 +238,8 @@ def _trainer_run(build, final, folder, key, *, desc, steps, extra_seconds=0.0, i
     """Run the Trainer that ``build(output_dir, callbacks)`` makes, resuming from the latest checkpoint in
     ``folder`` (``None``: no checkpoints); returns ``(model, seconds)`` and, with ``final``, saves the model and
     the run's time there and removes ``folder``. A Ctrl-C stops at the end of a step, after a checkpoint."""
+    from transformers.utils import logging as hf_logging
+
     from .lm import RunClock, last_checkpoint
 
     temporary = folder is None
@@ -250,11 +252,19 @@ def _trainer_run(build, final, folder, key, *, desc, steps, extra_seconds=0.0, i
         resume = None if temporary else last_checkpoint(out)
         clock = RunClock(RunClock.resumed(resume) if resume else extra_seconds)
         trainer = build(out, [clock])
-        if trainer.args.disable_tqdm:
+        quiet = trainer.args.disable_tqdm
+        if quiet:
             from transformers.trainer_callback import PrinterCallback
 
             trainer.remove_callback(PrinterCallback)  # it prints the run's summary; the scenario prints its own
-        trainer.train(resume_from_checkpoint=resume)
+        bars = hf_logging.is_progress_bar_enabled()
+        if quiet:
+            hf_logging.disable_progress_bar()  # the bars of writing checkpoints
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         if clock.interrupted:
             raise RunInterrupted(desc, trainer.state.global_step, steps, out)
         model = trainer.model
