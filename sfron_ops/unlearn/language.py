@@ -147,7 +147,7 @@ class LMScenario:
     batch_size: int = 16                           # unlearning: forget examples per step (and as many retain ones)
     eval_retain_people: int = 20                   # retain questions scored: those of the first 20 retain people
     max_new_tokens: int = 16
-    tuning_seeds: tuple = (100, 101)
+    tuning_seeds: tuple = (100,)
     tuning_fraction: float = 0.05
     description: str = ""
 

@@ -259,10 +259,10 @@ FACTS_LM = {
     "SimNPO": dict(method="simnpo", **_LM, lr=1e-4),
     "FT": dict(method="ft", **_LM, lr=1e-4),
 }
-LM_TUNING_SEEDS = (100, 101)
-_LM_LR = (1e-4, 3e-4, 1e-3, 3e-3)
+LM_TUNING_SEEDS = (100,)
+_LM_LR = (3e-4, 1e-3, 3e-3)
 LM_TUNING_GRIDS = {
-    "SFR-on": _grid("sfron", dict(_LM), lr=(3e-4, 1e-3, 3e-3), forget_alpha=(0.3, 1.0, 3.0)),
+    "SFR-on": _grid("sfron", dict(_LM), lr=(1e-3, 3e-3), forget_alpha=(0.3, 1.0, 3.0)),
     "GradAscent": _grid("ga", dict(_LM), lr=_LM_LR),
     "GradDiff": _grid("graddiff", dict(_LM), lr=_LM_LR),
     "NPO": _grid("npo", dict(_LM), lr=_LM_LR),
