@@ -20,12 +20,10 @@ pytest.importorskip("torchmetrics")
 pytest.importorskip("scipy")
 
 from sfron_ops import adaptive_weights  # noqa: E402
-from sfron_ops.integrations.hf import (ForgetRetainCollator, ForgetRetainDataset, SFRonTrainer,  # noqa: E402
-                                       per_sample_loss)
+from sfron_ops.integrations.hf import ForgetRetainDataset, SFRonTrainer, per_sample_loss  # noqa: E402
 from sfron_ops.unlearn import checkpoints, cli, language, presets  # noqa: E402
 from sfron_ops.unlearn import metrics as M  # noqa: E402
-from sfron_ops.unlearn.facts import (RELATIONS, Collator, build_lm, build_tokenizer, encode, encode_all,  # noqa: E402
-                                     make_facts)
+from sfron_ops.unlearn.facts import RELATIONS, Collator, build_tokenizer, encode, encode_all, make_facts  # noqa: E402
 from sfron_ops.unlearn.lm import UnlearnTrainer, npo_loss, sequence_nll, simnpo_loss  # noqa: E402
 from sfron_ops.unlearn.runner import RunInterrupted  # noqa: E402
 

@@ -170,23 +170,13 @@ def _scenario(args):
             if value is not None:
                 raise UsageError(f"{flag} is for --dataset cifar10, cifar100 or imagefolder; the digits are built in")
     if args.scenario in LANGUAGE:
-        if args.dataset != "digits":
-            raise UsageError(f"--scenario {args.scenario} has its own data; it does not go with --dataset "
-                             f"{args.dataset}")
-        if forget and (forget[0] != "random" or forget[1] is None):
-            raise UsageError(f"--forget for --scenario {args.scenario} must be random:FRACTION (the share of the "
-                             f"people forgotten), got {args.forget!r}")
+        _own_data(args, forget, "random", "random:FRACTION (the share of the people forgotten)")
         kw = dict(fractions=(forget[1],)) if forget else {}
         if args.epochs is not None:
             kw["train"] = dict(presets.FACTS_TRAIN, epochs=args.epochs)
         scenario = presets.facts_lm_scenario(**kw)
     elif args.scenario in GENERATION:
-        if args.dataset != "digits":
-            raise UsageError(f"--scenario {args.scenario} is a digits scenario; it does not go with --dataset "
-                             f"{args.dataset}")
-        if forget and (forget[0] != "class" or forget[1] is None):
-            raise UsageError(f"--forget for --scenario {args.scenario} must be class:INDEX[,INDEX...] (the classes "
-                             f"forgotten one at a time), got {args.forget!r}")
+        _own_data(args, forget, "class", "class:INDEX[,INDEX...] (the classes forgotten one at a time)")
         kw = dict(classes=forget[1]) if forget else {}
         if _model(args, DENOISERS, f"the denoiser of {args.scenario}"):
             kw["denoiser"] = args.model
@@ -227,6 +217,16 @@ def _scenario(args):
     if args.batch_size is not None:
         scenario.batch_size = args.batch_size
     return scenario
+
+
+def _own_data(args, forget, kind, form):
+    """The checks of a built-in scenario with data of its own: no ``--dataset``, and ``--forget`` (if given) of
+    ``kind`` with a value, as ``form`` says."""
+    if args.dataset != "digits":
+        raise UsageError(f"--scenario {args.scenario} is a built-in scenario with its own data; it does not go "
+                         f"with --dataset {args.dataset}")
+    if forget and (forget[0] != kind or forget[1] is None):
+        raise UsageError(f"--forget for --scenario {args.scenario} must be {form}, got {args.forget!r}")
 
 
 def _one_class(args, value):

@@ -543,21 +543,13 @@ def evaluate_run(scenario, base, fraction, label, spec, precision, *, checkpoint
     return {**_rows_for(base, m, fraction, seconds), "info": info}
 
 
-def _labels(scenario: LMScenario, methods) -> list:
-    labels = list(scenario.methods) if methods is None else list(methods)
-    unknown = [m for m in labels if m not in scenario.methods]
-    if unknown:
-        raise ValueError(f"Invalid method: {unknown[0]!r}; scenario {scenario.name!r} has {list(scenario.methods)}")
-    return labels
-
-
 def check_runs(scenario: LMScenario, seeds, methods=None, *, device=None, checkpoint_dir: str | None = None) -> list:
     """What :func:`sfron_ops.unlearn.experiment.check_runs` checks, for this scenario, before anything trains:
     the splits, the training settings and every method's hyperparameters (a
     :class:`~sfron_ops.unlearn.experiment.RunConfigError` names the run), and the checkpoints and run
     folders already under ``checkpoint_dir`` (returned as :class:`~sfron_ops.unlearn.checkpoints.CheckpointError`
     for every one of another run or unreadable, none of them touched)."""
-    from .experiment import RunConfigError
+    from .experiment import RunConfigError, _labels
 
     labels = _labels(scenario, methods)
     for f in scenario.fractions:
@@ -605,6 +597,8 @@ def check_runs(scenario: LMScenario, seeds, methods=None, *, device=None, checkp
 def run_scenario(scenario: LMScenario, seeds=(0, 1, 2), methods=None, *, device=None, progress=False,
                  checkpoint_dir=None, echo=print) -> dict:
     """Run every method on every split and seed, in every precision; per-seed rows and mean ± std over seeds."""
+    from .experiment import _labels
+
     labels = _labels(scenario, methods)
     device = torch.device(device or "cpu")
     started = time.perf_counter()
