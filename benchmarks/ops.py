@@ -2,7 +2,8 @@
 
 Our backends are driven through :mod:`sfron_ops.functional` with the backend
 given as a callable ``device -> name``, exactly as :class:`sfron_ops.SFRon`
-calls it, so every backend pays the same bucketing and dispatch overhead.
+calls it: the update ops through :func:`~sfron_ops.functional.sfron` on a step
+plan made once, so every backend pays the same per-step host work.
 
 Hyperparameters are the official CIFAR-10 configuration (SGD lr 0.01, momentum
 0.9, weight decay 5e-4, forget alpha 25, clip 7) and, for AdamW, the
@@ -95,39 +96,40 @@ def _ours_masked_norm(st, impl):
     return Runner(step, lambda: [st.norm_state[:1]])
 
 
+def _hyper(**kw) -> list[dict]:
+    """The param-group keys :func:`sfron_ops.functional.sfron` reads, for one group."""
+    return [dict(dict(base="sgd", lr=SGD_LR, forget_alpha=FORGET_ALPHA, momentum=0.0, dampening=0.0, nesterov=False,
+                      weight_decay=0.0, betas=ADAMW_BETAS, eps=ADAMW_EPS, max_grad_norm=None,
+                      remain_max_grad_norm=None, slow_alpha=1.0, sync_period=1, reset_fast=True), **kw)]
+
+
+def _step(st, impl, *, forget: bool, check_finite: bool, masks, state, hyper):
+    """One step of :func:`sfron_ops.functional.sfron` on a plan made once, as SFRon makes it."""
+    group = F.GroupTensors(params=st.params, masks=masks, steps=st.steps, state=state)
+    plan = F.StepPlan([group], [st.grads], impl)
+    return lambda: F.run_step(plan, st.grads, hyper, forget=forget, check_finite=check_finite, skipped=None)
+
+
 def _ours_sgd(*, forget: bool, clip: bool, momentum: float, weight_decay: float, check_finite: bool,
               packed: bool = False):
     def build(st, impl):
         n = len(st.params)
         masks = (st.packed_masks if packed else st.masks) if forget else [None] * n
         bufs = st.momentum_buffers if momentum else []
-        alpha = FORGET_ALPHA if forget else 1.0
-        norm_states = _norm_states(st) if (clip or check_finite) else None
-
-        def step():
-            if norm_states is not None:
-                st.norm_state.zero_()
-                F.masked_sq_norm_(st.grads, masks, norm_states, alpha=alpha, impl=impl)
-            F.sgd_update_(st.params, st.grads, masks, bufs, st.steps, norm_states, lr=SGD_LR,
-                          scale=-alpha if forget else 1.0, momentum=momentum, dampening=0.0,
-                          weight_decay=weight_decay, nesterov=False, max_norm=MAX_NORM if clip else 0.0, impl=impl)
-
+        clip_key = "max_grad_norm" if forget else "remain_max_grad_norm"
+        hyper = _hyper(momentum=momentum, weight_decay=weight_decay, **{clip_key: MAX_NORM if clip else None})
+        step = _step(st, impl, forget=forget, check_finite=check_finite, masks=masks,
+                     state=[bufs] if momentum else [], hyper=hyper)
         return Runner(step, lambda: list(st.params) + list(bufs))
 
     return build
 
 
 def _ours_adamw(st, impl):
-    norm_states = _norm_states(st)
-    beta1, beta2 = ADAMW_BETAS
-
-    def step():
-        st.norm_state.zero_()
-        F.masked_sq_norm_(st.grads, st.masks, norm_states, alpha=ADAMW_FORGET_ALPHA, impl=impl)
-        F.adamw_update_(st.params, st.grads, st.masks, st.exp_avgs, st.exp_avg_sqs, st.steps, norm_states,
-                        lr=ADAMW_LR, scale=-ADAMW_FORGET_ALPHA, beta1=beta1, beta2=beta2, eps=ADAMW_EPS,
-                        weight_decay=ADAMW_WEIGHT_DECAY, max_norm=MAX_NORM, impl=impl)
-
+    hyper = _hyper(base="adamw", lr=ADAMW_LR, forget_alpha=ADAMW_FORGET_ALPHA, weight_decay=ADAMW_WEIGHT_DECAY,
+                   max_grad_norm=MAX_NORM)
+    step = _step(st, impl, forget=True, check_finite=True, masks=st.masks, state=[st.exp_avgs, st.exp_avg_sqs],
+                 hyper=hyper)
     return Runner(step, lambda: list(st.params) + list(st.exp_avgs) + list(st.exp_avg_sqs))
 
 

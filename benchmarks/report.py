@@ -254,6 +254,19 @@ def _e2e_section(results) -> list[str]:
     return lines + _table(["contender", "time", "p20 – p80", "×torch", "×official", "peak", "reps"], rows)
 
 
+def _host_bound_section(results) -> list[str]:
+    rows = results.get("host_bound")
+    if not rows:
+        return []
+    from .host_bound import table
+
+    lines = ["", "## Host cost of one step (`host_bound`)", "",
+             "ResNet-18's 62 parameter shapes with 8 elements each, so that only the host's work counts: median "
+             "µs per `step()` over interleaved rounds, fresh gradients before every step "
+             "(`python -m benchmarks.host_bound`). The targets are ratios inside this run.", ""]
+    return lines + table(rows).split("\n")
+
+
 def _verification_section(results) -> list[str]:
     if not results.get("verification"):
         return []
@@ -310,7 +323,7 @@ def _per_op_section(results) -> list[str]:
 def markdown(results, chart_name=None, summary=False) -> str:
     """The report: header, targets, headline and end to end; unless ``summary``, also the checks and every table."""
     lines = _header(results, chart_name) + _targets_section(results) + _headline_section(results)
-    lines += _e2e_section(results)
+    lines += _e2e_section(results) + _host_bound_section(results)
     if summary:
         lines += ["", "Every op and case, the baselines' exact compositions and the correctness check: "
                   "see the full report next to this file."]

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from . import cases, e2e, report, suite
+from . import cases, e2e, host_bound, report, suite
 from .measure import Timer, around, bandwidth_roofs, environment, stream_bound_s
 from .ops import OPS
 
@@ -35,6 +35,8 @@ SETTINGS = {
 }
 E2E_BATCH = {"full": 128, "quick": 128, "smoke": 2}
 E2E_BATCH_CPU_QUICK = 16
+# host_bound: (rounds, steps per round) per mode
+HOST_BOUND = {"full": (15, 40), "quick": (8, 25), "smoke": (2, 3)}
 VERIFY_RTOL = {"fp32": 1e-5}
 
 
@@ -60,6 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true",
                    help="continue the results saved under the same tag: keep what they hold, measure what they lack")
     p.add_argument("--no-e2e", action="store_true")
+    p.add_argument("--no-host-bound", action="store_true", help="leave out the host cost of a step (host_bound)")
     p.add_argument("--no-verify", action="store_true")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-flush", action="store_true", help="do not flush caches between repetitions")
@@ -192,6 +195,13 @@ def _run(args, mode, device) -> dict:
         log(f"end to end: one SFR-on iteration of ResNet-18, batch {batch}")
         results["e2e"] = e2e.run(device, batch, ours, e2e_timer, names=names, log=log, memory=not args.no_memory)
         _add_ratios(results["e2e"])
+
+    if not args.no_host_bound and not results.get("host_bound"):
+        log("host_bound: one step() of ResNet-18's 62 tensors with 8 elements each")
+        rounds, steps = HOST_BOUND[mode]
+        results["host_bound"] = host_bound.measure(device, rounds=rounds, steps=steps, threads=None)
+        for name, us in results["host_bound"].items():
+            log(f"  {name}: {us:,.0f} µs")
 
     for case_name in args.cases or cases.cases_for(device, mode):
         case = cases.build_case(case_name, device, mode)

@@ -34,12 +34,16 @@ ENV_VAR = "SFRON_OPS_IMPL"
 _PREFERENCE = {"cuda": ("fused", "triton", "foreach"), "cpu": ("fused", "foreach")}
 
 
+_EXTENSION = None
+
+
 def _load_extension() -> str | None:
     """Import the compiled kernels (they register with the dispatcher); the reason if that fails."""
+    global _EXTENSION
     if importlib.util.find_spec(f"{__package__}._C") is None:
         return "not built: no sfron_ops._C module (pip install --no-build-isolation -e . builds it)"
     try:
-        importlib.import_module(f"{__package__}._C")
+        _EXTENSION = importlib.import_module(f"{__package__}._C")
     except Exception as exc:  # ImportError, or OSError on an ABI mismatch with the installed torch
         return f"{type(exc).__name__}: {exc}"
     return None
@@ -54,6 +58,11 @@ _TRITON_ERROR = None
 def extension_available() -> bool:
     """Whether the compiled extension ``sfron_ops._C`` loaded."""
     return _EXTENSION_ERROR is None
+
+
+def grad_signature():
+    """The compiled extension's ``grad_signature`` (each gradient's dtype and layout as bytes), or ``None``."""
+    return getattr(_EXTENSION, "grad_signature", None)
 
 
 def extension_error() -> str | None:
@@ -141,17 +150,49 @@ def resolve_impl(impl: str | None, device: torch.device | str) -> str:
     return impl
 
 
+def _fused_kernel(stem: str):
+    """A compiled op: the extension's direct entry in eager code, the dispatcher op (``torch.ops``) while
+    torch.compile traces. Both run the same kernels; the direct entry skips the boxed calling convention
+    that ``torch.ops`` goes through (csrc/python.cpp)."""
+    op = _ops.op(stem)
+    direct = getattr(_EXTENSION, _ops.OP_NAMES[stem], None)
+    if direct is None:  # an extension built before the direct entries
+        return op
+
+    def kernel(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return op(*args, **kwargs)
+        return direct(*args, **kwargs)
+
+    kernel.__name__ = kernel.__qualname__ = _ops.OP_NAMES[stem]
+    kernel.op = op
+    return kernel
+
+
+def resolve_for(impl, device) -> str:
+    """:func:`resolve_impl` for an ``impl`` that may also be a callable ``device -> name`` (an optimizer's choice)."""
+    return impl(device) if callable(impl) else resolve_impl(impl, device)
+
+
+_TABLES: dict[str, dict] = {}
+
+
 def kernels(impl: str) -> dict:
-    """The kernel table of a backend."""
-    if impl == "reference":
-        return reference.KERNELS
-    if impl == "foreach":
-        return foreach.KERNELS
-    if impl == "fused":
-        return {stem: _ops.op(stem) for stem in _ops.SCHEMAS}
-    if impl == "triton":
-        backend = _load_triton()
-        if backend is None:
-            raise RuntimeError(f"the Triton backend did not import ({_TRITON_ERROR})")
-        return backend.KERNELS
-    raise ValueError(f"Invalid impl: {impl!r}; expected one of {IMPLS}")
+    """The kernel table ``{family stem: kernel}`` of a backend, built once."""
+    table = _TABLES.get(impl)
+    if table is None:
+        if impl == "reference":
+            table = reference.KERNELS
+        elif impl == "foreach":
+            table = foreach.KERNELS
+        elif impl == "fused":
+            table = {stem: _fused_kernel(stem) for stem in _ops.SCHEMAS}
+        elif impl == "triton":
+            backend = _load_triton()
+            if backend is None:
+                raise RuntimeError(f"the Triton backend did not import ({_TRITON_ERROR})")
+            table = backend.KERNELS
+        else:
+            raise ValueError(f"Invalid impl: {impl!r}; expected one of {IMPLS}")
+        _TABLES[impl] = table
+    return table

@@ -21,7 +21,16 @@ Conventions shared by all ops (see ``SPEC.md``):
   the whole update when the flag is set. ``None`` means neither;
 * ``steps`` are float32 scalars (0-dim) on the parameters' device. The update
   ops increment them unless the step is skipped, so an optimizer step needs no
-  host synchronisation.
+  host synchronisation;
+* tensor scalars: ``alpha_tensor``, ``lr_tensor`` and ``scale_tensor`` are
+  optional float32 0-dim tensors on the tensors' device that multiply
+  ``alpha``, ``lr`` and ``scale``. The kernels read them where they run, so a
+  schedule that updates them in place reaches a compiled step or a captured
+  CUDA graph without a host read;
+* ``slow_sync_`` with a ``counter`` (a float32 0-dim tensor on the device,
+  remain steps since the last sync) counts a step and syncs only when the
+  count reaches ``period`` (then restarts it from 0); with a ``norm_state``
+  whose flag is set it changes nothing, counter included.
 
 The plain per-tensor PyTorch implementation in :mod:`sfron_ops.reference` is
 registered as every op's default kernel; compiled kernels register for the
@@ -30,31 +39,41 @@ CPU and CUDA dispatch keys on top of it.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 NAMESPACE = "sfron_ops"
 
 #: family stem -> schema (without the namespace). The op name is ``stem + "_"``.
 SCHEMAS = {
     "masked_norm": (
-        "masked_sq_norm_(Tensor[] grads, Tensor[] masks, Tensor(a!) norm_state, *, float alpha, bool packed_masks=False) -> ()"
+        "masked_sq_norm_(Tensor[] grads, Tensor[] masks, Tensor(a!) norm_state, *, float alpha, bool packed_masks=False, "
+        "Tensor? alpha_tensor=None) -> ()"
     ),
     "sgd_update": (
         "sgd_update_(Tensor(a!)[] params, Tensor[] grads, Tensor[] masks, Tensor(b!)[] momentum_buffers, "
         "Tensor(c!)[] steps, Tensor? norm_state, *, float lr, float scale, float momentum, float dampening, "
-        "float weight_decay, bool nesterov, float max_norm, bool packed_masks=False) -> ()"
+        "float weight_decay, bool nesterov, float max_norm, bool packed_masks=False, Tensor? lr_tensor=None, "
+        "Tensor? scale_tensor=None) -> ()"
     ),
     "adamw_update": (
         "adamw_update_(Tensor(a!)[] params, Tensor[] grads, Tensor[] masks, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor? norm_state, *, float lr, float scale, "
-        "float beta1, float beta2, float eps, float weight_decay, float max_norm, bool packed_masks=False) -> ()"
+        "float beta1, float beta2, float eps, float weight_decay, float max_norm, bool packed_masks=False, "
+        "Tensor? lr_tensor=None, Tensor? scale_tensor=None) -> ()"
     ),
     "fisher_accumulate": "fisher_accumulate_(Tensor(a!)[] fishers, Tensor[] grads, *, float scale) -> ()",
     "saliency_mask": (
         "saliency_mask_(Tensor[] forget_fishers, Tensor[] remain_fishers, Tensor(a!)[] masks, "
         "Tensor(b!) kept, *, float gamma) -> ()"
     ),
-    "slow_sync": "slow_sync_(Tensor(a!)[] slow_params, Tensor(b!)[] params, *, float alpha, bool reset_fast) -> ()",
+    "slow_sync": (
+        "slow_sync_(Tensor(a!)[] slow_params, Tensor(b!)[] params, *, float alpha, bool reset_fast, "
+        "Tensor? norm_state=None, Tensor(c!)? counter=None, int period=1) -> ()"
+    ),
 }
 
 #: family stem -> op name inside the namespace
@@ -118,6 +137,24 @@ def _check_masks(name: str, masks, like, packed=False):
         torch._check(m.device == t.device, lambda: f"{name}: masks[{i}] is on {m.device}, expected {t.device}")
 
 
+def _span(t):
+    """The bytes a tensor's elements lie in, as ``(first, end)``."""
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def _check_distinct_writes(name: str, lists: dict):
+    """No two tensors an op writes share memory (a parameter twice, overlapping views, one step counter for two
+    parameters): their elements would be updated twice, and on a GPU by racing blocks."""
+    tensors = [(key, i, t) for key, ts in lists.items() for i, t in enumerate(ts) if t is not None and t.numel()]
+    if not tensors or is_fake(tensors[0][2]) or tensors[0][2].device.type == "meta":
+        return  # tracing: no memory to compare
+    spans = sorted((*_span(t), key, i) for key, i, t in tensors)
+    for (_, end, k1, i1), (start, _, k2, i2) in zip(spans, spans[1:]):
+        torch._check(start >= end, lambda: f"{name}: {k1}[{i1}] and {k2}[{i2}] share memory; each tensor the op "
+                                           "writes must be its own")
+
+
 def _check_same_dtype(name: str, key: str, tensors, dtype):
     for i, t in enumerate(tensors):
         torch._check(t.dtype == dtype, lambda: f"{name}: {key}[{i}] has dtype {t.dtype}, expected {dtype}")
@@ -138,6 +175,17 @@ def _check_norm_state(name: str, norm_state, like):
         )
 
 
+def _check_scalar_tensor(name: str, key: str, t, like):
+    if t is None:
+        return
+    torch._check(
+        t.dtype == torch.float32 and t.numel() == 1,
+        lambda: f"{name}: {key} must be a float32 scalar tensor, got {t.dtype} with {t.numel()} elements",
+    )
+    for i, p in enumerate(like):
+        torch._check(t.device == p.device, lambda: f"{name}: {key} is on {t.device} but tensor {i} is on {p.device}")
+
+
 def _check_steps(name: str, steps, like):
     torch._check(len(steps) == len(like), lambda: f"{name}: steps has {len(steps)} tensors, expected {len(like)}")
     for i, (s, p) in enumerate(zip(steps, like)):
@@ -148,17 +196,20 @@ def _check_steps(name: str, steps, like):
         torch._check(s.device == p.device, lambda: f"{name}: steps[{i}] is on {s.device}, expected {p.device}")
 
 
-def check_masked_sq_norm(grads, masks, norm_state, *, alpha, packed_masks=False):
+def check_masked_sq_norm(grads, masks, norm_state, *, alpha, packed_masks=False, alpha_tensor=None):
     name = OP_NAMES["masked_norm"]
     _check_masks(name, masks, grads, packed_masks)
     _check_norm_state(name, norm_state, grads)
+    _check_scalar_tensor(name, "alpha_tensor", alpha_tensor, grads)
     for i, g in enumerate(grads):
         torch._check(g.dtype in _FLOAT_DTYPES, lambda: f"{name}: grads[{i}] has non-floating dtype {g.dtype}")
 
 
 def check_sgd_update(params, grads, masks, momentum_buffers, steps, norm_state, *, lr, scale, momentum,
-                     dampening, weight_decay, nesterov, max_norm, packed_masks=False):
+                     dampening, weight_decay, nesterov, max_norm, packed_masks=False, lr_tensor=None, scale_tensor=None):
     name = OP_NAMES["sgd_update"]
+    _check_scalar_tensor(name, "lr_tensor", lr_tensor, params)
+    _check_scalar_tensor(name, "scale_tensor", scale_tensor, params)
     _check_aligned(name, {"grads": grads, "momentum_buffers": momentum_buffers}, params,
                    optional=("momentum_buffers",))
     torch._check(
@@ -168,18 +219,22 @@ def check_sgd_update(params, grads, masks, momentum_buffers, steps, norm_state, 
     _check_masks(name, masks, params, packed_masks)
     _check_steps(name, steps, params)
     _check_norm_state(name, norm_state, params)
+    _check_distinct_writes(name, {"params": params, "momentum_buffers": momentum_buffers, "steps": steps})
     for key, tensors in (("grads", grads), ("momentum_buffers", momentum_buffers)):
         for i, (t, p) in enumerate(zip(tensors, params)):
             torch._check(t.dtype == p.dtype, lambda: f"{name}: {key}[{i}] has dtype {t.dtype}, expected {p.dtype}")
 
 
 def check_adamw_update(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state, *, lr, scale, beta1,
-                       beta2, eps, weight_decay, max_norm, packed_masks=False):
+                       beta2, eps, weight_decay, max_norm, packed_masks=False, lr_tensor=None, scale_tensor=None):
     name = OP_NAMES["adamw_update"]
+    _check_scalar_tensor(name, "lr_tensor", lr_tensor, params)
+    _check_scalar_tensor(name, "scale_tensor", scale_tensor, params)
     _check_aligned(name, {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}, params)
     _check_masks(name, masks, params, packed_masks)
     _check_steps(name, steps, params)
     _check_norm_state(name, norm_state, params)
+    _check_distinct_writes(name, {"params": params, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "steps": steps})
     for key, tensors in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)):
         for i, (t, p) in enumerate(zip(tensors, params)):
             torch._check(t.dtype == p.dtype, lambda: f"{name}: {key}[{i}] has dtype {t.dtype}, expected {p.dtype}")
@@ -189,6 +244,7 @@ def check_fisher_accumulate(fishers, grads, *, scale):
     name = OP_NAMES["fisher_accumulate"]
     _check_aligned(name, {"fishers": fishers}, grads)
     _check_same_dtype(name, "fishers", fishers, torch.float32)
+    _check_distinct_writes(name, {"fishers": fishers})
 
 
 def check_saliency_mask(forget_fishers, remain_fishers, masks, kept, *, gamma):
@@ -199,13 +255,18 @@ def check_saliency_mask(forget_fishers, remain_fishers, masks, kept, *, gamma):
     for i, m in enumerate(masks):
         torch._check(m.dtype in (torch.bool, torch.uint8),
                      lambda: f"{name}: masks[{i}] must be bool or uint8, got {m.dtype}")
+    _check_distinct_writes(name, {"masks": masks, "kept": [kept]})
     torch._check(kept.dtype == torch.int64 and kept.numel() == 1,
                  lambda: f"{name}: kept must be an int64 scalar, got {kept.dtype} with {kept.numel()} elements")
 
 
-def check_slow_sync(slow_params, params, *, alpha, reset_fast):
+def check_slow_sync(slow_params, params, *, alpha, reset_fast, norm_state=None, counter=None, period=1):
     name = OP_NAMES["slow_sync"]
     _check_aligned(name, {"slow_params": slow_params}, params)
+    _check_norm_state(name, norm_state, params)
+    _check_scalar_tensor(name, "counter", counter, params)
+    _check_distinct_writes(name, {"slow_params": slow_params, "params": params, "counter": [counter]})
+    torch._check(period >= 1, lambda: f"{name}: period must be at least 1, got {period}")
     for i, (s, p) in enumerate(zip(slow_params, params)):
         torch._check(s.dtype == p.dtype, lambda: f"{name}: slow_params[{i}] has dtype {s.dtype}, expected {p.dtype}")
 
@@ -219,10 +280,25 @@ CHECKS = {
     "slow_sync": check_slow_sync,
 }
 
+_trust = threading.local()
+
+
+@contextlib.contextmanager
+def checked_by_caller():
+    """Inside, the Python backends skip their checks: the caller (a step plan) made the same checks on
+    the same tensors when it was built, and the C++ and Triton kernels check on their own."""
+    depth = getattr(_trust, "depth", 0)
+    _trust.depth = depth + 1
+    try:
+        yield
+    finally:
+        _trust.depth = depth
+
+
 def validate(stem: str, *args, **kwargs) -> None:
     """Run a family's checks in eager mode (Dynamo cannot trace the message closures; traced calls
     come from the optimizer, whose lists are consistent by construction)."""
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and not getattr(_trust, "depth", 0):
         CHECKS[stem](*args, **kwargs)
 
 

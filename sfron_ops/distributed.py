@@ -41,6 +41,19 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ._dtensor import (  # noqa: F401  (the DTensor helpers are part of this module's API)
+    all_reduce_norm_states,
+    counts_here,
+    is_dtensor,
+    is_sharded,
+    norm_reduce_group,
+    norm_share,
+    placement_kinds,
+    shard_like,
+    to_local,
+    wrap_like,
+)
+from .fisher import FISHER_KEYS
 from .loss import LOSS_FLOOR, WEIGHT_EPS, inverse_loss_powers, normalise_weights
 from .loss import AdaptiveLoss as LocalAdaptiveLoss
 from .loss import adaptive_weights as local_adaptive_weights
@@ -62,128 +75,6 @@ __all__ = [
 ]
 
 
-_DTENSOR = None
-
-
-def _dtensor_cls():
-    global _DTENSOR
-    if _DTENSOR is None:
-        from torch.distributed.tensor import DTensor
-
-        _DTENSOR = DTensor
-    return _DTENSOR
-
-
-def is_dtensor(t) -> bool:
-    """Whether ``t`` is a :class:`torch.distributed.tensor.DTensor`."""
-    return dist.is_available() and isinstance(t, _dtensor_cls())
-
-
-def _placement_kinds(t):
-    from torch.distributed.tensor import Replicate, Shard
-
-    kinds = []
-    for i, pl in enumerate(t.placements):
-        if isinstance(pl, Shard):
-            kinds.append("shard")
-        elif isinstance(pl, Replicate):
-            kinds.append("replicate")
-        else:
-            raise NotImplementedError(
-                f"a tensor placed as {pl} on mesh dimension {i} is not supported: SFR-on needs sharded or "
-                "replicated tensors (a Partial gradient must be reduced first)")
-    return kinds
-
-
-def is_sharded(t) -> bool:
-    """Whether ``t`` is a DTensor with at least one ``Shard`` placement."""
-    return is_dtensor(t) and "shard" in _placement_kinds(t)
-
-
-# --------------------------------------------------------------------------- masks
-def shard_like(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """``mask`` laid out like ``param``: a DTensor with its mesh and placements when ``param`` is one.
-
-    A full (global) mask is cut locally, with no communication, so every rank
-    must pass the same full mask; a DTensor mask is redistributed if needed.
-    """
-    if not is_dtensor(param):
-        if is_dtensor(mask):
-            raise ValueError(f"mask is a DTensor ({mask.placements}) but its parameter is a plain tensor")
-        return mask
-    from torch.distributed.tensor import distribute_tensor
-
-    if is_dtensor(mask):
-        if mask.device_mesh == param.device_mesh and tuple(mask.placements) == tuple(param.placements):
-            return mask
-        return mask.redistribute(param.device_mesh, param.placements)
-    return distribute_tensor(mask, param.device_mesh, param.placements, src_data_rank=None)
-
-
-def _wrap_like(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    if not is_dtensor(param):
-        return local
-    return _dtensor_cls().from_local(local, param.device_mesh, param.placements, run_check=False,
-                                     shape=param.shape, stride=param.stride())
-
-
-# --------------------------------------------------------------------------- global norm
-def norm_reduce_group(grads_per_group):
-    """The process group over which a step's norm state must be summed, or ``None``.
-
-    ``None`` when torch.distributed is not initialised or no gradient is a
-    sharded DTensor (single process, DDP): every rank then holds the whole norm.
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    mesh = None
-    for grads in grads_per_group:
-        for g in grads:
-            if is_sharded(g):
-                mesh = g.device_mesh
-                break
-        if mesh is not None:
-            break
-    if mesh is None:
-        return None
-    if mesh.ndim == 1:
-        return mesh.get_group()
-    if mesh.size() != dist.get_world_size():
-        raise NotImplementedError(
-            f"a {mesh.ndim}-D device mesh of {mesh.size()} ranks inside a world of {dist.get_world_size()}: the "
-            "global norm is reduced over the whole world, so the mesh must span it")
-    return dist.group.WORLD
-
-
-def _counts_here(t, group) -> bool:
-    """Whether this rank adds ``t``'s local squares to the global norm (each element exactly once)."""
-    if not is_dtensor(t):
-        return dist.get_rank(group) == 0  # replicated on every rank: the group's first rank counts it
-    coordinate = t.device_mesh.get_coordinate()
-    if coordinate is None:
-        return False
-    return all(kind == "shard" or c == 0 for kind, c in zip(_placement_kinds(t), coordinate))
-
-
-def norm_share(grads, masks, group):
-    """The gradients (and aligned masks) whose squares this rank contributes to the summed norm."""
-    keep = [i for i, g in enumerate(grads) if _counts_here(g, group)]
-    return [grads[i] for i in keep], [masks[i] for i in keep]
-
-
-def all_reduce_norm_states(norm_states: dict, group) -> None:
-    """Sum ``[sum of squares, non-finite flag]`` over ``group``; one collective.
-
-    The flag only matters as ``> 0``, so a sum serves as the maximum.
-    """
-    states = list(norm_states.values())
-    if not states:
-        return
-    dist.all_reduce(states[0], op=dist.ReduceOp.SUM, group=group)
-    for s in states[1:]:
-        s.copy_(states[0])
-
-
 # --------------------------------------------------------------------------- Fisher and saliency
 def all_reduce_fisher(optimizer, which=("forget", "remain"), *, average: bool = True, group=None) -> int:
     """Average (or sum) the accumulated Fisher of an SFRon optimizer over the ranks of ``group``.
@@ -194,8 +85,6 @@ def all_reduce_fisher(optimizer, which=("forget", "remain"), *, average: bool = 
     gradients were already reduced. All tensors go in one collective.
     Returns how many Fisher tensors were reduced.
     """
-    from .optim import FISHER_KEYS
-
     which = (which,) if isinstance(which, str) else tuple(which)
     for w in which:
         if w not in FISHER_KEYS:
@@ -287,7 +176,7 @@ def sharded_saliency_mask(params, forget_fishers, remain_fishers, gamma: float =
 
     forget = [local(f).to(torch.float32) for f in forget_fishers]
     remain = [local(r).to(torch.float32) for r in remain_fishers]
-    counted = [_counts_here(p, group) for p in params]
+    counted = [counts_here(p, group) for p in params]
     total = sum(p.numel() for p in params)
     if density is not None:
         ratios = [saliency_ratio(f, r) for f, r in zip(forget, remain)]
@@ -318,7 +207,7 @@ def sharded_saliency_mask(params, forget_fishers, remain_fishers, gamma: float =
     kept_t = torch.tensor([kept], dtype=torch.int64,
                           device="cuda" if dist.get_backend(group) == "nccl" else "cpu")
     dist.all_reduce(kept_t, group=group)
-    masks = [_wrap_like(m, p) for m, p in zip(local_masks, params)]
+    masks = [wrap_like(m, p) for m, p in zip(local_masks, params)]
     return SaliencyMask(masks, int(kept_t), total)
 
 

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+from torch.amp.grad_scaler import OptState
 
 from . import functional as F
+
+#: optimizer state keys of the two Fisher diagonals
+FISHER_KEYS = {"forget": "fisher_forget", "remain": "fisher_remain"}
 
 
 def _to(x, device):
@@ -83,3 +89,53 @@ def fisher_diagonal(model: nn.Module, loader, loss_fn, *, scale: float | None = 
         for (_, p), g in zip(named, saved_grads):
             p.grad = g
     return fishers
+
+
+def fisher_key(which: str) -> str:
+    """The optimizer state key of the ``"forget"`` or ``"remain"`` Fisher."""
+    if which not in FISHER_KEYS:
+        raise ValueError(f"Invalid which: {which!r}; expected 'forget' or 'remain'")
+    return FISHER_KEYS[which]
+
+
+def stored(state: dict, param, which: str) -> torch.Tensor:
+    """A parameter's accumulated Fisher from its optimizer ``state``; zeros where it never had a gradient."""
+    f = state.get(fisher_key(which))
+    return f if f is not None else torch.zeros_like(param, dtype=torch.float32)
+
+
+def unscale_for_fisher(scaler, optimizer) -> bool:
+    """Unscale ``optimizer``'s gradients (once per ``scaler.update()``); ``False`` if they hold an inf or a NaN.
+
+    A Fisher is a sum of squared gradients: a scaled gradient would enter it multiplied by the
+    scale squared. Reads the scaler's overflow flags, which synchronises with the device; Fisher
+    passes run once per unlearning run, off the hot path.
+    """
+    if scaler is None or not scaler.is_enabled():
+        return True
+    state = scaler._per_optimizer_states[id(optimizer)]
+    if state["stage"] is not OptState.UNSCALED:
+        scaler.unscale_(optimizer)
+    return not any(bool(flag.item()) for flag in state["found_inf_per_device"].values())
+
+
+def accumulate_into(optimizer, which: str, scale: float = 1.0, grad_scaler=None, *, impl=None) -> bool:
+    """``F_which += scale * grad^2`` into an optimizer's state (see :meth:`sfron_ops.SFRon.accumulate_fisher`)."""
+    key = fisher_key(which)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or math.isnan(scale) or scale < 0:
+        raise ValueError(f"Invalid scale: {scale!r}")
+    if grad_scaler is not None and not unscale_for_fisher(grad_scaler, optimizer):
+        return False
+    fishers, grads = [], []
+    for p in (p for g in optimizer.param_groups for p in g["params"]):
+        if p.grad is None:
+            continue
+        state = optimizer.state[p]
+        if key not in state:
+            state[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        fishers.append(state[key])
+        grads.append(p.grad)
+    with torch.no_grad():
+        F.fisher_accumulate_(fishers, grads, scale=scale, impl=impl)
+    return True
+

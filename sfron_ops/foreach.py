@@ -1,171 +1,143 @@
-"""``foreach`` kernels: the reference math composed from ``torch._foreach_*`` ops.
+"""``foreach`` kernels: the reference math on one flat float32 buffer per list.
 
-Same signatures and semantics as :mod:`sfron_ops.reference`. Low-precision
-tensors are promoted to float32 copies first so the math matches the
-reference; float32 tensors are used as they are. ``torch`` has no foreach
-``where``, so on CUDA a step that must be skippable (``norm_state`` given)
-commits its results with one ``torch.where`` per tensor; on the CPU the flag
-is read on the host, which costs nothing there. With ``check_finite=False``
-and no clipping the update is foreach from end to end.
+Same signatures and semantics as :mod:`sfron_ops.reference`. A call copies each
+list it reads into one contiguous float32 buffer (``torch._utils``'s
+``_flatten_dense_tensors``: one op for the whole list), does the reference's
+arithmetic on those buffers, operation for operation, and writes each mutated
+list back with one ``torch._foreach_copy_``. So a call costs the same handful of
+ops whatever the number of tensors, with no Python loop over tensors (packed
+masks aside: their padding bits are dropped tensor by tensor) and no host read of
+a device value: a skipped step (non-finite flag set) is a ``torch.where`` between
+the old and the new flat values, and step counters advance by ``1 - flag``.
+
+The updates round exactly as the reference does. The sum of squares of
+``masked_sq_norm_`` is one sum over the flat buffer, so it agrees with the
+reference's per-tensor sums to float32 rounding.
 """
 
 from __future__ import annotations
 
 import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from . import _ops
-from .reference import clip_and_skip, device_scalar, unpack_mask
-
-_INF = float("inf")
+from .reference import clip_and_skip, decay_factor, scalar, sync_due, unpack_mask
 
 
-def _f32(tensors):
-    """Float32 views of a list: the tensors themselves when already float32, else promoted copies."""
-    return [t if t.dtype == torch.float32 else t.to(torch.float32) for t in tensors]
+def _flat32(tensors) -> torch.Tensor:
+    """The elements of a list, in order, as a new contiguous float32 tensor (never a view of an input)."""
+    flat = _flatten_dense_tensors(tensors)
+    if flat.dtype != torch.float32:
+        return flat.to(torch.float32)
+    # a one-tensor list flattens to a view of that tensor
+    return flat.clone() if len(tensors) == 1 else flat
 
 
-def _nonempty(*lists):
-    """Drop the zero-size entries (foreach reductions reject them; they cannot change anything)."""
-    keep = [i for i, t in enumerate(lists[0]) if t.numel() > 0]
-    return [[lst[i] for i in keep] for lst in lists]
+def _per_element(values: torch.Tensor, like, like_flat: torch.Tensor) -> torch.Tensor:
+    """``values`` (one per tensor of ``like``) repeated over each tensor's elements, flat like ``like_flat``."""
+    if values.is_cpu:
+        # sizes on the host cost nothing here
+        numels = torch.tensor([t.numel() for t in like], dtype=torch.int64)
+        return torch.repeat_interleave(values, numels, output_size=like_flat.numel())
+    # on an accelerator, without sending sizes over: broadcast each value into its tensor's slice
+    out = torch.empty(like_flat.shape, dtype=values.dtype, device=like_flat.device)
+    torch._foreach_copy_(_unflatten_dense_tensors(out, like), values.unbind())
+    return out
 
 
-def _unpacked(masks, like, packed):
-    return [unpack_mask(m, t) for m, t in zip(masks, like)] if packed and masks else masks
+def _flat_masks(masks, like, packed: bool) -> torch.Tensor:
+    """The masks' factors as a flat float32 buffer aligned with ``like``'s elements."""
+    if not packed:
+        return _flat32(masks)
+    # each tensor's last byte holds padding bits: unpacked tensor by tensor
+    return _flat32([unpack_mask(m, t) for m, t in zip(masks, like)])
 
 
-def _direction(grads, masks, coef):
-    """u = (g * m) * coef as new float32 tensors."""
-    g32 = _f32(grads)
+def _direction(grads, masks, coef, packed=False, like=None) -> torch.Tensor:
+    """u = (g * m) * coef as a new flat float32 buffer; ``grads`` are only read."""
+    u = _flat32(grads)
     if masks:
-        u = torch._foreach_mul(g32, _f32(masks))
-        torch._foreach_mul_(u, coef)
-    else:
-        u = torch._foreach_mul(g32, coef)
-    return u
+        u = u * _flat_masks(masks, grads if like is None else like, packed)
+    return u * coef
 
 
-def _coef_and_skip(norm_state, scale, max_norm, device):
-    """``(coef, skip, skipped)``: the direction coefficient, the device skip flag, and whether the host knows
-    the step is skipped. On the CPU reading the flag costs no synchronisation, so it is read there (``skip``
-    is then ``None``) and no per-tensor ``where`` is needed."""
-    coef, skip = clip_and_skip(norm_state, scale, max_norm, device)
-    if skip is not None and skip.device.type == "cpu" and not torch.compiler.is_compiling():
-        return coef, None, bool(skip)
-    return coef, skip, False
-
-
-def _commit(dsts, news, skip):
-    if not dsts:
-        return
+def _commit(dsts, new: torch.Tensor, skip, old: torch.Tensor | None = None) -> None:
+    """Write the flat ``new`` into the list ``dsts``; where ``skip`` is set, ``old`` (their current values)."""
     if skip is not None:
-        news = [torch.where(skip, d, n) for d, n in zip(dsts, news)]
-    torch._foreach_copy_(dsts, news)
+        new = torch.where(skip, old, new)
+    torch._foreach_copy_(dsts, _unflatten_dense_tensors(new, dsts))
 
 
-def _advance(steps, skip):
-    if steps:
-        torch._foreach_add_(steps, 1.0 if skip is None else 1.0 - skip.float())
+def _advance(steps, skip) -> None:
+    # the list overload: adding one 0-dim tensor (or a number) to a list of 0-dim counters takes a per-tensor slow
+    # path in torch that costs about three times as much
+    step = torch.ones((), device=steps[0].device) if skip is None else 1.0 - skip.float()
+    torch._foreach_add_(steps, [step] * len(steps))
 
 
-def masked_sq_norm_(grads, masks, norm_state, *, alpha, packed_masks=False):
-    _ops.validate("masked_norm", grads, masks, norm_state, alpha=alpha, packed_masks=packed_masks)
-    masks = _unpacked(masks, grads, packed_masks)
-    grads, masks = _nonempty(grads, masks) if masks else (_nonempty(grads)[0], [])
+def masked_sq_norm_(grads, masks, norm_state, *, alpha, packed_masks=False, alpha_tensor=None):
+    _ops.validate("masked_norm", grads, masks, norm_state, alpha=alpha, packed_masks=packed_masks,
+                  alpha_tensor=alpha_tensor)
     if not grads:
         return
-    u = _direction(grads, masks, device_scalar(alpha, grads[0].device))
-    norm_state[0] += torch.stack(torch._foreach_norm(u, 2)).square().sum()
-    largest = torch.stack(torch._foreach_norm(u, _INF))
-    norm_state[1] = torch.maximum(norm_state[1], (~torch.isfinite(largest)).any().float())
-
-
-def _add_scaled(xs, ys, coef, inplace=False):
-    """xs + coef * ys; ``coef`` may be a 0-dim tensor (a tensor lr), which foreach ``alpha=`` does not take."""
-    add = torch._foreach_add_ if inplace else torch._foreach_add
-    if torch.is_tensor(coef):
-        return add(xs, torch._foreach_mul(ys, coef))
-    return add(xs, ys, alpha=coef)
-
-
-def _first_step_coef(steps, dampening):
-    """1 on a buffer's first step (it starts as d), else 1 - dampening; the buffer is zero before."""
-    if dampening == 0:
-        return None
-    started = torch._foreach_clamp_max(steps, 1.0)
-    torch._foreach_mul_(started, -dampening)
-    torch._foreach_add_(started, 1.0)
-    return started
+    u = _direction(grads, masks, scalar(alpha, alpha_tensor), packed_masks)
+    norm_state[0] += (u * u).sum()
+    norm_state[1] = torch.maximum(norm_state[1], (~torch.isfinite(u)).any().float())
 
 
 def sgd_update_(params, grads, masks, momentum_buffers, steps, norm_state, *, lr, scale, momentum, dampening,
-                weight_decay, nesterov, max_norm, packed_masks=False):
+                weight_decay, nesterov, max_norm, packed_masks=False, lr_tensor=None, scale_tensor=None):
     _ops.validate("sgd_update", params, grads, masks, momentum_buffers, steps, norm_state, lr=lr, scale=scale,
-                          momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                          max_norm=max_norm, packed_masks=packed_masks)
-    masks = _unpacked(masks, params, packed_masks)
+                  momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                  max_norm=max_norm, packed_masks=packed_masks, lr_tensor=lr_tensor, scale_tensor=scale_tensor)
     if not params:
         return
-    coef, skip, skipped = _coef_and_skip(norm_state, scale, max_norm, params[0].device)
-    if skipped:
-        return
-    p32 = _f32(params)
-    d = _direction(grads, masks, coef)
+    lr = scalar(lr, lr_tensor)
+    coef, skip = clip_and_skip(norm_state, scale, max_norm, params[0].device, scale_tensor)
+    p32 = _flat32(params)
+    d = _direction(grads, masks, coef, packed_masks, params)
     if weight_decay != 0:
-        torch._foreach_add_(d, p32, alpha=weight_decay)
+        d = d + weight_decay * p32
     if momentum != 0:
-        new_buf = torch._foreach_mul(_f32(momentum_buffers), momentum)
-        first_coef = _first_step_coef(steps, dampening)
-        torch._foreach_add_(new_buf, d if first_coef is None else torch._foreach_mul(d, first_coef))
-        if nesterov:
-            torch._foreach_add_(d, new_buf, alpha=momentum)
-        else:
-            d = new_buf
-        _commit(momentum_buffers, new_buf, skip)
-    _commit(params, _add_scaled(p32, d, -lr), skip)
+        buf32 = _flat32(momentum_buffers)
+        # the buffer starts as d itself (torch.optim.SGD clones the first gradient)
+        first = _per_element(torch.stack(steps) == 0, params, p32)
+        new_buf = torch.where(first, d, momentum * buf32 + (1 - dampening) * d)
+        d = d + momentum * new_buf if nesterov else new_buf
+        _commit(momentum_buffers, new_buf, skip, buf32)
+    _commit(params, p32 - lr * d, skip, p32)
     _advance(steps, skip)
 
 
 def adamw_update_(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state, *, lr, scale, beta1, beta2, eps,
-                  weight_decay, max_norm, packed_masks=False):
+                  weight_decay, max_norm, packed_masks=False, lr_tensor=None, scale_tensor=None):
     _ops.validate("adamw_update", params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state, lr=lr, scale=scale,
-                            beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, max_norm=max_norm,
-                            packed_masks=packed_masks)
-    masks = _unpacked(masks, params, packed_masks)
+                  beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, max_norm=max_norm,
+                  packed_masks=packed_masks, lr_tensor=lr_tensor, scale_tensor=scale_tensor)
     if not params:
         return
-    coef, skip, skipped = _coef_and_skip(norm_state, scale, max_norm, params[0].device)
-    if skipped:
-        return
-    u = _direction(grads, masks, coef)
-    t = torch._foreach_add(steps, 1.0)
-    m1 = torch._foreach_mul(_f32(exp_avgs), beta1)
-    torch._foreach_add_(m1, u, alpha=1 - beta1)
-    m2 = torch._foreach_mul(_f32(exp_avg_sqs), beta2)
-    torch._foreach_addcmul_(m2, u, u, value=1 - beta2)
-    bias1 = torch._foreach_pow(beta1, t)
-    torch._foreach_mul_(bias1, -1.0)
-    torch._foreach_add_(bias1, 1.0)
-    bias2 = torch._foreach_pow(beta2, t)
-    torch._foreach_mul_(bias2, -1.0)
-    torch._foreach_add_(bias2, 1.0)
-    denom = torch._foreach_div(m2, bias2)
-    torch._foreach_sqrt_(denom)
-    torch._foreach_add_(denom, eps)
-    update = torch._foreach_div(m1, bias1)
-    torch._foreach_div_(update, denom)
-    new_p = torch._foreach_mul(_f32(params), 1 - lr * weight_decay)
-    _add_scaled(new_p, update, -lr, inplace=True)
-    _commit(exp_avgs, m1, skip)
-    _commit(exp_avg_sqs, m2, skip)
-    _commit(params, new_p, skip)
+    lr = scalar(lr, lr_tensor)
+    decay = decay_factor(lr, weight_decay)
+    coef, skip = clip_and_skip(norm_state, scale, max_norm, params[0].device, scale_tensor)
+    u = _direction(grads, masks, coef, packed_masks, params)
+    m1_old, m2_old, p32 = _flat32(exp_avgs), _flat32(exp_avg_sqs), _flat32(params)
+    t = torch.stack(steps) + 1
+    bias1 = _per_element(1 - torch.pow(beta1, t), params, p32)
+    bias2 = _per_element(1 - torch.pow(beta2, t), params, p32)
+    m1 = beta1 * m1_old + (1 - beta1) * u
+    m2 = beta2 * m2_old + (1 - beta2) * u * u
+    denom = (m2 / bias2).sqrt() + eps
+    new_p = p32 * decay - lr * (m1 / bias1) / denom
+    _commit(exp_avgs, m1, skip, m1_old)
+    _commit(exp_avg_sqs, m2, skip, m2_old)
+    _commit(params, new_p, skip, p32)
     _advance(steps, skip)
 
 
 def fisher_accumulate_(fishers, grads, *, scale):
     _ops.validate("fisher_accumulate", fishers, grads, scale=scale)
     if fishers:
-        g32 = _f32(grads)
+        g32 = [g if g.dtype == torch.float32 else g.to(torch.float32) for g in grads]
         torch._foreach_addcmul_(fishers, g32, g32, value=scale)
 
 
@@ -173,26 +145,26 @@ def saliency_mask_(forget_fishers, remain_fishers, masks, kept, *, gamma):
     _ops.validate("saliency_mask", forget_fishers, remain_fishers, masks, kept, gamma=gamma)
     if not masks:
         return
-    ratio = torch._foreach_div(torch._foreach_add(forget_fishers, _ops.RATIO_EPS),
-                               torch._foreach_add(remain_fishers, _ops.RATIO_EPS))
-    threshold = torch.tensor(gamma, dtype=torch.float32, device=masks[0].device)
-    # no foreach comparison exists; this op runs once per unlearning run
-    for r, m in zip(ratio, masks):
-        keep = r >= threshold
-        m.copy_(keep)
-        kept += keep.sum()
+    ratio = (_flat32(forget_fishers) + _ops.RATIO_EPS) / (_flat32(remain_fishers) + _ops.RATIO_EPS)
+    keep = ratio >= torch.tensor(gamma, dtype=torch.float32, device=ratio.device)
+    _commit(masks, keep, None)
+    kept += keep.sum()
 
 
-def slow_sync_(slow_params, params, *, alpha, reset_fast):
-    _ops.validate("slow_sync", slow_params, params, alpha=alpha, reset_fast=reset_fast)
+def slow_sync_(slow_params, params, *, alpha, reset_fast, norm_state=None, counter=None, period=1):
+    _ops.validate("slow_sync", slow_params, params, alpha=alpha, reset_fast=reset_fast, norm_state=norm_state,
+                  counter=counter, period=period)
     if not params:
         return
-    s32 = _f32(slow_params)
-    torch._foreach_lerp_(s32, _f32(params), alpha)  # torch's lerp is the two-sided, end-exact form
-    if s32[0] is not slow_params[0]:
-        torch._foreach_copy_(slow_params, s32)
+    due = sync_due(norm_state, counter, period)
+    keep = None if due is None else ~due
+    s32, p32 = _flat32(slow_params), _flat32(params)
+    diff = p32 - s32
+    new = s32 + alpha * diff if alpha < 0.5 else p32 - diff * (1 - alpha)  # the reference's two-sided lerp
+    _commit(slow_params, new, keep, s32)
     if reset_fast:
-        torch._foreach_copy_(params, slow_params)
+        # the slow weights as stored (rounded to their dtype), as the reference copies them
+        _commit(params, _flat32(slow_params), keep, p32)
 
 
 KERNELS = {

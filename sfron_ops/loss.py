@@ -96,6 +96,10 @@ def adaptive_weights(losses: torch.Tensor, lambd: float = 0.5, loss_floor: float
     ``eps`` is :math:`\epsilon`, :math:`10^{-15}` as in the official classification code (its diffusion code
     uses :math:`10^{-8}`).
     """
+    if losses.numel() == 0:
+        # the mean of no weighted losses is NaN, and a step on it would move nothing the user meant to forget
+        raise ValueError("adaptive_weights: the forget batch is empty (losses has shape "
+                         f"{tuple(losses.shape)}); each forget step needs at least one sample")
     c = inverse_loss_powers(losses, lambd, loss_floor, eps=eps)
     return normalise_weights(c, losses.numel(), c.sum(), losses.dtype)
 

@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import _dtensor
 from . import functional as F
 from .reference import saliency_ratio
 
@@ -21,6 +22,74 @@ def canonical_name(name: str) -> str:
     while len(parts) > 1 and parts[0] == "module":
         parts = parts[1:]
     return ".".join(p for p in parts if p not in _WRAPPER_PARTS)
+
+
+def assign(named, mask) -> list:
+    """Pair the masks a user gave with the parameters: ``[(param, label, checked mask)]``, nothing stored.
+
+    ``named``: ``[(canonical name or None, param, label for messages)]``. ``mask``: a list aligned
+    with the parameters (``None`` entries skipped), or a dict keyed by parameter name or by tensor.
+    Every mask is checked before the first is returned, so a bad one changes nothing.
+    """
+    assigned = []
+    if isinstance(mask, (list, tuple)):
+        if len(mask) != len(named):
+            raise ValueError(f"mask is a list of {len(mask)} entries but the optimizer has {len(named)} parameters")
+        assigned = [(p, label, m) for (_, p, label), m in zip(named, mask) if m is not None]
+    elif isinstance(mask, dict):
+        by_name = {n: (p, label) for n, p, label in named if n is not None}
+        by_tensor = {p: label for _, p, label in named}
+        for key, m in mask.items():
+            if isinstance(key, str):
+                if not by_name:
+                    raise ValueError(
+                        f"mask is keyed by name ({key!r}) but the parameters have no names; "
+                        "pass model.named_parameters()")
+                hit = by_name.get(canonical_name(key))
+                if hit is None:
+                    raise ValueError(f"mask for {key!r} names no parameter of this optimizer")
+                assigned.append((hit[0], hit[1], m))
+            elif torch.is_tensor(key):
+                if key not in by_tensor:
+                    raise ValueError(f"mask is keyed by a tensor of shape {tuple(key.shape)} that is not "
+                                     "a parameter of this optimizer")
+                assigned.append((key, by_tensor[key], m))
+            else:
+                raise TypeError(f"mask keys must be parameter names or tensors, got {type(key).__name__}")
+    else:
+        raise TypeError(f"mask must be None, a list or a dict, got {type(mask).__name__}")
+    return [(p, label, checked(p, label, m)) for p, label, m in assigned]
+
+
+def validate(p, label, m) -> None:
+    """Raise naming parameter ``label`` unless ``m`` can be its mask: a tensor of its shape, and binary
+    (bool or uint8 holding only 0 and 1, one byte per element) or floating point with finite values."""
+    if not torch.is_tensor(m):
+        raise TypeError(f"mask for parameter {label} must be a tensor, got {type(m).__name__}")
+    if not (m.dtype in (torch.bool, torch.uint8) or m.is_floating_point()):
+        raise ValueError(f"mask for parameter {label} has dtype {m.dtype}; expected bool, uint8 or floating point")
+    if m.shape != p.shape:
+        raise ValueError(f"mask for parameter {label} has shape {tuple(m.shape)}, expected {tuple(p.shape)}")
+    if m.device.type == "meta":
+        raise ValueError(f"mask for parameter {label} is on the meta device (no data); the parameter is on {p.device}")
+    local = _dtensor.to_local(m)
+    if local.numel() == 0:
+        return
+    if m.is_floating_point():
+        if not bool(torch.isfinite(local).all()):
+            raise ValueError(f"mask for parameter {label} holds a NaN or an infinity; a soft mask needs finite values")
+    elif bool((local.view(torch.uint8) > 1).any()):  # a bool view of other bytes is not 0/1 either
+        value = int(local.view(torch.uint8).max())
+        raise ValueError(f"mask for parameter {label} holds the byte value {value}; a {m.dtype} mask must hold 0 and 1 "
+                         "only (scale a soft mask as a floating point one)")
+
+
+def checked(p, label, m):
+    """``m`` checked as the mask of parameter ``p`` (:func:`validate`) and placed like it (a copy when it moves)."""
+    validate(p, label, m)
+    if m.device != p.device:
+        m = m.to(p.device)  # a copy on the parameter's device; the caller's tensor is untouched
+    return _dtensor.shard_like(m, p)  # placed like a DTensor (FSDP2) parameter
 
 
 class SaliencyMask(NamedTuple):
@@ -122,8 +191,17 @@ def saliency_mask(forget_fisher, remain_fisher, gamma: float = 1.0, density: flo
     """
     keys = None
     if isinstance(forget_fisher, dict):
-        if not isinstance(remain_fisher, dict) or set(forget_fisher) != set(remain_fisher):
-            raise ValueError("forget_fisher and remain_fisher must be dicts with the same keys")
+        if not isinstance(remain_fisher, dict):
+            raise TypeError(f"forget_fisher is a dict but remain_fisher is a {type(remain_fisher).__name__}")
+        only_forget = [k for k in forget_fisher if k not in remain_fisher]
+        only_remain = [k for k in remain_fisher if k not in forget_fisher]
+        if only_forget or only_remain:
+            def some(keys):
+                return ", ".join(map(repr, keys[:5])) + (" ..." if len(keys) > 5 else "")
+
+            raise ValueError("forget_fisher and remain_fisher must have the same keys; " + "; ".join(
+                f"only in {side}: {some(ks)}" for side, ks in (("forget_fisher", only_forget),
+                                                              ("remain_fisher", only_remain)) if ks))
         keys = list(forget_fisher)
         forget, remain = [forget_fisher[k] for k in keys], [remain_fisher[k] for k in keys]
     else:
@@ -132,16 +210,26 @@ def saliency_mask(forget_fisher, remain_fisher, gamma: float = 1.0, density: flo
             raise ValueError(f"forget_fisher has {len(forget)} tensors but remain_fisher has {len(remain)}")
     for i, (f, r) in enumerate(zip(forget, remain)):
         label = keys[i] if keys else i
+        for side, t in (("forget_fisher", f), ("remain_fisher", r)):
+            if not torch.is_tensor(t) or not t.is_floating_point():
+                raise TypeError(f"{side}[{label!r}] must be a floating point tensor, got "
+                                f"{t.dtype if torch.is_tensor(t) else type(t).__name__}")
         if f.shape != r.shape:
             raise ValueError(f"Fisher shapes differ for {label!r}: {tuple(f.shape)} and {tuple(r.shape)}")
         if f.device != r.device:
             raise ValueError(f"Fisher devices differ for {label!r}: {f.device} and {r.device}")
+        for side, t in (("forget_fisher", f), ("remain_fisher", r)):
+            local = _dtensor.to_local(t)
+            if local.numel() and not bool((torch.isfinite(local) & (local >= 0)).all()):
+                raise ValueError(f"{side}[{label!r}] holds a negative, NaN or infinite value; a Fisher diagonal is a "
+                                 "mean of squares")
     if dtype not in (torch.bool, torch.uint8):
         raise ValueError(f"Invalid dtype: {dtype}; expected torch.bool or torch.uint8")
     if density is not None:
         check_density(density)
-    elif isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or math.isnan(gamma):
-        raise ValueError(f"Invalid gamma: {gamma!r}")
+    elif isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (math.isfinite(gamma) and gamma > 0):
+        # every ratio is positive: gamma <= 0 would keep every weight
+        raise ValueError(f"Invalid gamma: {gamma!r}; expected a finite number > 0")
 
     if density is not None:
         masks, kept, total = density_mask([saliency_ratio(f, r) for f, r in zip(forget, remain)], density,

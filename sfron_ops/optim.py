@@ -2,71 +2,25 @@
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 
 import torch
 from torch.optim import Optimizer
+from torch.optim.optimizer import _global_optimizer_post_hooks as _GLOBAL_POST_HOOKS
+from torch.optim.optimizer import _global_optimizer_pre_hooks as _GLOBAL_PRE_HOOKS
 
-from . import _impl
-from . import distributed as _dist
+from . import _checkpoint, _dtensor, _groups, _impl, _state, distributed, fisher, packing
 from . import functional as F
-from . import packing as _packing
-from .mask import canonical_name
+from . import mask as _mask
 
 PHASES = ("forget", "remain")
-BASES = ("sgd", "adamw")
-FISHER_KEYS = {"forget": "fisher_forget", "remain": "fisher_remain"}
-
-# State entries the torch loader must not cast to the parameter's dtype:
-# Fisher accumulators stay float32, masks keep the dtype they were given (packed ones uint8).
-_KEEP_DTYPE = ("mask", "packed_mask", "fisher_forget", "fisher_remain")
+BASES = _groups.BASES
+FISHER_KEYS = fisher.FISHER_KEYS
 
 
-def _check_number(name, value, low=None, high=None, low_open=False, high_open=False):
-    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value)
-    if not bad and low is not None:
-        bad = value <= low if low_open else value < low
-    if not bad and high is not None:
-        bad = value >= high if high_open else value > high
-    if bad:
-        raise ValueError(f"Invalid {name}: {value!r}")
-
-
-def _validate_group(group: dict) -> None:
-    """Raise ValueError naming the first bad hyperparameter of a param group."""
-    if group["base"] not in BASES:
-        raise ValueError(f"Invalid base: {group['base']!r}; expected one of {BASES}")
-    _check_number("lr", float(group["lr"]) if torch.is_tensor(group["lr"]) else group["lr"], low=0.0)
-    alpha = group["forget_alpha"]
-    _check_number("forget_alpha", float(alpha) if torch.is_tensor(alpha) else alpha, low=0.0)
-    _check_number("momentum", group["momentum"], low=0.0)
-    _check_number("dampening", group["dampening"], low=0.0, high=1.0)
-    _check_number("weight_decay", group["weight_decay"], low=0.0)
-    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-        raise ValueError(
-            f"Invalid nesterov: True needs momentum > 0 and dampening = 0 (got momentum={group['momentum']!r}, "
-            f"dampening={group['dampening']!r})")
-    betas = group["betas"]
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"Invalid betas: {betas!r}")
-    _check_number("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
-    _check_number("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
-    _check_number("eps", group["eps"], low=0.0)
-    for key in ("max_grad_norm", "remain_max_grad_norm"):
-        if group[key] is not None:
-            _check_number(key, group[key], low=0.0, low_open=True)
-    _check_number("slow_alpha", group["slow_alpha"], low=0.0, high=1.0)
-    period = group["sync_period"]
-    if isinstance(period, bool) or not isinstance(period, int) or period < 1:
-        raise ValueError(f"Invalid sync_period: {period!r}")
-    if not isinstance(group["reset_fast"], bool):
-        raise ValueError(f"Invalid reset_fast: {group['reset_fast']!r}")
-
-
-def _slow_active(group) -> bool:
-    # a = 1 with a reset is the identity: no slow copy at all (the official CIFAR-10 setting)
-    return not (group["slow_alpha"] == 1.0 and group["reset_fast"])
+def _check_phase(phase) -> None:
+    if phase not in PHASES:
+        raise ValueError(f"Invalid phase: {phase!r}; expected 'forget' or 'remain'")
 
 
 class SFRon(Optimizer):
@@ -103,6 +57,10 @@ class SFRon(Optimizer):
     :math:`m = [(F_f + \varepsilon)/(F_r + \varepsilon) \ge \gamma]`
     (:meth:`accumulate_fisher`, :meth:`compute_mask`, or :func:`sfron_ops.saliency_mask`).
     The per-sample weighting of the forget loss lives in :class:`sfron_ops.AdaptiveLoss`.
+    The step itself is :func:`sfron_ops.functional.sfron`, on a plan that is worked out again
+    only when the parameters, their gradients' shapes and dtypes, the masks or the state change.
+    Every hyperparameter, mask and state entry is checked before anything is written: a bad one
+    raises an error that names it, and the model and the optimizer stay as they were.
 
     Args:
         params: tensors, param-group dicts, or ``model.named_parameters()``.
@@ -124,6 +82,11 @@ class SFRon(Optimizer):
         mask_format: ``"dense"`` keeps masks as given; ``"packed"`` stores binary
             masks with one bit per weight (8x less than bool) and the kernels read
             the bits directly (:mod:`sfron_ops.packing`).
+
+    ``lr`` and ``forget_alpha`` may be float32 0-dim tensors on the parameters' device: the
+    kernels read them where they run, so schedules that update them in place need no host
+    read, a compiled step does not recompile, and a captured CUDA graph follows them (a tensor
+    filled with a negative or non-finite value makes the step a skipped one).
     """
 
     def __init__(self, params, mask=None, lr=1e-3, base="sgd", momentum=0.0, dampening=0.0, nesterov=False,
@@ -131,9 +94,8 @@ class SFRon(Optimizer):
                  remain_max_grad_norm=None, slow_alpha=1.0, sync_period=1, reset_fast=True, check_finite=True,
                  impl=None, mask_format="dense"):
         _impl.validate_impl(impl)
-        if mask_format not in _packing.FORMATS:
-            raise ValueError(f"Invalid mask_format: {mask_format!r}; expected one of {_packing.FORMATS}")
-        self.mask_format = mask_format
+        if mask_format not in packing.FORMATS:
+            raise ValueError(f"Invalid mask_format: {mask_format!r}; expected one of {packing.FORMATS}")
         if not isinstance(check_finite, bool):
             raise ValueError(f"Invalid check_finite: {check_finite!r}")
         defaults = dict(lr=lr, base=base, momentum=momentum, dampening=dampening, nesterov=nesterov,
@@ -141,44 +103,66 @@ class SFRon(Optimizer):
                         forget_alpha=forget_alpha, max_grad_norm=max_grad_norm,
                         remain_max_grad_norm=remain_max_grad_norm, slow_alpha=slow_alpha, sync_period=sync_period,
                         reset_fast=reset_fast)
-        _validate_group(defaults)
-        self.impl = impl
-        self.check_finite = check_finite
-        self._phase = "remain"
-        self._norm_buffers = {}
-        self._skip_counter = None
-        self._skip_offset = 0
+        _groups.check_group(defaults)
+        self.impl, self.check_finite, self.mask_format = impl, check_finite, mask_format
+        self._version = _state.Version()
+        self._reset_runtime()
         super().__init__(params, defaults)
-        # the env override is read once, so a run cannot change backend halfway
+        # the backend of each device is chosen once (the env override too): a run cannot change it halfway
         self._impls = {}
         for device in {p.device for g in self.param_groups for p in g["params"]}:
             self._impl_for(device)
         if mask is not None:
             self.set_masks(mask)
 
-    # ------------------------------------------------------------------ groups and masks
+    def _reset_runtime(self, skipped: int = 0) -> None:
+        self._phase = "remain"
+        self._plans, self._checked = F.PlanCache(), _groups.Checked()
+        self._skipped = None  # a device counter, made with the first plan
+        self._skipped_base = skipped
+        self._sync_counts = {}  # id(group) -> the group's remain steps since the last sync, on the device
+
+    @property
+    def state(self):
+        return self._state
+
+    @state.setter
+    def state(self, value):
+        self._version.bump()
+        self._state = value if isinstance(value, _state.OptimizerState) else _state.OptimizerState(self._version,
+                                                                                                    value)
+
     def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        """torch's, refusing duplicate parameters and bad hyperparameters (the group is then not added)."""
+        super().add_param_group(_groups.unique_params(param_group))
+        group, where = self.param_groups[-1], f"param_groups[{len(self.param_groups) - 1}]"
+        group.setdefault("remain_steps", 0)
         try:
-            _validate_group(group)
+            _groups.check_group(group, where)
+            _groups.check_params(group, where)
         except ValueError:
             self.param_groups.pop()
             raise
-        group.setdefault("remain_steps", 0)
+        self._version.bump()
 
     def __setstate__(self, state):
+        state = dict(state)
+        entries = state.pop("state", None)
+        if "_version" not in self.__dict__:  # unpickling: the runtime fields did not travel
+            self.__dict__.update(_version=_state.Version(), impl=state.pop("impl", None),
+                                 check_finite=state.pop("check_finite", True),
+                                 mask_format=state.pop("mask_format", "dense"), _impls={})
+            self._reset_runtime()
         super().__setstate__(state)
-        self.__dict__.setdefault("impl", None)
-        self.__dict__.setdefault("check_finite", True)
-        self.__dict__.setdefault("_phase", "remain")
-        self.__dict__.setdefault("_norm_buffers", {})
-        self.__dict__.setdefault("_skip_counter", None)
-        self.__dict__.setdefault("_skip_offset", 0)
-        self.__dict__.setdefault("_impls", {})
-        self.__dict__.setdefault("mask_format", "dense")
+        if entries is not None:
+            self.state = entries
         for group in self.param_groups:
             group.setdefault("remain_steps", 0)
+        self._version.bump()
+
+    def __getstate__(self):
+        return {"defaults": self.defaults, "state": self.state, "param_groups": self.param_groups, "impl": self.impl,
+                "check_finite": self.check_finite, "mask_format": self.mask_format}
 
     def _impl_for(self, device: torch.device) -> str:
         name = self._impls.get(device)
@@ -189,295 +173,119 @@ class SFRon(Optimizer):
     def _named_params(self):
         """[(canonical name or None, param, label for messages)] in group order."""
         out = []
-        index = 0
         for gi, group in enumerate(self.param_groups):
             names = group.get("param_names")
             for pi, p in enumerate(group["params"]):
                 name = names[pi] if names is not None else None
-                label = repr(name) if name is not None else f"param_groups[{gi}]['params'][{pi}] (#{index})"
-                out.append((None if name is None else canonical_name(name), p, label))
-                index += 1
+                label = repr(name) if name is not None else f"param_groups[{gi}]['params'][{pi}] (#{len(out)})"
+                out.append((None if name is None else _mask.canonical_name(name), p, label))
         return out
 
+    # ------------------------------------------------------------------ masks
     def set_masks(self, mask) -> None:
         """Set the saliency masks (list aligned with the parameters, or dict by name or by tensor).
 
-        All masks are checked before any is stored; parameters the mask does not
-        mention keep the mask they had (or none).
+        All masks are checked before any is stored (binary, or floating point with finite values);
+        parameters the mask does not mention keep the mask they had (or none).
         """
-        named = self._named_params()
-        assigned = []
-        if isinstance(mask, (list, tuple)):
-            if len(mask) != len(named):
-                raise ValueError(f"mask is a list of {len(mask)} entries but the optimizer has {len(named)} parameters")
-            assigned = [(p, label, m) for (_, p, label), m in zip(named, mask) if m is not None]
-        elif isinstance(mask, dict):
-            by_name = {n: (p, label) for n, p, label in named if n is not None}
-            by_tensor = {p: label for _, p, label in named}
-            for key, m in mask.items():
-                if isinstance(key, str):
-                    if not by_name:
-                        raise ValueError(
-                            f"mask is keyed by name ({key!r}) but the parameters have no names; "
-                            "pass model.named_parameters()")
-                    hit = by_name.get(canonical_name(key))
-                    if hit is None:
-                        raise ValueError(f"mask for {key!r} names no parameter of this optimizer")
-                    assigned.append((hit[0], hit[1], m))
-                elif torch.is_tensor(key):
-                    if key not in by_tensor:
-                        raise ValueError(f"mask is keyed by a tensor of shape {tuple(key.shape)} that is not "
-                                         "a parameter of this optimizer")
-                    assigned.append((key, by_tensor[key], m))
-                else:
-                    raise TypeError(f"mask keys must be parameter names or tensors, got {type(key).__name__}")
-        else:
-            raise TypeError(f"mask must be None, a list or a dict, got {type(mask).__name__}")
-        checked = [(p, self._checked_mask(p, label, m)) for p, label, m in assigned]
+        assigned = _mask.assign(self._named_params(), mask)
         if self.mask_format == "packed":
             for _, label, m in assigned:
                 if m.is_floating_point():
                     raise ValueError(f"mask for parameter {label} is floating point (soft saliency); "
                                      "mask_format='packed' stores binary masks only")
-        for p, m in checked:
-            self._store_mask(p, m)
-
-    @staticmethod
-    def _checked_mask(p, label, m):
-        if not torch.is_tensor(m):
-            raise TypeError(f"mask for parameter {label} must be a tensor, got {type(m).__name__}")
-        if not (m.dtype in (torch.bool, torch.uint8) or m.is_floating_point()):
-            raise ValueError(f"mask for parameter {label} has dtype {m.dtype}; expected bool, uint8 or floating point")
-        if m.shape != p.shape:
-            raise ValueError(f"mask for parameter {label} has shape {tuple(m.shape)}, expected {tuple(p.shape)}")
-        if m.device != p.device:
-            if m.device.type == "meta":
-                raise ValueError(f"mask for parameter {label} is on the meta device (no data); "
-                                 f"the parameter is on {p.device}")
-            m = m.to(p.device)  # a copy on the parameter's device; the caller's tensor is untouched
-        return _dist.shard_like(m, p)  # placed like a DTensor (FSDP2) parameter
+        for p, _, m in assigned:
+            packing.store(self.state[p], p, m, self.mask_format)
 
     def masks(self) -> list:
         """The masks aligned with the parameters (``None`` where a parameter has none); packed ones unpacked to bool."""
-        out = []
-        for _, p, _ in self._named_params():
-            state = self.state.get(p, {})
-            packed = state.get("packed_mask")
-            out.append(state.get("mask") if packed is None else _packing.unpack_like(packed, p))
-        return out
-
-    def _store_mask(self, p, m) -> None:
-        # a parameter holds one of "mask" (as given) or "packed_mask" (one bit per element)
-        state = self.state[p]
-        state.pop("mask", None)
-        state.pop("packed_mask", None)
-        if self.mask_format == "packed":
-            state["packed_mask"] = _packing.pack_like(m, p)
-        else:
-            state["mask"] = m
-
-    @staticmethod
-    def _kernel_mask(p, state):
-        packed = state.get("packed_mask")
-        return state.get("mask") if packed is None else _packing.kernel_view(packed, p)
-
-    def _convert_masks(self) -> None:
-        """Bring loaded masks to this optimizer's ``mask_format``."""
-        for _, p, label in self._named_params():
-            state = self.state.get(p, {})
-            if self.mask_format == "packed" and "mask" in state:
-                if state["mask"].is_floating_point():
-                    raise ValueError(f"the loaded mask for parameter {label} is floating point (soft saliency); "
-                                     "mask_format='packed' stores binary masks only")
-                self._store_mask(p, state["mask"])
-            elif self.mask_format == "dense" and "packed_mask" in state:
-                self._store_mask(p, _packing.unpack_like(state["packed_mask"], p))
+        return [packing.dense(self.state.get(p, {}), p) for _, p, _ in self._named_params()]
 
     # ------------------------------------------------------------------ phases
     @property
     def current_phase(self) -> str:
         return self._phase
 
-    @staticmethod
-    def _check_phase(phase):
-        if phase not in PHASES:
-            raise ValueError(f"Invalid phase: {phase!r}; expected 'forget' or 'remain'")
+    @current_phase.setter
+    def current_phase(self, phase: str) -> None:
+        _check_phase(phase)
+        self._phase = phase
 
     @contextmanager
     def phase(self, phase: str):
         """``with opt.phase("forget"): opt.step()``: steps inside are ``phase`` steps."""
-        self._check_phase(phase)
-        previous, self._phase = self._phase, phase
+        previous = self._phase
+        self.current_phase = phase
         try:
             yield self
         finally:
             self._phase = previous
 
     # ------------------------------------------------------------------ step
-    def _gather(self, group):
-        """Lists of the params with a gradient, their grads, masks and state; state is created lazily."""
-        params, grads, masks, steps = [], [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("SFRon does not support sparse gradients")
-            state = self.state[p]
-            if "step" not in state:
-                self._init_state(group, p, state)
-            params.append(p)
-            grads.append(p.grad)
-            masks.append(self._kernel_mask(p, state))
-            steps.append(state["step"])
-        return params, grads, masks, steps
-
-    @staticmethod
-    def _init_state(group, p, state):
-        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        if group["base"] == "sgd":
-            if group["momentum"] != 0:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        else:
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if _slow_active(group):
-            # Note [slow snapshot]: slow weights start as the parameters at their first step
-            state["slow_param"] = p.detach().clone()
-
-    def _norm_states(self, devices):
-        for d in devices:
-            buf = self._norm_buffers.get(d)
-            if buf is None:
-                buf = self._norm_buffers[d] = torch.zeros(2, dtype=torch.float32, device=d)
-            else:
-                buf.zero_()
-        return {d: self._norm_buffers[d] for d in devices}
-
-    @torch.no_grad()
     def step(self, closure=None, phase: str | None = None):
         """One SFR-on step of ``phase`` (default: the current phase, ``"remain"`` unless set)."""
+        if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _GLOBAL_PRE_HOOKS
+                or _GLOBAL_POST_HOOKS or torch.autograd.profiler._is_profiler_enabled):
+            # the hooks see the arguments as given
+            return self._observed_step(*(() if closure is None else (closure,)),
+                                       **({} if phase is None else {"phase": phase}))
+        return self._step(closure, phase)
+
+    # torch's Optimizer would wrap step() in its hook runner and profiler range on every call; that runs
+    # (as _observed_step) only when a hook is registered or a profiler is on, and costs nothing otherwise
+    step.hooked = True
+
+    @torch.no_grad()
+    def _step(self, closure=None, phase: str | None = None):
         phase = self._phase if phase is None else phase
-        self._check_phase(phase)
+        _check_phase(phase)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        forget = phase == "forget"
-        clip_key = "max_grad_norm" if forget else "remain_max_grad_norm"
-        gathered = [self._gather(group) for group in self.param_groups]
-        devices = list(dict.fromkeys(p.device for params, *_ in gathered for p in params))
-
-        norm_states = None
-        if devices and (self.check_finite or any(g[clip_key] is not None for g in self.param_groups)):
-            norm_states = self._norm_states(devices)
-            # FSDP2: each rank adds its shards once and the norm state is summed over the ranks
-            reduce_group = _dist.norm_reduce_group([grads for _, grads, _, _ in gathered])
-            for group, (_, grads, masks, _) in zip(self.param_groups, gathered):
-                masks = masks if forget else [None] * len(grads)
-                if reduce_group is not None:
-                    grads, masks = _dist.norm_share(grads, masks, reduce_group)
-                F.masked_sq_norm_(grads, masks, norm_states,
-                                  alpha=self._scalar(group["forget_alpha"], grads) if forget else 1.0,
-                                  impl=self._impl_for)
-            F.reduce_norm_states(norm_states)
-            if reduce_group is not None:
-                _dist.all_reduce_norm_states(norm_states, reduce_group)
-            if self.check_finite:
-                self._count_skip(norm_states[devices[0]])
-            else:
-                for s in norm_states.values():
-                    s[1].zero_()
-
-        for group, (params, grads, masks, steps) in zip(self.param_groups, gathered):
-            if not params:
-                continue
-            self._update(group, params, grads, masks if forget else [None] * len(params), steps, norm_states,
-                         scale=-self._scalar(group["forget_alpha"], params) if forget else 1.0,
-                         max_norm=group[clip_key] or 0.0)
-
-        if not forget:
-            for group in self.param_groups:
-                if _slow_active(group):
-                    # remain steps since the last sync, kept below sync_period: a compiled step then sees
-                    # at most sync_period values of it, so a long run does not recompile
-                    group["remain_steps"] = (group["remain_steps"] + 1) % group["sync_period"]
-                    if group["remain_steps"] == 0:
-                        self._sync_slow(group)
+        groups = self.param_groups
+        self._checked(groups)
+        plan, grads = self._plans.get(groups, self._version, self._make_plan)
+        F.run_step(plan, grads, groups, forget=phase == "forget", check_finite=self.check_finite,
+                   skipped=self._skipped, loss=loss.detach() if torch.is_tensor(loss) else None)
         return loss
 
-    def _scalar(self, value, tensors):
-        """``lr`` or ``forget_alpha`` for the kernels: tensors stay tensors on the Python backends.
+    _observed_step = Optimizer.profile_hook_step(_step)
 
-        A compiled step (or a captured CUDA graph) then reads their current value,
-        so a schedule that updates them in place causes no recompilation; the
-        compiled ops' schemas take floats.
-        """
-        if torch.is_tensor(value) and tensors and self._impl_for(tensors[0].device) not in ("reference", "foreach"):
-            return float(value)
-        return value
-
-    def _update(self, group, params, grads, masks, steps, norm_states, *, scale, max_norm):
-        lr = self._scalar(group["lr"], params)
-        impl = self._impl_for
-        if group["base"] == "sgd":
-            if group["momentum"] != 0:
-                for p in params:  # momentum switched on mid-run
-                    if "momentum_buffer" not in self.state[p]:
-                        self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            bufs = [self.state[p]["momentum_buffer"] for p in params] if group["momentum"] != 0 else []
-            F.sgd_update_(params, grads, masks, bufs, steps, norm_states, lr=lr, scale=scale,
-                          momentum=group["momentum"], dampening=group["dampening"],
-                          weight_decay=group["weight_decay"], nesterov=group["nesterov"], max_norm=max_norm,
-                          impl=impl)
-        else:
-            beta1, beta2 = group["betas"]
-            F.adamw_update_(params, grads, masks, [self.state[p]["exp_avg"] for p in params],
-                            [self.state[p]["exp_avg_sq"] for p in params], steps, norm_states, lr=lr, scale=scale,
-                            beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                            max_norm=max_norm, impl=impl)
-
-    def _count_skip(self, norm_state):
-        if self._skip_counter is None or self._skip_counter.device != norm_state.device:
-            previous = 0 if self._skip_counter is None else int(self._skip_counter)
-            self._skip_counter = torch.full((), previous, dtype=torch.int64, device=norm_state.device)
-        self._skip_counter += (norm_state[1] > 0).to(torch.int64)
+    def _make_plan(self, grads) -> F.StepPlan:
+        """A plan for the flat gradient list ``grads``. Everything is checked before the state it needs is made."""
+        groups = _state.step_tensors(self.state, self.param_groups, grads, self._sync_counts)
+        try:
+            plan = F.StepPlan(groups.tensors, groups.grads, self._impl_for,
+                              [label for _, _, label in self._named_params()])
+        except Exception:
+            groups.undo()  # a refused step leaves no state behind
+            raise
+        if plan.devices and (self._skipped is None or self._skipped.device != plan.devices[0]):
+            total = self.skipped_steps
+            self._skipped = torch.zeros((), dtype=torch.float64, device=plan.devices[0])
+            self._skipped_base = total
+        return plan
 
     @property
     def skipped_steps(self) -> int:
-        """How many steps the non-finite protection skipped (reading it synchronises)."""
-        return self._skip_offset + (0 if self._skip_counter is None else int(self._skip_counter))
+        """How many steps were skipped (a non-finite direction or tensor hyperparameter); reading it synchronises."""
+        return self._skipped_base + (0 if self._skipped is None else int(self._skipped))
 
     # ------------------------------------------------------------------ slow weights
-    def _sync_slow(self, group):
-        slow, fast = [], []
-        for p in group["params"]:
-            state = self.state.get(p)
-            if state and "slow_param" in state:
-                slow.append(state["slow_param"])
-                fast.append(p)
-            elif state and "step" in state:  # slow weights switched on mid-run
-                state["slow_param"] = p.detach().clone()
-        if fast:
-            F.slow_sync_(slow, fast, alpha=group["slow_alpha"], reset_fast=group["reset_fast"],
-                         impl=self._impl_for)
-
     def slow_weights(self) -> list:
         """The slow weights aligned with the parameters (the parameters themselves where there are none)."""
-        out = []
-        for _, p, _ in self._named_params():
-            state = self.state.get(p)
-            out.append(state["slow_param"] if state and "slow_param" in state else p.detach())
-        return out
+        return [self.state[p]["slow_param"] if "slow_param" in self.state.get(p, {}) else p.detach()
+                for _, p, _ in self._named_params()]
 
     @contextmanager
     def use_slow_weights(self):
         """Swap the slow weights into the parameters (for evaluation) and back afterwards."""
         pairs = [(p, self.state[p]["slow_param"]) for _, p, _ in self._named_params()
-                 if p in self.state and "slow_param" in self.state[p]]
-        backups = []
+                 if "slow_param" in self.state.get(p, {})]
         with torch.no_grad():
+            backups = [p.detach().clone() for p, _ in pairs]
             for p, s in pairs:
-                backups.append(p.detach().clone())
                 p.copy_(s)
         try:
             yield self
@@ -495,87 +303,47 @@ class SFRon(Optimizer):
         unscaled first, and a batch whose gradients overflowed is left out (call
         ``grad_scaler.update()`` after each batch). Returns whether the batch was added.
         """
-        if which not in FISHER_KEYS:
-            raise ValueError(f"Invalid which: {which!r}; expected 'forget' or 'remain'")
-        _check_number("scale", scale, low=0.0)
-        if grad_scaler is not None:
-            from .integrations.amp import unscale_for_fisher  # local: integrations imports this module
-
-            if not unscale_for_fisher(grad_scaler, self):
-                return False
-        key = FISHER_KEYS[which]
-        fishers, grads = [], []
-        for p in (p for g in self.param_groups for p in g["params"]):
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if key not in state:
-                state[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            fishers.append(state[key])
-            grads.append(p.grad)
-        with torch.no_grad():
-            F.fisher_accumulate_(fishers, grads, scale=scale, impl=self._impl_for)
-        return True
+        return fisher.accumulate_into(self, which, scale, grad_scaler, impl=self._impl_for)
 
     def fisher(self, which: str) -> list:
         """The accumulated Fisher diagonals aligned with the parameters (``None`` where none)."""
-        if which not in FISHER_KEYS:
-            raise ValueError(f"Invalid which: {which!r}; expected 'forget' or 'remain'")
-        return [self.state[p].get(FISHER_KEYS[which]) if p in self.state else None
-                for _, p, _ in self._named_params()]
+        key = fisher.fisher_key(which)
+        return [self.state[p].get(key) if p in self.state else None for _, p, _ in self._named_params()]
 
     @torch.no_grad()
     def compute_mask(self, gamma: float = 1.0, density: float | None = None) -> tuple[int, int]:
         """Set every parameter's mask from the accumulated Fisher; return ``(kept, total)``.
 
-        ``m = [(F_f + eps) / (F_r + eps) >= gamma]``; with ``density`` the
-        ``ceil(density * N)`` largest ratios over all parameters are kept (ties
-        at the cut-off too). A parameter that never had a gradient has Fisher 0.
+        ``m = [(F_f + eps) / (F_r + eps) >= gamma]``; with ``density`` exactly the
+        ``ceil(density * N)`` largest ratios over all parameters are kept (ties at the
+        cut-off broken by position). A parameter that never had a gradient has Fisher 0.
         """
-        from .mask import saliency_mask  # local: mask.py imports nothing from here
-
         params = [p for _, p, _ in self._named_params()]
-        forget = [self._fisher_or_zero(p, "forget") for p in params]
-        remain = [self._fisher_or_zero(p, "remain") for p in params]
-        if any(_dist.is_dtensor(p) for p in params):  # FSDP2: each rank computes its shards
-            result = _dist.sharded_saliency_mask(params, forget, remain, gamma=gamma, density=density,
-                                                 impl=self._impl_for)
+        forget = [fisher.stored(self.state.get(p, {}), p, "forget") for p in params]
+        remain = [fisher.stored(self.state.get(p, {}), p, "remain") for p in params]
+        if any(_dtensor.is_dtensor(p) for p in params):  # FSDP2: each rank computes its shards
+            result = distributed.sharded_saliency_mask(params, forget, remain, gamma=gamma, density=density,
+                                                       impl=self._impl_for)
         else:
-            result = saliency_mask(forget, remain, gamma=gamma, density=density, impl=self._impl_for)
+            result = _mask.saliency_mask(forget, remain, gamma=gamma, density=density, impl=self._impl_for)
         for p, m in zip(params, result.masks):
-            self._store_mask(p, m)
+            packing.store(self.state[p], p, m, self.mask_format)
         return result.kept, result.total
-
-    def _fisher_or_zero(self, p, which):
-        f = self.state[p].get(FISHER_KEYS[which]) if p in self.state else None
-        return f if f is not None else torch.zeros_like(p, dtype=torch.float32)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self):
-        sd = super().state_dict()
-        sd["skipped_steps"] = self.skipped_steps
-        return sd
+        """torch's state dict, with its format tag and the counters that live on the device."""
+        counts = [self._sync_counts.get(id(g)) for g in self.param_groups]
+        return _checkpoint.tagged(super().state_dict(), self.skipped_steps, counts)
 
     def load_state_dict(self, state_dict) -> None:
-        state_dict = dict(state_dict)
-        skipped = int(state_dict.pop("skipped_steps", 0))
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        # torch casts floating state to the parameter's dtype and leaves "step" where it was
-        # saved; put these back as they were saved, on the parameter's device
-        restore = {}
-        for pid, p in zip(saved_ids, params):
-            saved = state_dict["state"].get(pid, {})
-            restore[p] = {k: v for k, v in saved.items() if k in _KEEP_DTYPE or k == "step"}
+        """Load a state dict after checking all of it (a bad one raises and changes nothing).
+
+        A parameter whose saved state holds no mask keeps the mask this optimizer has for it.
+        """
+        named = self._named_params()
+        _checkpoint.check(self, state_dict, named)
+        state_dict, skipped, restore, kept = _checkpoint.prepare(self, state_dict, named)
         super().load_state_dict(state_dict)
-        for p, entries in restore.items():
-            for k, v in entries.items():
-                dtype = torch.float32 if k == "step" else v.dtype
-                self.state[p][k] = v.to(device=p.device, dtype=dtype, copy=True)
-        self._convert_masks()
-        for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-            group.setdefault("remain_steps", 0)
-        self._skip_counter = None
-        self._skip_offset = skipped
+        _checkpoint.restore(self, restore, kept)
+        self._reset_runtime(skipped)

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from .distributed import _wrap_like, is_dtensor, shard_like
+from ._dtensor import is_dtensor, shard_like, to_local, wrap_like
 from .reference import pack_mask, unpack_mask
 
 FORMATS = ("dense", "packed")
@@ -27,10 +27,6 @@ FORMATS = ("dense", "packed")
 
 def packed_bytes(numel: int) -> int:
     return (numel + 7) // 8
-
-
-def _local(t):
-    return t.to_local() if is_dtensor(t) else t
 
 
 def _padded_bytes(param) -> int:
@@ -50,7 +46,7 @@ def pack_like(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         return pack_mask(mask)
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    local = pack_mask(_local(shard_like(mask, param)))
+    local = pack_mask(to_local(shard_like(mask, param)))
     capacity = _padded_bytes(param)
     padded = torch.zeros(capacity, dtype=torch.uint8, device=local.device)
     padded[: local.numel()] = local
@@ -64,15 +60,42 @@ def kernel_view(packed: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """The bytes the kernels read for ``param``'s (local) elements: a contiguous prefix of the stored mask."""
     if not is_dtensor(param):
         return packed
-    return _local(packed)[: packed_bytes(_local(param).numel())]
+    return to_local(packed)[: packed_bytes(to_local(param).numel())]
 
 
 def unpack_like(packed: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """The bool mask shaped (and placed) like ``param``."""
-    dense = unpack_mask(kernel_view(packed, param), _local(param))
-    return _wrap_like(dense, param)
+    dense = unpack_mask(kernel_view(packed, param), to_local(param))
+    return wrap_like(dense, param)
 
 
 def mask_bytes(masks) -> int:
     """Bytes held by a list of masks (local shards for DTensors); ``None`` entries count zero."""
-    return sum(_local(m).numel() * _local(m).element_size() for m in masks if m is not None)
+    return sum(to_local(m).numel() * to_local(m).element_size() for m in masks if m is not None)
+
+
+# --------------------------------------------------------------------------- masks in optimizer state
+# A parameter's state holds one of "mask" (as given) or "packed_mask" (one bit per element).
+
+
+def store(state: dict, param, mask, mask_format: str) -> None:
+    """Keep ``mask`` as ``param``'s mask in its optimizer ``state``, in ``mask_format``."""
+    state.pop("mask", None)
+    state.pop("packed_mask", None)
+    if mask_format == "packed":
+        state["packed_mask"] = pack_like(mask, param)
+    else:
+        state["mask"] = mask
+
+
+def dense(state: dict, param):
+    """``param``'s mask as it reads (packed ones unpacked to bool), or ``None``."""
+    packed = state.get("packed_mask")
+    return state.get("mask") if packed is None else unpack_like(packed, param)
+
+
+def for_kernels(state: dict, param):
+    """``param``'s mask as the kernels take it (packed bytes for its local elements), or ``None``."""
+    packed = state.get("packed_mask")
+    return state.get("mask") if packed is None else kernel_view(packed, param)
+

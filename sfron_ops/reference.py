@@ -42,13 +42,30 @@ def device_scalar(value, device) -> torch.Tensor:
     return torch.full((), value, dtype=torch.float32, device=device)
 
 
-def clip_and_skip(norm_state, scale: float, max_norm: float, device):
+def scalar(value: float, tensor, device=None):
+    """``value`` times the optional tensor scalar that multiplies it (an op's ``*_tensor`` argument).
+
+    Without a tensor, the number itself (with ``device``: as a float32 0-dim tensor there).
+    """
+    if tensor is None:
+        return value if device is None else device_scalar(value, device)
+    return device_scalar(value, tensor.device) * tensor
+
+
+def decay_factor(lr, weight_decay: float):
+    """AdamW's ``1 - lr * wd``, in float64 from the float32 tensor or the Python ``lr``, on every backend."""
+    if torch.is_tensor(lr):
+        return 1 - lr.double() * weight_decay
+    return 1 - lr * weight_decay
+
+
+def clip_and_skip(norm_state, scale: float, max_norm: float, device, scale_tensor=None):
     """The direction coefficient ``scale * c`` and the skip flag, both on the device.
 
     c = min(1, max_norm / (sqrt(norm_state[0]) + 1e-6)) when ``max_norm > 0``,
     as ``torch.nn.utils.clip_grad_norm_`` computes it.
     """
-    coef = device_scalar(scale, device)
+    coef = scalar(scale, scale_tensor, device)
     if norm_state is None:
         return coef, None
     if max_norm > 0:
@@ -89,9 +106,11 @@ def _mask_at(masks, i, like=None, packed=False):
     return unpack_mask(masks[i], like) if packed else masks[i]
 
 
-def masked_sq_norm_(grads, masks, norm_state, *, alpha, packed_masks=False):
+def masked_sq_norm_(grads, masks, norm_state, *, alpha, packed_masks=False, alpha_tensor=None):
     r"""norm_state[0] += \sum (alpha * m * g)^2;  norm_state[1] = 1 if any element is not finite."""
-    _ops.validate("masked_norm", grads, masks, norm_state, alpha=alpha, packed_masks=packed_masks)
+    _ops.validate("masked_norm", grads, masks, norm_state, alpha=alpha, packed_masks=packed_masks,
+                  alpha_tensor=alpha_tensor)
+    alpha = scalar(alpha, alpha_tensor)
     for i, g in enumerate(grads):
         u = _direction(g, _mask_at(masks, i, g, packed_masks), alpha)
         norm_state[0] += (u * u).sum()
@@ -99,14 +118,15 @@ def masked_sq_norm_(grads, masks, norm_state, *, alpha, packed_masks=False):
 
 
 def sgd_update_(params, grads, masks, momentum_buffers, steps, norm_state, *, lr, scale, momentum, dampening,
-                weight_decay, nesterov, max_norm, packed_masks=False):
+                weight_decay, nesterov, max_norm, packed_masks=False, lr_tensor=None, scale_tensor=None):
     r"""SGD with u = scale * c * m * g in place of the gradient (torch.optim.SGD's rule)."""
     _ops.validate("sgd_update", params, grads, masks, momentum_buffers, steps, norm_state, lr=lr, scale=scale,
-                          momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                          max_norm=max_norm, packed_masks=packed_masks)
+                  momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                  max_norm=max_norm, packed_masks=packed_masks, lr_tensor=lr_tensor, scale_tensor=scale_tensor)
     if not params:
         return
-    coef, skip = clip_and_skip(norm_state, scale, max_norm, params[0].device)
+    lr = scalar(lr, lr_tensor)
+    coef, skip = clip_and_skip(norm_state, scale, max_norm, params[0].device, scale_tensor)
     for i, p in enumerate(params):
         p32 = _f32(p)
         d = _direction(grads[i], _mask_at(masks, i, p, packed_masks), coef)
@@ -123,14 +143,16 @@ def sgd_update_(params, grads, masks, momentum_buffers, steps, norm_state, *, lr
 
 
 def adamw_update_(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state, *, lr, scale, beta1, beta2, eps,
-                  weight_decay, max_norm, packed_masks=False):
+                  weight_decay, max_norm, packed_masks=False, lr_tensor=None, scale_tensor=None):
     r"""AdamW with u = scale * c * m * g in place of the gradient (torch.optim.AdamW's rule)."""
     _ops.validate("adamw_update", params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state, lr=lr, scale=scale,
-                            beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, max_norm=max_norm,
-                            packed_masks=packed_masks)
+                  beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, max_norm=max_norm,
+                  packed_masks=packed_masks, lr_tensor=lr_tensor, scale_tensor=scale_tensor)
     if not params:
         return
-    coef, skip = clip_and_skip(norm_state, scale, max_norm, params[0].device)
+    lr = scalar(lr, lr_tensor)
+    decay = decay_factor(lr, weight_decay)
+    coef, skip = clip_and_skip(norm_state, scale, max_norm, params[0].device, scale_tensor)
     for i, p in enumerate(params):
         u = _direction(grads[i], _mask_at(masks, i, p, packed_masks), coef)
         t = steps[i] + 1
@@ -139,7 +161,7 @@ def adamw_update_(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state
         bias1 = 1 - torch.pow(beta1, t)
         bias2 = 1 - torch.pow(beta2, t)
         denom = (m2 / bias2).sqrt() + eps
-        new_p = _f32(p) * (1 - lr * weight_decay) - lr * (m1 / bias1) / denom
+        new_p = _f32(p) * decay - lr * (m1 / bias1) / denom
         _commit(exp_avgs[i], m1, skip)
         _commit(exp_avg_sqs[i], m2, skip)
         _commit(p, new_p, skip)
@@ -169,17 +191,40 @@ def saliency_mask_(forget_fishers, remain_fishers, masks, kept, *, gamma):
         kept += keep.sum()
 
 
-def slow_sync_(slow_params, params, *, alpha, reset_fast):
-    r"""slow \leftarrow slow + a (p - slow), exact at a = 0 and a = 1;  p \leftarrow slow if reset_fast."""
-    _ops.validate("slow_sync", slow_params, params, alpha=alpha, reset_fast=reset_fast)
+def sync_due(norm_state, counter, period: int):
+    """Whether this call syncs (a 0-dim bool on the device, or ``None`` for always); advances ``counter``.
+
+    A set non-finite flag in ``norm_state`` means no sync and no count. Otherwise the counter (remain
+    steps since the last sync, below ``period``) counts the call, and reaching ``period`` means a sync
+    and a restart from 0.
+    """
+    skip = None if norm_state is None else norm_state[1] > 0
+    if counter is None:
+        return None if skip is None else ~skip
+    count = counter + (1.0 if skip is None else (~skip).float())
+    due = count >= period  # a skipped call leaves the count below period
+    counter.copy_(torch.where(due, 0.0, count))
+    return due
+
+
+def slow_sync_(slow_params, params, *, alpha, reset_fast, norm_state=None, counter=None, period=1):
+    r"""slow \leftarrow slow + a (p - slow), exact at a = 0 and a = 1;  p \leftarrow slow if reset_fast.
+
+    With ``counter`` or ``norm_state``, only when :func:`sync_due` says so.
+    """
+    _ops.validate("slow_sync", slow_params, params, alpha=alpha, reset_fast=reset_fast, norm_state=norm_state,
+                  counter=counter, period=period)
+    if not params:
+        return
+    due = sync_due(norm_state, counter, period)
+    keep = None if due is None else ~due
     for s, p in zip(slow_params, params):
         s32, p32 = _f32(s), _f32(p)
         diff = p32 - s32
         # two-sided form (torch.lerp's): exact at both ends
-        new = s32 + alpha * diff if alpha < 0.5 else p32 - diff * (1 - alpha)
-        s.copy_(new)
+        _commit(s, s32 + alpha * diff if alpha < 0.5 else p32 - diff * (1 - alpha), keep)
         if reset_fast:
-            p.copy_(s)
+            _commit(p, s, keep)
 
 
 #: family stem -> reference function; the same table shape every backend provides

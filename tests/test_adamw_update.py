@@ -91,3 +91,26 @@ def test_matches_reference(impl, device, dtype, case, mask_kind, norm):
     assert_lists_close(actual[3], expected[3], "steps", rtol=0, atol=0)
     if norm == "skip":
         assert_lists_close(actual[0], params, "params", rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_tensor_scalars_match_numbers(impl, device, dtype):
+    """lr and the ascent scale as float32 0-dim tensors on the device: the same result as the numbers
+    (the weight decay factor 1 - lr * wd is formed in float64 from either)."""
+    shapes = shapes_for("sizes")
+    params, grads = make(shapes, dtype, device), make(shapes, dtype, device)
+    masks, _ = make_masks("float", shapes, device, dtype)
+    steps = steps_for(shapes, device)
+    m1 = [torch.zeros_like(p) if s.item() == 0 else torch.rand_like(p) - 0.5 for p, s in zip(params, steps)]
+    m2 = [torch.zeros_like(p) if s.item() == 0 else torch.rand_like(p) for p, s in zip(params, steps)]
+    hyper = dict(beta1=0.85, beta2=0.99, eps=1e-7, weight_decay=0.05, max_norm=0.0)
+    lr = 0.0078125  # a power of two, so the float32 tensor holds the number exactly
+    expected = [clones(params), clones(m1), clones(m2), clones(steps)]
+    actual = [clones(params), clones(m1), clones(m2), clones(steps)]
+    reference.adamw_update_(*expected[:1], grads, masks, *expected[1:], None, lr=lr, scale=-3.0, **hyper)
+    kernels(impl)["adamw_update"](*actual[:1], grads, masks, *actual[1:], None, lr=1.0, scale=-1.0,
+                                  lr_tensor=torch.tensor(lr, device=device),
+                                  scale_tensor=torch.tensor(3.0, device=device), **hyper)
+    for what, a, e in zip(("params", "exp_avgs", "exp_avg_sqs"), actual, expected):
+        assert_lists_close(a, e, what)
+    assert_lists_close(actual[3], expected[3], "steps", rtol=0, atol=0)

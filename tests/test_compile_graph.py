@@ -20,6 +20,7 @@ from torch._dynamo.utils import counters
 from torch.nn import functional as F
 
 import sfron_ops
+from helpers import impl_skip_reason  # noqa: E402
 
 ITERS = 8
 CONFIGS = {
@@ -93,8 +94,12 @@ DATA = data()
 
 
 @pytest.mark.parametrize("impl,base,mask_format", [("reference", "sgd", "dense"), ("foreach", "sgd", "dense"),
-                                                   ("foreach", "adamw", "dense"), ("foreach", "adamw", "packed")])
+                                                   ("foreach", "adamw", "dense"), ("foreach", "adamw", "packed"),
+                                                   ("fused", "sgd", "dense"), ("fused", "adamw", "packed")])
 def test_full_iteration_compiles_without_recompiling_on_lr_and_alpha(impl, base, mask_format):
+    reason = impl_skip_reason(impl, "cpu")
+    if reason is not None:
+        pytest.skip(reason)
     sync_period = 2
     eager, _, _ = run(impl, base, compiled=False, mask_format=mask_format, sync_period=sync_period)
     got, graphs, opt = run(impl, base, compiled=True, mask_format=mask_format, sync_period=sync_period)
@@ -135,14 +140,18 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("impl", ["fused", "triton", "foreach"])
 @pytest.mark.parametrize("base", list(CONFIGS))
-def test_cuda_graph_replays_the_eager_iteration(base):
+def test_cuda_graph_replays_the_eager_iteration(base, impl):
+    reason = impl_skip_reason(impl, "cuda")
+    if reason is not None:
+        pytest.skip(reason)
     device = torch.device("cuda")
     batches = data(device)
 
     def build():
         model = mlp(device)
-        opt, sched = make(model, "foreach", base, sync_period=1, device=device)
+        opt, sched = make(model, impl, base, sync_period=2, device=device)
         return model, opt, sched
 
     # eager
@@ -186,3 +195,30 @@ def test_cuda_graph_replays_the_eager_iteration(base):
         sched.step()
     for a, b in zip(model.parameters(), eager):
         torch.testing.assert_close(a.detach(), b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@gpu
+def test_reduce_overhead_compiles_the_fused_step():
+    """torch.compile(mode="reduce-overhead") (CUDA graphs inside) over the fused step, lr and alpha scheduled."""
+    device = torch.device("cuda")
+    batches = data(device)
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        model = mlp(device)
+        opt, sched = make(model, "fused", "sgd", device=device)
+        step = type(opt).step
+        forget_step, remain_step = (lambda: step(opt, phase="forget")), (lambda: step(opt))
+        for i in range(ITERS):
+            if compiled and i == 1:
+                forget_step = torch.compile(forget_step, mode="reduce-overhead", fullgraph=True)
+                remain_step = torch.compile(remain_step, mode="reduce-overhead", fullgraph=True)
+            iteration(i, model, opt, sched, batches, forget_step, remain_step)
+        runs.append([p.detach().clone() for p in model.parameters()])
+        if compiled:
+            assert counters["stats"]["unique_graphs"] <= 3
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+

@@ -56,3 +56,12 @@ def test_non_finite_detected(impl, device, dtype, bad):
     state = torch.zeros(2, device=device)
     kernels(impl)["masked_norm"](grads[:3] + grads[4:], [], state, alpha=1.0)
     assert state[1].item() == 0.0
+
+
+def test_tensor_alpha_matches_number(impl, device):
+    grads = make(shapes_for("sizes"), torch.float32, device)
+    masks, _ = make_masks("random", shapes_for("sizes"), device)
+    expected, actual = torch.zeros(2, device=device), torch.zeros(2, device=device)
+    reference.masked_sq_norm_(grads, masks, expected, alpha=3.5)
+    kernels(impl)["masked_norm"](grads, masks, actual, alpha=1.0, alpha_tensor=torch.tensor(3.5, device=device))
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=0)

@@ -100,3 +100,27 @@ def test_matches_reference(impl, device, dtype, case, mask_kind, norm):
         assert torch.equal(g, b)
     if norm == "skip":
         assert_lists_close(actual[0], params, "params", rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_tensor_scalars_match_numbers(impl, device, dtype):
+    """lr and the ascent scale as float32 0-dim tensors on the device: the same result as the numbers."""
+    shapes = shapes_for("sizes")
+    params, grads = make(shapes, dtype, device), make(shapes, dtype, device)
+    masks, _ = make_masks("random", shapes, device)
+    steps = steps_for(shapes, device)
+    bufs = [torch.zeros_like(p) if s.item() == 0 else torch.rand_like(p) for p, s in zip(params, steps)]
+    norm_state = torch.zeros(2, device=device)
+    reference.masked_sq_norm_(grads, masks, norm_state, alpha=6.0)
+    hyper = dict(momentum=0.9, dampening=0.1, weight_decay=1e-2, nesterov=False, max_norm=2.5)
+    expected = [clones(params), clones(bufs), clones(steps)]
+    actual = [clones(params), clones(bufs), clones(steps)]
+    reference.sgd_update_(expected[0], grads, masks, expected[1], expected[2], norm_state.clone(), lr=0.03,
+                          scale=-6.0, **hyper)
+    lr, alpha = torch.tensor(0.03, device=device), torch.tensor(6.0, device=device)
+    kernels(impl)["sgd_update"](actual[0], grads, masks, actual[1], actual[2], norm_state.clone(), lr=1.0, scale=-1.0,
+                                lr_tensor=lr, scale_tensor=alpha, **hyper)
+    assert_lists_close(actual[0], expected[0], "params")
+    assert_lists_close(actual[1], expected[1], "momentum_buffers")
+    assert_lists_close(actual[2], expected[2], "steps", rtol=0, atol=0)
+    assert lr.item() == pytest.approx(0.03) and alpha.item() == 6.0  # read, never written

@@ -19,17 +19,21 @@ namespace {
 void adamw_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList masks, at::TensorList exp_avgs,
                       at::TensorList exp_avg_sqs, at::TensorList steps, const std::optional<at::Tensor>& norm_state,
                       double lr, double scale, double beta1, double beta2, double eps, double weight_decay,
-                      double max_norm, bool packed_masks) {
-  check_adamw_update_args(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state, packed_masks);
+                      double max_norm, bool packed_masks, const std::optional<at::Tensor>& lr_tensor,
+                      const std::optional<at::Tensor>& scale_tensor) {
+  check_adamw_update_args(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state, packed_masks, lr_tensor,
+                          scale_tensor);
   if (params.empty()) return;
 
-  const std::optional<float> coefficient = step_coefficient(norm_state, scale, max_norm);
+  const std::optional<float> coefficient = step_coefficient(norm_state, host_scalar(scale, scale_tensor), max_norm);
   if (!coefficient) return;  // a non-finite direction: the step changes nothing
   const float coef = *coefficient;
-  const AdamScalars s{static_cast<float>(lr),         static_cast<float>(beta1),
+  // 1 - lr * wd in double, from the Python lr or from the float32 tensor one
+  const double lr_value = lr_tensor.has_value() ? static_cast<double>(host_scalar(lr, lr_tensor)) : lr;
+  const AdamScalars s{static_cast<float>(lr_value),   static_cast<float>(beta1),
                       static_cast<float>(beta2),      static_cast<float>(1.0 - beta1),
                       static_cast<float>(1.0 - beta2), static_cast<float>(eps),
-                      static_cast<float>(1.0 - lr * weight_decay)};
+                      static_cast<float>(1.0 - lr_value * weight_decay)};
 
   Flattened flat({{params, Access::Write},
                   {grads, Access::Read},

@@ -16,12 +16,12 @@ namespace sfron_ops::cpu {
 namespace {
 
 void masked_sq_norm_cpu(at::TensorList grads, at::TensorList masks, const at::Tensor& norm_state, double alpha,
-                        bool packed_masks) {
-  check_masked_sq_norm_args(grads, masks, norm_state, packed_masks);
+                        bool packed_masks, const std::optional<at::Tensor>& alpha_tensor) {
+  check_masked_sq_norm_args(grads, masks, norm_state, packed_masks, alpha_tensor);
   if (grads.empty()) return;
 
   Flattened flat({{grads, Access::Read}, {masks, packed_masks ? Access::Packed : Access::Read}}, grads.size());
-  at::Tensor state = flat.single(norm_state, Access::Write);
+  const at::Tensor& state = flat.single(norm_state, Access::Write);
   std::vector<int64_t> numels;
   std::vector<MaskKind> kinds;
   for (size_t i = 0; i < grads.size(); ++i) {
@@ -29,7 +29,7 @@ void masked_sq_norm_cpu(at::TensorList grads, at::TensorList masks, const at::Te
     kinds.push_back(masks.empty() ? MaskKind::None : mask_kind_of(masks[i], packed_masks));
   }
   const Layout layout(numels);
-  const float coef = static_cast<float>(alpha);
+  const float coef = host_scalar(alpha, alpha_tensor);
   const TileKernels& math = tile_kernels();
   std::vector<double> chunk_sums(layout.chunks());
   std::vector<uint8_t> chunk_bad(layout.chunks());

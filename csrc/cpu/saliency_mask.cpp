@@ -46,7 +46,7 @@ void saliency_mask_cpu(at::TensorList forget_fishers, at::TensorList remain_fish
 
   int64_t total = 0;
   for (int64_t k : chunk_kept) total += k;
-  at::Tensor counter = flat.single(kept, Access::Write);
+  const at::Tensor& counter = flat.single(kept, Access::Write);
   *counter.data_ptr<int64_t>() += total;
   flat.finish();
 }

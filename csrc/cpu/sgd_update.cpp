@@ -18,14 +18,16 @@ namespace {
 void sgd_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList masks,
                     at::TensorList momentum_buffers, at::TensorList steps, const std::optional<at::Tensor>& norm_state,
                     double lr, double scale, double momentum, double dampening, double weight_decay, bool nesterov,
-                    double max_norm, bool packed_masks) {
-  check_sgd_update_args(params, grads, masks, momentum_buffers, steps, norm_state, momentum, packed_masks);
+                    double max_norm, bool packed_masks, const std::optional<at::Tensor>& lr_tensor,
+                    const std::optional<at::Tensor>& scale_tensor) {
+  check_sgd_update_args(params, grads, masks, momentum_buffers, steps, norm_state, momentum, packed_masks, lr_tensor,
+                        scale_tensor);
   if (params.empty()) return;
 
-  const std::optional<float> coefficient = step_coefficient(norm_state, scale, max_norm);
+  const std::optional<float> coefficient = step_coefficient(norm_state, host_scalar(scale, scale_tensor), max_norm);
   if (!coefficient) return;  // a non-finite direction: the step changes nothing
   const float coef = *coefficient;
-  const SgdScalars s{static_cast<float>(lr),           static_cast<float>(momentum),
+  const SgdScalars s{host_scalar(lr, lr_tensor),       static_cast<float>(momentum),
                      static_cast<float>(1.0 - dampening), static_cast<float>(weight_decay),
                      momentum != 0,                   weight_decay != 0,
                      nesterov};

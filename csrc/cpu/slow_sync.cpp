@@ -1,5 +1,7 @@
 // slow_sync_ on CPU: slow = slow + a * (p - slow), exact at a = 0 and a = 1; p = slow if reset_fast.
 //
+// With a counter: on every period-th call only; a set non-finite flag in norm_state skips the call.
+//
 // The two-sided form of torch.lerp: s + a * (p - s) for a < 0.5, else p - (p - s) * (1 - a),
 // which returns s itself at a = 0 and p itself at a = 1.
 #include <torch/library.h>
@@ -14,9 +16,20 @@
 namespace sfron_ops::cpu {
 namespace {
 
-void slow_sync_cpu(at::TensorList slow_params, at::TensorList params, double alpha, bool reset_fast) {
-  check_slow_sync_args(slow_params, params);
+void slow_sync_cpu(at::TensorList slow_params, at::TensorList params, double alpha, bool reset_fast,
+                   const std::optional<at::Tensor>& norm_state, const std::optional<at::Tensor>& counter,
+                   int64_t period) {
+  check_slow_sync_args(slow_params, params, norm_state, counter, period);
   if (params.empty()) return;
+  if (!step_coefficient(norm_state, 1.0f, 0.0)) return;  // a skipped step: no sync, no count
+  if (counter.has_value()) {
+    float* count = counter->data_ptr<float>();
+    if (*count + 1.0f < static_cast<float>(period)) {
+      *count += 1.0f;
+      return;
+    }
+    *count = 0.0f;
+  }
 
   Flattened flat({{slow_params, Access::Write}, {params, reset_fast ? Access::Write : Access::Read}}, params.size());
   std::vector<int64_t> numels;

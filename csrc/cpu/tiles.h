@@ -117,15 +117,24 @@ inline const float* read_mask_tile(const void* data, MaskKind kind, int64_t begi
 // The direction coefficient of an update step: `scale`, clipped by the squared norm in
 // norm_state when max_norm > 0; nothing when norm_state flags a non-finite direction,
 // in which case the step must leave every tensor as it was.
-inline std::optional<float> step_coefficient(const std::optional<at::Tensor>& norm_state, double scale,
+// value * tensor (a float32 0-dim CPU tensor scalar) in float32; value alone without a tensor.
+inline float host_scalar(double value, const std::optional<at::Tensor>& tensor) {
+  const float v = static_cast<float>(value);
+  return tensor.has_value() ? v * *tensor->const_data_ptr<float>() : v;
+}
+
+// The direction coefficient scale * c, or nothing when norm_state flags a non-finite direction.
+inline std::optional<float> step_coefficient(const std::optional<at::Tensor>& norm_state, float scale,
                                              double max_norm) {
-  float coef = static_cast<float>(scale);
-  if (!norm_state.has_value()) return coef;
-  const at::Tensor ns = norm_state->contiguous();
-  const float* values = ns.const_data_ptr<float>();
+  if (!norm_state.has_value()) return scale;
+  float values[2];
+  if (norm_state->is_contiguous()) {
+    std::memcpy(values, norm_state->const_data_ptr<float>(), sizeof(values));
+  } else {  // a strided view of two elements is allowed
+    std::memcpy(values, norm_state->contiguous().const_data_ptr<float>(), sizeof(values));
+  }
   if (values[1] > 0) return std::nullopt;
-  if (max_norm > 0) coef = clipped_scale(coef, static_cast<float>(max_norm), values[0]);
-  return coef;
+  return max_norm > 0 ? clipped_scale(scale, static_cast<float>(max_norm), values[0]) : scale;
 }
 
 // ---------------------------------------------------------------- work split

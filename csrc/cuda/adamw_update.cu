@@ -3,9 +3,10 @@
 //   t = step + 1;  m1 = beta1 * m1 + (1 - beta1) * u;  m2 = beta2 * m2 + (1 - beta2) * u * u;
 //   p = p * (1 - lr * wd) - lr * (m1 / (1 - beta1^t)) / (sqrt(m2 / (1 - beta2^t)) + eps);  step = t
 //
-// The clip coefficient c, the skip flag and each tensor's step are read on the
-// device, so no value travels to the host and the step can be captured in a
-// CUDA graph. One launch for the update, one for the counters.
+// The clip coefficient c, the skip flag, tensor scalars (lr, scale) and each
+// tensor's step are read on the device, so no value travels to the host and the
+// step can be captured in a CUDA graph. One launch (per dtype): the block that
+// finishes last advances the step counters (Note [last block]).
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -20,20 +21,30 @@ namespace sfron_ops::cuda {
 namespace {
 
 // List 0: params (T, updated). List 1: grads (T). List 2: masks (any MaskKind; absent: no mask).
-// List 3: exp_avgs (T, updated). List 4: exp_avg_sqs (T, updated). Step counters: read only here.
+// List 3: exp_avgs (T, updated). List 4: exp_avg_sqs (T, updated). Step counters: advanced by the epilogue.
 template <typename T>
 struct AdamwFunctor {
   static constexpr int ILP = ilp_for<T>();
-  const float* norm_state;  // [sum of squares, non-finite flag] or null
-  float lr, scale, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay, max_norm;
+  const float* norm_state;    // [sum of squares, non-finite flag] or null
+  const float* lr_tensor;     // multiplies lr, or null
+  const float* scale_tensor;  // multiplies scale, or null
+  float lr, scale, beta1, beta2, one_minus_beta1, one_minus_beta2, eps;
+  float decay;                // 1 - lr * wd, when lr_tensor is null
+  double weight_decay;
+  float max_norm;
+  unsigned int* arrivals;
 
   __device__ __forceinline__ void operator()(const TensorTable<5>& table, int t, int64_t begin, int64_t end,
                                              int64_t) const {
-    float coef = scale;
+    float coef = device_scalar(scale, scale_tensor);
     if (norm_state != nullptr) {
       if (norm_state[1] > 0) return;  // a non-finite direction: the step changes nothing
-      if (max_norm > 0) coef = clipped_scale(scale, max_norm, norm_state[0]);
+      if (max_norm > 0) coef = clipped_scale(coef, max_norm, norm_state[0]);
     }
+    const float lr = device_scalar(this->lr, lr_tensor);
+    // 1 - lr * wd in double, from the float32 tensor lr as from the Python one
+    const float decay =
+        lr_tensor != nullptr ? static_cast<float>(1.0 - static_cast<double>(lr) * weight_decay) : this->decay;
     T* param = static_cast<T*>(table.ptr[0][t]);
     const T* grad = static_cast<const T*>(table.ptr[1][t]);
     const void* mask = table.ptr[2][t];
@@ -68,13 +79,17 @@ struct AdamwFunctor {
       store<N>(exp_avg_sq, i, m2);
     });
   }
+
+  __device__ __forceinline__ void epilogue(const TensorTable<5>& table) const { advance_steps(table, norm_state); }
 };
 
 void adamw_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList masks, at::TensorList exp_avgs,
                        at::TensorList exp_avg_sqs, at::TensorList steps, const std::optional<at::Tensor>& norm_state,
                        double lr, double scale, double beta1, double beta2, double eps, double weight_decay,
-                       double max_norm, bool packed_masks) {
-  check_adamw_update_args(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state, packed_masks);
+                       double max_norm, bool packed_masks, const std::optional<at::Tensor>& lr_tensor,
+                       const std::optional<at::Tensor>& scale_tensor) {
+  check_adamw_update_args(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state, packed_masks, lr_tensor,
+                          scale_tensor);
   if (params.empty()) return;
 
   const c10::cuda::CUDAGuard guard(params[0].device());
@@ -85,10 +100,12 @@ void adamw_update_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                   {exp_avgs, Access::Write},
                   {exp_avg_sqs, Access::Write}},
                  params.size());
-  at::Tensor state = norm_state.has_value() ? flat.single(*norm_state, Access::Read) : at::Tensor();
+  const at::Tensor none;
+  const at::Tensor& state = norm_state.has_value() ? flat.single(*norm_state, Access::Read) : none;
   const float* state_ptr = state.defined() ? state.const_data_ptr<float>() : nullptr;
+  unsigned int* arrivals = arrival_counter(params[0]);
 
-  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble}) {
+  for (const at::ScalarType dtype : present_dtypes(params)) {
     std::vector<TensorRow<5>> rows;
     for (size_t i = 0; i < params.size(); ++i) {
       if (params[i].scalar_type() != dtype) continue;
@@ -105,12 +122,13 @@ void adamw_update_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
       row.ptr[4] = flat.at(4, i).data_ptr();
       rows.push_back(row);
     }
-    if (rows.empty()) continue;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "adamw_update_cuda", [&] {
       using Functor = AdamwFunctor<scalar_t>;
       constexpr int64_t width = Functor::ILP * sizeof(scalar_t);
       for (auto& row : rows) row.align = {width, width, mask_align(row.mask_kind, Functor::ILP), width, width};
       const Functor functor{state_ptr,
+                            optional_data<float>(lr_tensor),
+                            optional_data<float>(scale_tensor),
                             static_cast<float>(lr),
                             static_cast<float>(scale),
                             static_cast<float>(beta1),
@@ -119,11 +137,12 @@ void adamw_update_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                             static_cast<float>(1.0 - beta2),
                             static_cast<float>(eps),
                             static_cast<float>(1.0 - lr * weight_decay),
-                            static_cast<float>(max_norm)};
+                            weight_decay,
+                            static_cast<float>(max_norm),
+                            arrivals};
       multi_tensor_apply<5>(rows, functor, stream);
     });
   }
-  advance_steps(steps, state_ptr, stream);
   flat.finish();
 }
 

@@ -1,11 +1,12 @@
 // masked_sq_norm_ on CUDA: norm_state[0] += sum((alpha * m * g)^2), norm_state[1] = 1 if any term is not finite.
 //
 // Note [deterministic norm]: one block per chunk writes the chunk's sum of
-// squares and non-finite flag to its own slot (no atomics); a single-block
-// kernel then adds the slots in a fixed order, in double, into norm_state.
-// Chunks are fixed by the tensor sizes, so the result does not depend on the
-// GPU, the launch split or the scheduling, and a resumed run clips exactly
-// like an uninterrupted one.
+// squares and non-finite flag to its own slot (no float atomics); the block
+// that finishes the call's last launch (Note [last block]) then adds the slots
+// in a fixed order, in double, into norm_state. Chunks are fixed by the tensor
+// sizes, so the result does not depend on the GPU, the launch split or the
+// scheduling, and a resumed run clips exactly like an uninterrupted one. One
+// launch per grad dtype (one in all usual cases), nothing else.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -20,19 +21,25 @@ namespace sfron_ops::cuda {
 namespace {
 
 // List 0: grads (T). List 1: masks (any MaskKind; absent: no mask).
-// Writes sums[chunk] and flags[chunk] for the chunk it processes.
+// Writes sums[chunk] and flags[chunk] for the chunk it processes; the last block of the call's last
+// launch adds all of them into norm_state.
 template <typename T>
 struct NormFunctor {
   static constexpr int ILP = ilp_for<T>();
   float alpha;
+  const float* alpha_tensor;  // multiplies alpha, or null
   float* sums;
   uint8_t* flags;
+  int64_t total_chunks;
+  float* norm_state;
+  unsigned int* arrivals;
 
   __device__ __forceinline__ void operator()(const TensorTable<2>& table, int t, int64_t begin, int64_t end,
                                              int64_t chunk) const {
     const T* grad = static_cast<const T*>(table.ptr[0][t]);
     const void* mask = table.ptr[1][t];
     const MaskKind kind = static_cast<MaskKind>(table.mask_kind[t]);
+    const float coef = device_scalar(alpha, alpha_tensor);
     float squares = 0.0f;
     bool bad = false;
     for_each_element<ILP>(begin, end, table.vectorized[t], [&](auto width, int64_t i) {
@@ -46,7 +53,7 @@ struct NormFunctor {
       }
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        u[k] = u[k] * alpha;
+        u[k] = u[k] * coef;
         squares += u[k] * u[k];
         bad |= !isfinite(u[k]);
       }
@@ -59,76 +66,75 @@ struct NormFunctor {
       flags[chunk] = any_bad != 0;
     }
   }
+
+  // norm_state[0] += sum of sums[0, total_chunks) in double; norm_state[1] = max(norm_state[1], any flag)
+  __device__ __forceinline__ void epilogue(const TensorTable<2>& table) const {
+    if (!table.final_launch) return;
+    double total = 0.0;
+    int bad = 0;
+    for (int64_t i = threadIdx.x; i < total_chunks; i += BLOCK_THREADS) {
+      total += static_cast<double>(sums[i]);
+      bad |= flags[i];
+    }
+    __shared__ double shared[BLOCK_THREADS / 32];
+    total = block_sum(total, shared);
+    bad = __syncthreads_or(bad);
+    if (threadIdx.x == 0) {
+      norm_state[0] = static_cast<float>(static_cast<double>(norm_state[0]) + total);
+      // torch.maximum(norm_state[1], flag): NaN stays NaN
+      const float flag = bad ? 1.0f : 0.0f;
+      const float old = norm_state[1];
+      norm_state[1] = old != old ? old : (old > flag ? old : flag);
+    }
+  }
 };
 
-constexpr int FINISH_THREADS = 1024;
-
-// norm_state[0] += sum of sums[0, n) in double; norm_state[1] = max(norm_state[1], any flag).
-__global__ void __launch_bounds__(FINISH_THREADS)
-    finish_norm_kernel(const float* sums, const uint8_t* flags, int64_t n, float* norm_state) {
-  double total = 0.0;
-  int bad = 0;
-  for (int64_t i = threadIdx.x; i < n; i += FINISH_THREADS) {
-    total += static_cast<double>(sums[i]);
-    bad |= flags[i];
-  }
-  __shared__ double shared[FINISH_THREADS / 32];
-  total = block_sum(total, shared);
-  bad = __syncthreads_or(bad);
-  if (threadIdx.x == 0) {
-    norm_state[0] = static_cast<float>(static_cast<double>(norm_state[0]) + total);
-    // torch.maximum(norm_state[1], flag): NaN stays NaN
-    const float flag = bad ? 1.0f : 0.0f;
-    const float old = norm_state[1];
-    norm_state[1] = old != old ? old : (old > flag ? old : flag);
-  }
-}
-
 void masked_sq_norm_cuda(at::TensorList grads, at::TensorList masks, const at::Tensor& norm_state, double alpha,
-                         bool packed_masks) {
-  check_masked_sq_norm_args(grads, masks, norm_state, packed_masks);
+                         bool packed_masks, const std::optional<at::Tensor>& alpha_tensor) {
+  check_masked_sq_norm_args(grads, masks, norm_state, packed_masks, alpha_tensor);
   if (grads.empty()) return;
 
   const c10::cuda::CUDAGuard guard(norm_state.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   Flattened flat({{grads, Access::Read}, {masks, packed_masks ? Access::Packed : Access::Read}}, grads.size());
-  at::Tensor state = flat.single(norm_state, Access::Write);
+  const at::Tensor& state = flat.single(norm_state, Access::Write);
 
   int64_t total_chunks = 0;
   for (const at::Tensor& g : grads) total_chunks += chunks_of(g.numel());
   // one float sum and one flag byte per chunk
-  at::Tensor partial = at::empty({total_chunks * 5}, state.options().dtype(at::kByte));
+  at::Tensor partial = at::empty({std::max<int64_t>(total_chunks, 1) * 5}, state.options().dtype(at::kByte));
   float* sums = reinterpret_cast<float*>(partial.data_ptr());
   uint8_t* flags = partial.data_ptr<uint8_t>() + total_chunks * 4;
+  unsigned int* arrivals = arrival_counter(state);
+  const float* alpha_ptr = alpha_tensor.has_value() ? alpha_tensor->const_data_ptr<float>() : nullptr;
 
   // one launch sequence per grad dtype; chunk indices continue across them
+  const std::vector<at::ScalarType> dtypes = present_dtypes(grads);
   int64_t chunk_base = 0;
-  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble}) {
+  for (size_t d = 0; d < dtypes.size(); ++d) {
     std::vector<TensorRow<2>> rows;
     for (size_t i = 0; i < grads.size(); ++i) {
-      if (grads[i].scalar_type() != dtype) continue;
+      if (grads[i].scalar_type() != dtypes[d]) continue;
       TensorRow<2> row;
       row.numel = grads[i].numel();
       row.ptr[0] = const_cast<void*>(flat.at(0, i).const_data_ptr());
-      row.align[0] = 16;
       if (!masks.empty()) {
         row.mask_kind = mask_kind_of(masks[i], packed_masks);
         row.ptr[1] = const_cast<void*>(flat.at(1, i).const_data_ptr());
       }
       rows.push_back(row);
     }
-    if (rows.empty()) continue;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "masked_sq_norm_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtypes[d], "masked_sq_norm_cuda", [&] {
       using Functor = NormFunctor<scalar_t>;
       for (auto& row : rows) {
         row.align[0] = Functor::ILP * sizeof(scalar_t);
         row.align[1] = mask_align(row.mask_kind, Functor::ILP);
       }
-      chunk_base += multi_tensor_apply<2>(rows, Functor{static_cast<float>(alpha), sums, flags}, stream, chunk_base);
+      const Functor functor{static_cast<float>(alpha), alpha_ptr, sums, flags, total_chunks, state.data_ptr<float>(),
+                            arrivals};
+      chunk_base += multi_tensor_apply<2>(rows, functor, stream, chunk_base, d + 1 == dtypes.size());
     });
   }
-  finish_norm_kernel<<<1, FINISH_THREADS, 0, stream>>>(sums, flags, total_chunks, state.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   flat.finish();
 }
 

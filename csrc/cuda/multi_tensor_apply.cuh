@@ -12,6 +12,17 @@
 // Arguments travel by value, so a launch records everything it needs and a
 // CUDA graph can capture it. Nothing here reads device memory on the host.
 //
+// Note [last block]
+//     Work that must wait for a whole launch (adding the norm's partial sums,
+//     advancing the step counters, the slow-weight counter) is done by the block
+//     that finishes last, not by a launch of its own: a functor with an
+//     `arrivals` counter gets its `epilogue(table)` called by that block. Every
+//     block makes its stores visible and counts itself with an atomic; the one
+//     that counts gridDim.x - 1 runs the epilogue and sets the counter back to
+//     zero for the next launch. Each launch's table lists all of its rows, empty
+//     tensors included (they own no chunk but their step counters advance), and
+//     `final_launch` marks the last launch of a call.
+//
 // Inside a chunk, a tensor whose pointers are all aligned to the vector width
 // is read with ILP elements per load (16 bytes for the parameter dtype) and
 // the last ILP - 1 elements of the tensor element by element; other tensors go
@@ -44,7 +55,7 @@ constexpr int64_t FUNCTOR_BYTES = 256;
 template <int DEPTH>
 struct TensorTable {
   static constexpr int64_t ROW_BYTES = DEPTH * 8 + 8 + 8 + 8 + 2;  // pointers, numel, step, chunk start, flags
-  static constexpr int CAPACITY = static_cast<int>((ARG_BYTES - FUNCTOR_BYTES - 32) / ROW_BYTES);
+  static constexpr int CAPACITY = static_cast<int>((ARG_BYTES - FUNCTOR_BYTES - 48) / ROW_BYTES);
 
   void* ptr[DEPTH][CAPACITY];
   int64_t numel[CAPACITY];
@@ -53,7 +64,9 @@ struct TensorTable {
   uint8_t vectorized[CAPACITY];
   uint8_t mask_kind[CAPACITY];
   int count;
+  int64_t chunks;      // chunks of this launch (the grid has at least one block)
   int64_t chunk_base;  // index of this launch's first chunk among all chunks of the call
+  bool final_launch;   // the last launch of the call
 
   // The tensor whose chunks contain `chunk` (chunk_start is increasing).
   __device__ __forceinline__ int find(int64_t chunk) const {
@@ -80,44 +93,91 @@ struct TensorRow {
   MaskKind mask_kind = MaskKind::None;
 };
 
+// Whether the calling block is the last of its launch to finish (Note [last block]); true in every
+// thread of that block, which then sees the stores of all the other blocks.
+__device__ __forceinline__ bool last_block(unsigned int* arrivals) {
+  __shared__ int last;
+  __syncthreads();  // this block's loads and stores are done
+  if (threadIdx.x == 0) {
+    __threadfence();  // its stores are visible before it is counted
+    last = atomicAdd(arrivals, 1u) == gridDim.x - 1;
+    if (last) *arrivals = 0u;  // every block has counted itself: ready for the next launch
+  }
+  __syncthreads();
+  if (last) __threadfence();
+  return last != 0;
+}
+
+template <class Functor, class = void>
+struct has_epilogue : std::false_type {};
+template <class Functor>
+struct has_epilogue<Functor, std::void_t<decltype(&Functor::arrivals)>> : std::true_type {};
+
 template <int DEPTH, class Functor>
 __global__ void __launch_bounds__(BLOCK_THREADS)
     multi_tensor_kernel(const __grid_constant__ TensorTable<DEPTH> table, const Functor functor) {
   const int64_t chunk = blockIdx.x;
-  const int t = table.find(chunk);
-  const int64_t begin = (chunk - table.chunk_start[t]) * CHUNK;
-  const int64_t end = begin + CHUNK < table.numel[t] ? begin + CHUNK : table.numel[t];
-  functor(table, t, begin, end, table.chunk_base + chunk);
+  if (chunk < table.chunks) {
+    const int t = table.find(chunk);
+    const int64_t begin = (chunk - table.chunk_start[t]) * CHUNK;
+    const int64_t end = begin + CHUNK < table.numel[t] ? begin + CHUNK : table.numel[t];
+    functor(table, t, begin, end, table.chunk_base + chunk);
+  }
+  if constexpr (has_epilogue<Functor>::value) {
+    if (last_block(functor.arrivals)) functor.epilogue(table);
+  }
 }
 
+// A counter at zero for Note [last block], on the device of `like`, for the current stream: kept per
+// device and stream for eager launches; while the stream is being captured into a CUDA graph, a new one
+// that the graph zeroes before each replay.
+unsigned int* arrival_counter(const at::Tensor& like);
+
 inline int64_t chunks_of(int64_t numel) { return (numel + CHUNK - 1) / CHUNK; }
+
+// The floating dtypes among `tensors`, in a fixed order: a call makes one launch sequence per dtype.
+inline std::vector<at::ScalarType> present_dtypes(at::TensorList tensors) {
+  std::vector<at::ScalarType> out;
+  for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble}) {
+    for (const at::Tensor& t : tensors) {
+      if (t.scalar_type() == dtype) {
+        out.push_back(dtype);
+        break;
+      }
+    }
+  }
+  return out;
+}
 
 // Runs `functor` over the chunks of every row, in as few launches as the table allows.
 // Chunk indices passed to the functor count from `chunk_base` in row order, so per-chunk
 // outputs (the norm's partial sums) land in the same place whatever the launch split.
+// `final_call`: whether the last launch made here is the last one of the op's call.
 // Returns the number of chunks.
 template <int DEPTH, class Functor>
 int64_t multi_tensor_apply(const std::vector<TensorRow<DEPTH>>& rows, const Functor& functor, cudaStream_t stream,
-                           int64_t chunk_base = 0) {
+                           int64_t chunk_base = 0, bool final_call = true) {
   static_assert(sizeof(TensorTable<DEPTH>) + sizeof(Functor) <= 32764, "kernel arguments too large");
   auto table = std::make_unique<TensorTable<DEPTH>>();
   table->count = 0;
   table->chunk_base = chunk_base;
   int64_t chunks = 0;
   int64_t total = 0;
-  auto launch = [&]() {
+  auto launch = [&](bool final_launch) {
     if (table->count == 0) return;
     table->chunk_start[table->count] = chunks;
-    multi_tensor_kernel<DEPTH, Functor><<<static_cast<unsigned>(chunks), BLOCK_THREADS, 0, stream>>>(*table, functor);
+    table->chunks = chunks;
+    table->final_launch = final_launch;
+    const unsigned grid = static_cast<unsigned>(chunks > 0 ? chunks : 1);
+    multi_tensor_kernel<DEPTH, Functor><<<grid, BLOCK_THREADS, 0, stream>>>(*table, functor);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     table->chunk_base += chunks;
     table->count = 0;
     chunks = 0;
   };
   for (const TensorRow<DEPTH>& row : rows) {
-    if (row.numel == 0) continue;
     // one launch covers at most 2^31 - 1 blocks
-    if (table->count == TensorTable<DEPTH>::CAPACITY || chunks + chunks_of(row.numel) > INT32_MAX) launch();
+    if (table->count == TensorTable<DEPTH>::CAPACITY || chunks + chunks_of(row.numel) > INT32_MAX) launch(false);
     const int t = table->count++;
     bool aligned = true;
     for (int d = 0; d < DEPTH; ++d) {
@@ -134,7 +194,7 @@ int64_t multi_tensor_apply(const std::vector<TensorRow<DEPTH>>& rows, const Func
     chunks += chunks_of(row.numel);
     total += chunks_of(row.numel);
   }
-  launch();
+  launch(final_call);
   return total;
 }
 
@@ -245,11 +305,25 @@ __device__ __forceinline__ T block_sum(T value, T* shared /* BLOCK_THREADS / 32 
   return total;  // valid in thread 0
 }
 
-// ------------------------------------------------------------------ step counters
+// ------------------------------------------------------------------ epilogues
 
-// step += 1 for every counter unless norm_state (may be null) flags a non-finite direction, in which
-// case the step is skipped. A launch of its own after the update: the update's blocks read the
-// counters, so none of them may change it while others still run.
-void advance_steps(at::TensorList steps, const float* norm_state, cudaStream_t stream);
+// The step counters of a launch's rows: step += 1 unless norm_state (may be null) flags a
+// non-finite direction. Run by the last block, after every block has read them.
+template <int DEPTH>
+__device__ __forceinline__ void advance_steps(const TensorTable<DEPTH>& table, const float* norm_state) {
+  if (norm_state != nullptr && norm_state[1] > 0) return;
+  for (int t = threadIdx.x; t < table.count; t += BLOCK_THREADS) *table.step[t] += 1.0f;
+}
+
+// The data of an optional tensor scalar, or null.
+template <typename T>
+inline const T* optional_data(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+}
+
+// A tensor scalar's value times `value` (value alone without one), read where the kernel runs.
+__device__ __forceinline__ float device_scalar(float value, const float* tensor) {
+  return tensor != nullptr ? value * *tensor : value;
+}
 
 }  // namespace sfron_ops::cuda

@@ -55,7 +55,7 @@ void saliency_mask_cuda(at::TensorList forget_fishers, at::TensorList remain_fis
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   Flattened flat({{forget_fishers, Access::Read}, {remain_fishers, Access::Read}, {masks, Access::Write}},
                  forget_fishers.size());
-  at::Tensor counter = flat.single(kept, Access::Write);
+  const at::Tensor& counter = flat.single(kept, Access::Write);
   std::vector<TensorRow<3>> rows;
   for (size_t i = 0; i < forget_fishers.size(); ++i) {
     TensorRow<3> row;

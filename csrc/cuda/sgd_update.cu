@@ -3,9 +3,10 @@
 //   d = u + wd * p;  buf = d on the first step, else momentum * buf + (1 - dampening) * d;
 //   d = d + momentum * buf (nesterov) or buf;  p = p - lr * d;  step += 1
 //
-// The clip coefficient c and the skip flag are read from norm_state by every
-// block on the device, so no value travels to the host and the step can be
-// captured in a CUDA graph. One launch for the update, one for the counters.
+// The clip coefficient c, the skip flag and tensor scalars (lr, scale) are read
+// on the device by every block, so no value travels to the host and the step can
+// be captured in a CUDA graph. One launch (per dtype): the block that finishes
+// last advances the step counters (Note [last block]).
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -20,21 +21,25 @@ namespace sfron_ops::cuda {
 namespace {
 
 // List 0: params (T, updated). List 1: grads (T). List 2: masks (any MaskKind; absent: no mask).
-// List 3: momentum buffers (T, updated; absent without momentum). Step counters: read only here.
+// List 3: momentum buffers (T, updated; absent without momentum). Step counters: advanced by the epilogue.
 template <typename T>
 struct SgdFunctor {
   static constexpr int ILP = ilp_for<T>();
   const float* norm_state;  // [sum of squares, non-finite flag] or null
+  const float* lr_tensor;     // multiplies lr, or null
+  const float* scale_tensor;  // multiplies scale, or null
   float lr, scale, momentum, one_minus_dampening, weight_decay, max_norm;
   bool use_momentum, use_weight_decay, nesterov;
+  unsigned int* arrivals;
 
   __device__ __forceinline__ void operator()(const TensorTable<4>& table, int t, int64_t begin, int64_t end,
                                              int64_t) const {
-    float coef = scale;
+    float coef = device_scalar(scale, scale_tensor);
     if (norm_state != nullptr) {
       if (norm_state[1] > 0) return;  // a non-finite direction: the step changes nothing
-      if (max_norm > 0) coef = clipped_scale(scale, max_norm, norm_state[0]);
+      if (max_norm > 0) coef = clipped_scale(coef, max_norm, norm_state[0]);
     }
+    const float lr = device_scalar(this->lr, lr_tensor);
     T* param = static_cast<T*>(table.ptr[0][t]);
     const T* grad = static_cast<const T*>(table.ptr[1][t]);
     const void* mask = table.ptr[2][t];
@@ -70,13 +75,17 @@ struct SgdFunctor {
       store<N>(param, i, p);
     });
   }
+
+  __device__ __forceinline__ void epilogue(const TensorTable<4>& table) const { advance_steps(table, norm_state); }
 };
 
 void sgd_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList masks,
                      at::TensorList momentum_buffers, at::TensorList steps, const std::optional<at::Tensor>& norm_state,
                      double lr, double scale, double momentum, double dampening, double weight_decay, bool nesterov,
-                     double max_norm, bool packed_masks) {
-  check_sgd_update_args(params, grads, masks, momentum_buffers, steps, norm_state, momentum, packed_masks);
+                     double max_norm, bool packed_masks, const std::optional<at::Tensor>& lr_tensor,
+                     const std::optional<at::Tensor>& scale_tensor) {
+  check_sgd_update_args(params, grads, masks, momentum_buffers, steps, norm_state, momentum, packed_masks, lr_tensor,
+                        scale_tensor);
   if (params.empty()) return;
 
   const c10::cuda::CUDAGuard guard(params[0].device());
@@ -87,10 +96,12 @@ void sgd_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                   {masks, packed_masks ? Access::Packed : Access::Read},
                   {use_momentum ? momentum_buffers : at::TensorList(), Access::Write}},
                  params.size());
-  at::Tensor state = norm_state.has_value() ? flat.single(*norm_state, Access::Read) : at::Tensor();
+  const at::Tensor none;
+  const at::Tensor& state = norm_state.has_value() ? flat.single(*norm_state, Access::Read) : none;
   const float* state_ptr = state.defined() ? state.const_data_ptr<float>() : nullptr;
+  unsigned int* arrivals = arrival_counter(params[0]);
 
-  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble}) {
+  for (const at::ScalarType dtype : present_dtypes(params)) {
     std::vector<TensorRow<4>> rows;
     for (size_t i = 0; i < params.size(); ++i) {
       if (params[i].scalar_type() != dtype) continue;
@@ -106,7 +117,6 @@ void sgd_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList
       if (use_momentum) row.ptr[3] = flat.at(3, i).data_ptr();
       rows.push_back(row);
     }
-    if (rows.empty()) continue;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sgd_update_cuda", [&] {
       using Functor = SgdFunctor<scalar_t>;
       for (auto& row : rows) {
@@ -114,6 +124,8 @@ void sgd_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      mask_align(row.mask_kind, Functor::ILP), Functor::ILP * sizeof(scalar_t)};
       }
       const Functor functor{state_ptr,
+                            optional_data<float>(lr_tensor),
+                            optional_data<float>(scale_tensor),
                             static_cast<float>(lr),
                             static_cast<float>(scale),
                             static_cast<float>(momentum),
@@ -122,11 +134,11 @@ void sgd_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                             static_cast<float>(max_norm),
                             use_momentum,
                             weight_decay != 0,
-                            nesterov};
+                            nesterov,
+                            arrivals};
       multi_tensor_apply<4>(rows, functor, stream);
     });
   }
-  advance_steps(steps, state_ptr, stream);
   flat.finish();
 }
 

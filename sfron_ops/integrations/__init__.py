@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from ..optim import PHASES, SFRon
+from ..optim import SFRon
 
 __all__ = ["unwrap_optimizer", "phase", "set_phase"]
 
@@ -47,9 +47,8 @@ def set_phase(optimizer, phase: str) -> str:
     Returns the previous phase. Prefer :func:`phase`, which restores it.
     """
     opt = unwrap_optimizer(optimizer)
-    if phase not in PHASES:
-        raise ValueError(f"Invalid phase: {phase!r}; expected 'forget' or 'remain'")
-    previous, opt._phase = opt._phase, phase
+    previous = opt.current_phase
+    opt.current_phase = phase
     return previous
 
 

@@ -12,18 +12,6 @@ reports an overflow, in which case the batch is left out.
 
 from __future__ import annotations
 
-from torch.amp.grad_scaler import OptState
+from ..fisher import unscale_for_fisher
 
-
-def unscale_for_fisher(scaler, optimizer) -> bool:
-    """Unscale ``optimizer``'s gradients (once per ``scaler.update()``); ``False`` if they hold an inf or a NaN.
-
-    Reads the scaler's overflow flags, which synchronises with the device; Fisher
-    passes run once per unlearning run, off the hot path.
-    """
-    if scaler is None or not scaler.is_enabled():
-        return True
-    state = scaler._per_optimizer_states[id(optimizer)]
-    if state["stage"] is not OptState.UNSCALED:
-        scaler.unscale_(optimizer)
-    return not any(bool(flag.item()) for flag in state["found_inf_per_device"].values())
+__all__ = ["unscale_for_fisher"]

@@ -201,6 +201,14 @@ def direction(g, m, coef, MASK_KIND: tl.constexpr):
 
 
 @device_function
+def times_tensor(value, tensor, HAS_TENSOR: tl.constexpr):
+    """``value * tensor[0]`` for an op's optional tensor scalar (read where the kernel runs), else ``value``."""
+    if HAS_TENSOR:
+        value = value * tl.load(tensor)
+    return value
+
+
+@device_function
 def clip_and_skip(norm_state, scale, max_norm, HAS_NORM: tl.constexpr):
     """(scale * min(1, max_norm / (sqrt(norm_state[0]) + 1e-6)) if max_norm > 0 else scale, skip flag)."""
     if HAS_NORM:
@@ -331,6 +339,11 @@ def placeholder(device: torch.device, dtype: torch.dtype = torch.int64) -> torch
     return torch.empty(0, dtype=dtype, device=device)
 
 
+def scalar_arg(tensor, device: torch.device) -> torch.Tensor:
+    """An op's optional tensor scalar as a kernel argument (a float32 placeholder when absent)."""
+    return placeholder(device, torch.float32) if tensor is None else tensor
+
+
 # --------------------------------------------------------------------------- host: element tuples
 #
 # A call is described by its columns: lists aligned with the tensors of the call (params, grads,
@@ -408,16 +421,6 @@ def _byte_view(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype == torch.bool else t
 
 
-def check_distinct_steps(name: str, steps) -> None:
-    """Each step counter is advanced once per call, so two parameters cannot share one."""
-    seen = {}
-    for i, s in enumerate(steps):
-        j = seen.setdefault(s.data_ptr(), i)
-        if j != i:
-            raise ValueError(f"{name}: steps[{j}] and steps[{i}] are the same tensor; every parameter needs "
-                             "its own step counter")
-
-
 # --------------------------------------------------------------------------- host: plans and tables
 #
 # Note [plans]
@@ -450,6 +453,7 @@ class Launch:
     def __init__(self, columns, indices: list[int], elements: int, chunk: int, trace: bool):
         first = columns[0][indices[0]]
         self.indices = indices
+        self.final = False  # the last launch of its call (set by execute)
         self.device = first.device
         self.num_tensors = len(indices)
         self.table_mode = len(indices) > 1
@@ -555,6 +559,7 @@ def execute(family: str, columns, elements: int, chunk: int, *, check, issue, fl
     staging.fix(columns, elements, mutated, logical_order=packed_masks)
     tensors = [t if t is None or t.is_contiguous() else staging.copy(t, m) for t, m in state]
     plan = [Launch(columns, indices, elements, chunk, trace) for indices in _launch_groups(columns, elements, trace)]
+    plan[-1].final = True
     for call in plan:
         issue(call, call.witnesses(columns, trace), tensors, trace)
     staging.finish()

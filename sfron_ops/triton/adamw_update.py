@@ -29,7 +29,6 @@ from ._common import (
     STEP_BLOCK,
     advance_steps,
     arrive,
-    check_distinct_steps,
     chunk_extent,
     chunk_of,
     clip_and_skip,
@@ -41,8 +40,9 @@ from ._common import (
     load_f32,
     load_mask,
     placeholder,
+    scalar_arg,
     store,
-    traced,
+    times_tensor,
     workspace,
 )
 
@@ -74,9 +74,15 @@ def _adamw_chunk(p_ptr, g_ptr, m_ptr, m1_ptr, m2_ptr, start, numel, coef, lr, be
 @triton.jit(do_not_specialize=["num_chunks", "num_tensors"])
 def _adamw_update_kernel(table, num_chunks, num_tensors, params, grads, masks, exp_avgs, exp_avg_sqs, steps, numel,
                          norm_state, counter, lr, scale, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay,
-                         max_norm, TABLE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_NORM: tl.constexpr,
-                         ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, STEP_BLOCK: tl.constexpr):
-    coef, skip = clip_and_skip(norm_state, scale, max_norm, HAS_NORM)
+                         weight_decay, max_norm, lr_tensor, scale_tensor, TABLE: tl.constexpr,
+                         MASK_KIND: tl.constexpr, HAS_NORM: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+                         CHUNK: tl.constexpr, STEP_BLOCK: tl.constexpr, HAS_LR_TENSOR: tl.constexpr,
+                         HAS_SCALE_TENSOR: tl.constexpr):
+    coef, skip = clip_and_skip(norm_state, times_tensor(scale, scale_tensor, HAS_SCALE_TENSOR), max_norm, HAS_NORM)
+    if HAS_LR_TENSOR:
+        # 1 - lr * wd in float64, from the float32 tensor lr as from the Python one
+        lr = lr * tl.load(lr_tensor)
+        decay = (1.0 - lr.to(tl.float64) * weight_decay).to(tl.float32)
     if not skip:
         if TABLE:
             # row: params, grads, masks, exp_avgs, exp_avg_sqs, steps, numel
@@ -107,16 +113,16 @@ def _adamw_update_kernel(table, num_chunks, num_tensors, params, grads, masks, e
 
 def _adamw_update(params: list[torch.Tensor], grads: list[torch.Tensor], masks: list[torch.Tensor],
                   exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor],
-                  norm_state: Optional[torch.Tensor], *, lr: float, scale: float, beta1: float, beta2: float,
-                  eps: float, weight_decay: float, max_norm: float, packed_masks: bool = False) -> None:
+                  norm_state: Optional[torch.Tensor], lr_tensor: Optional[torch.Tensor] = None,
+                  scale_tensor: Optional[torch.Tensor] = None, *, lr: float, scale: float, beta1: float,
+                  beta2: float, eps: float, weight_decay: float, max_norm: float,
+                  packed_masks: bool = False) -> None:
     kind = PACKED_MASK if packed_masks else ELEMENT_MASK if masks else NO_MASK
 
     def check():
         _ops.check_adamw_update(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state, lr=lr, scale=scale,
                                 beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, max_norm=max_norm,
-                                packed_masks=packed_masks)
-        if params and not traced(params[0]):
-            check_distinct_steps(_ops.OP_NAMES["adamw_update"], steps)
+                                packed_masks=packed_masks, lr_tensor=lr_tensor, scale_tensor=scale_tensor)
 
     def issue(call, witnesses, state, trace):
         counter, _ = workspace(call.device, 0, trace)
@@ -124,13 +130,16 @@ def _adamw_update(params: list[torch.Tensor], grads: list[torch.Tensor], masks: 
                (call.table, call.num_chunks, call.num_tensors, *witnesses, call.numel,
                 placeholder(call.device) if state[0] is None else state[0], counter, float(lr), float(scale),
                 float(beta1), float(beta2), float(1 - beta1), float(1 - beta2), float(eps),
-                float(1 - lr * weight_decay), float(max_norm)),
+                float(1 - lr * weight_decay), float(weight_decay), float(max_norm),
+                scalar_arg(state[1], call.device), scalar_arg(state[2], call.device)),
                trace=trace, TABLE=call.table_mode, MASK_KIND=kind, HAS_NORM=state[0] is not None,
-               ALIGNED=call.aligned, BLOCK=BLOCK, CHUNK=CHUNK, STEP_BLOCK=STEP_BLOCK)
+               ALIGNED=call.aligned, BLOCK=BLOCK, CHUNK=CHUNK, STEP_BLOCK=STEP_BLOCK,
+               HAS_LR_TENSOR=state[1] is not None, HAS_SCALE_TENSOR=state[2] is not None)
 
     columns = [params, grads, masks or None, exp_avgs, exp_avg_sqs, steps]
     execute("adamw_update", columns, 5, CHUNK, check=check, issue=issue, flags=(kind,),
-            state=[(norm_state, False)], mutated=(0, 3, 4), masks_at=2, packed_masks=packed_masks)
+            state=[(norm_state, False), (lr_tensor, False), (scale_tensor, False)], mutated=(0, 3, 4), masks_at=2,
+            packed_masks=packed_masks)
 
 
 adamw_update_triton_ = triton_op("sfron_ops::adamw_update_triton_", _adamw_update,
@@ -140,8 +149,10 @@ adamw_update_triton_ = triton_op("sfron_ops::adamw_update_triton_", _adamw_updat
 def adamw_update_(params: list[torch.Tensor], grads: list[torch.Tensor], masks: list[torch.Tensor],
                   exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor],
                   norm_state: Optional[torch.Tensor], *, lr: float, scale: float, beta1: float, beta2: float,
-                  eps: float, weight_decay: float, max_norm: float, packed_masks: bool = False) -> None:
+                  eps: float, weight_decay: float, max_norm: float, packed_masks: bool = False,
+                  lr_tensor: Optional[torch.Tensor] = None, scale_tensor: Optional[torch.Tensor] = None) -> None:
     """``sfron_ops::adamw_update_`` in one Triton launch (per dtype group); see the module docstring."""
     run = adamw_update_triton_ if torch.compiler.is_compiling() else _adamw_update
-    run(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state, lr=lr, scale=scale, beta1=beta1,
-        beta2=beta2, eps=eps, weight_decay=weight_decay, max_norm=max_norm, packed_masks=packed_masks)
+    # tensor arguments go before the keyword-only ones: torch.library ops take no keyword-only tensors
+    run(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state, lr_tensor, scale_tensor, lr=lr, scale=scale,
+        beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, max_norm=max_norm, packed_masks=packed_masks)

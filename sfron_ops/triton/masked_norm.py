@@ -9,6 +9,8 @@ workspace; the last program adds them in program order (Note [last program]
 in :mod:`._common`), so the result is the same on every run.
 """
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -33,6 +35,8 @@ from ._common import (
     launch,
     load_f32,
     load_mask,
+    scalar_arg,
+    times_tensor,
     workspace,
 )
 
@@ -55,10 +59,11 @@ def _norm_of_chunk(g_ptr, m_ptr, start, numel, alpha, MASK_KIND: tl.constexpr, E
 
 
 @triton.jit(do_not_specialize=["num_chunks"])
-def _masked_norm_kernel(table, num_chunks, grads, masks, numel, norm_state, partials, counter, alpha,
+def _masked_norm_kernel(table, num_chunks, grads, masks, numel, norm_state, partials, counter, alpha, alpha_tensor,
                         TABLE: tl.constexpr, MASK_KIND: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
-                        CHUNK: tl.constexpr, REDUCE_BLOCK: tl.constexpr):
+                        CHUNK: tl.constexpr, REDUCE_BLOCK: tl.constexpr, HAS_ALPHA_TENSOR: tl.constexpr):
     pid = tl.program_id(0)
+    alpha = times_tensor(alpha, alpha_tensor, HAS_ALPHA_TENSOR)
     if TABLE:
         row, start, n = chunk_of(table, num_chunks, 3, CHUNK)  # row: grads, masks, numel
         g_ptr = column(row, 0, grads, ALIGNED)
@@ -88,29 +93,32 @@ def _masked_norm_kernel(table, num_chunks, grads, masks, numel, norm_state, part
         tl.store(counter, 0)
 
 
-def _masked_sq_norm(grads: list[torch.Tensor], masks: list[torch.Tensor], norm_state: torch.Tensor, *,
-                    alpha: float, packed_masks: bool = False) -> None:
+def _masked_sq_norm(grads: list[torch.Tensor], masks: list[torch.Tensor], norm_state: torch.Tensor,
+                    alpha_tensor: Optional[torch.Tensor] = None, *, alpha: float, packed_masks: bool = False) -> None:
     kind = PACKED_MASK if packed_masks else ELEMENT_MASK if masks else NO_MASK
 
     def check():
-        _ops.check_masked_sq_norm(grads, masks, norm_state, alpha=alpha, packed_masks=packed_masks)
+        _ops.check_masked_sq_norm(grads, masks, norm_state, alpha=alpha, packed_masks=packed_masks,
+                                  alpha_tensor=alpha_tensor)
 
     def issue(call, witnesses, state, trace):
         counter, partials = workspace(call.device, 2 * call.grid, trace)
         launch(wrap_triton(_masked_norm_kernel) if trace else _masked_norm_kernel, call.grid,
-               (call.table, call.num_chunks, *witnesses, call.numel, state[0], partials, counter, float(alpha)),
+               (call.table, call.num_chunks, *witnesses, call.numel, state[0], partials, counter, float(alpha),
+                scalar_arg(state[1], call.device)),
                trace=trace, TABLE=call.table_mode, MASK_KIND=kind, ALIGNED=call.aligned, BLOCK=BLOCK,
-               CHUNK=NORM_CHUNK, REDUCE_BLOCK=REDUCE_BLOCK)
+               CHUNK=NORM_CHUNK, REDUCE_BLOCK=REDUCE_BLOCK, HAS_ALPHA_TENSOR=state[1] is not None)
 
     execute("masked_norm", [grads, masks or None], 2, NORM_CHUNK, check=check, issue=issue, flags=(kind,),
-            state=[(norm_state, True)], masks_at=1, packed_masks=packed_masks)
+            state=[(norm_state, True), (alpha_tensor, False)], masks_at=1, packed_masks=packed_masks)
 
 
 masked_sq_norm_triton_ = triton_op("sfron_ops::masked_sq_norm_triton_", _masked_sq_norm, mutates_args={"norm_state"})
 
 
 def masked_sq_norm_(grads: list[torch.Tensor], masks: list[torch.Tensor], norm_state: torch.Tensor, *,
-                    alpha: float, packed_masks: bool = False) -> None:
+                    alpha: float, packed_masks: bool = False, alpha_tensor: Optional[torch.Tensor] = None) -> None:
     """``sfron_ops::masked_sq_norm_`` in one Triton launch (per dtype group); see the module docstring."""
     run = masked_sq_norm_triton_ if torch.compiler.is_compiling() else _masked_sq_norm
-    run(grads, masks, norm_state, alpha=alpha, packed_masks=packed_masks)
+    # tensor arguments go before the keyword-only ones: torch.library ops take no keyword-only tensors
+    run(grads, masks, norm_state, alpha_tensor, alpha=alpha, packed_masks=packed_masks)

@@ -31,7 +31,6 @@ from ._common import (
     STEP_BLOCK,
     advance_steps,
     arrive,
-    check_distinct_steps,
     chunk_extent,
     chunk_of,
     clip_and_skip,
@@ -43,8 +42,9 @@ from ._common import (
     load_f32,
     load_mask,
     placeholder,
+    scalar_arg,
     store,
-    traced,
+    times_tensor,
     workspace,
 )
 
@@ -70,10 +70,12 @@ def _sgd_chunk(p_ptr, g_ptr, m_ptr, b_ptr, start, numel, coef, first_step, lr, m
 @triton.jit(do_not_specialize=["num_chunks", "num_tensors", "nesterov"])
 def _sgd_update_kernel(table, num_chunks, num_tensors, params, grads, masks, momentum_buffers, steps, numel,
                        norm_state, counter, lr, scale, momentum, one_minus_dampening, weight_decay, nesterov,
-                       max_norm, TABLE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
-                       HAS_NORM: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-                       STEP_BLOCK: tl.constexpr):
-    coef, skip = clip_and_skip(norm_state, scale, max_norm, HAS_NORM)
+                       max_norm, lr_tensor, scale_tensor, TABLE: tl.constexpr, MASK_KIND: tl.constexpr,
+                       HAS_MOMENTUM: tl.constexpr, HAS_NORM: tl.constexpr, ALIGNED: tl.constexpr,
+                       BLOCK: tl.constexpr, CHUNK: tl.constexpr, STEP_BLOCK: tl.constexpr,
+                       HAS_LR_TENSOR: tl.constexpr, HAS_SCALE_TENSOR: tl.constexpr):
+    coef, skip = clip_and_skip(norm_state, times_tensor(scale, scale_tensor, HAS_SCALE_TENSOR), max_norm, HAS_NORM)
+    lr = times_tensor(lr, lr_tensor, HAS_LR_TENSOR)
     if not skip:
         if TABLE:
             # row: params, grads, masks, momentum_buffers, steps, numel
@@ -101,7 +103,8 @@ def _sgd_update_kernel(table, num_chunks, num_tensors, params, grads, masks, mom
 
 def _sgd_update(params: list[torch.Tensor], grads: list[torch.Tensor], masks: list[torch.Tensor],
                 momentum_buffers: list[torch.Tensor], steps: list[torch.Tensor], norm_state: Optional[torch.Tensor],
-                *, lr: float, scale: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+                lr_tensor: Optional[torch.Tensor] = None, scale_tensor: Optional[torch.Tensor] = None, *, lr: float,
+                scale: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
                 max_norm: float, packed_masks: bool = False) -> None:
     has_momentum = momentum != 0
     kind = PACKED_MASK if packed_masks else ELEMENT_MASK if masks else NO_MASK
@@ -109,22 +112,24 @@ def _sgd_update(params: list[torch.Tensor], grads: list[torch.Tensor], masks: li
     def check():
         _ops.check_sgd_update(params, grads, masks, momentum_buffers, steps, norm_state, lr=lr, scale=scale,
                               momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                              max_norm=max_norm, packed_masks=packed_masks)
-        if params and not traced(params[0]):
-            check_distinct_steps(_ops.OP_NAMES["sgd_update"], steps)
+                              max_norm=max_norm, packed_masks=packed_masks, lr_tensor=lr_tensor,
+                              scale_tensor=scale_tensor)
 
     def issue(call, witnesses, state, trace):
         counter, _ = workspace(call.device, 0, trace)
         launch(wrap_triton(_sgd_update_kernel) if trace else _sgd_update_kernel, call.grid,
                (call.table, call.num_chunks, call.num_tensors, *witnesses, call.numel,
                 placeholder(call.device) if state[0] is None else state[0], counter, float(lr), float(scale),
-                float(momentum), float(1 - dampening), float(weight_decay), int(nesterov), float(max_norm)),
+                float(momentum), float(1 - dampening), float(weight_decay), int(nesterov), float(max_norm),
+                scalar_arg(state[1], call.device), scalar_arg(state[2], call.device)),
                trace=trace, TABLE=call.table_mode, MASK_KIND=kind, HAS_MOMENTUM=has_momentum,
-               HAS_NORM=state[0] is not None, ALIGNED=call.aligned, BLOCK=BLOCK, CHUNK=CHUNK, STEP_BLOCK=STEP_BLOCK)
+               HAS_NORM=state[0] is not None, ALIGNED=call.aligned, BLOCK=BLOCK, CHUNK=CHUNK, STEP_BLOCK=STEP_BLOCK,
+               HAS_LR_TENSOR=state[1] is not None, HAS_SCALE_TENSOR=state[2] is not None)
 
     columns = [params, grads, masks or None, momentum_buffers if has_momentum else None, steps]
     execute("sgd_update", columns, 4, CHUNK, check=check, issue=issue, flags=(kind, has_momentum),
-            state=[(norm_state, False)], mutated=(0, 3), masks_at=2, packed_masks=packed_masks)
+            state=[(norm_state, False), (lr_tensor, False), (scale_tensor, False)], mutated=(0, 3), masks_at=2,
+            packed_masks=packed_masks)
 
 
 sgd_update_triton_ = triton_op("sfron_ops::sgd_update_triton_", _sgd_update,
@@ -134,9 +139,11 @@ sgd_update_triton_ = triton_op("sfron_ops::sgd_update_triton_", _sgd_update,
 def sgd_update_(params: list[torch.Tensor], grads: list[torch.Tensor], masks: list[torch.Tensor],
                 momentum_buffers: list[torch.Tensor], steps: list[torch.Tensor], norm_state: Optional[torch.Tensor],
                 *, lr: float, scale: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
-                max_norm: float, packed_masks: bool = False) -> None:
+                max_norm: float, packed_masks: bool = False, lr_tensor: Optional[torch.Tensor] = None,
+                scale_tensor: Optional[torch.Tensor] = None) -> None:
     """``sfron_ops::sgd_update_`` in one Triton launch (per dtype group); see the module docstring."""
     run = sgd_update_triton_ if torch.compiler.is_compiling() else _sgd_update
-    run(params, grads, masks, momentum_buffers, steps, norm_state, lr=lr, scale=scale, momentum=momentum,
-        dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, max_norm=max_norm,
+    # tensor arguments go before the keyword-only ones: torch.library ops take no keyword-only tensors
+    run(params, grads, masks, momentum_buffers, steps, norm_state, lr_tensor, scale_tensor, lr=lr, scale=scale,
+        momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, max_norm=max_norm,
         packed_masks=packed_masks)

@@ -10,6 +10,8 @@ chosen on the host from the float64 ``a``, and ``1 - a`` is rounded from
 float64, as the reference computes them.
 """
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -19,6 +21,7 @@ from .. import _ops
 from ._common import (
     BLOCK,
     CHUNK,
+    arrive,
     chunk_extent,
     chunk_of,
     column,
@@ -26,8 +29,11 @@ from ._common import (
     execute,
     launch,
     load_f32,
+    placeholder,
     round_to,
+    scalar_arg,
     store,
+    workspace,
 )
 
 
@@ -47,42 +53,69 @@ def _sync_chunk(s_ptr, p_ptr, start, numel, alpha, one_minus_alpha, low_side, re
             store(p_ptr, offs, new, numel, EVEN)
 
 
-@triton.jit(do_not_specialize=["num_chunks", "low_side", "reset_fast"])
+@triton.jit(do_not_specialize=["num_chunks", "low_side", "reset_fast", "period"])
 def _slow_sync_kernel(table, num_chunks, slow_params, params, numel, alpha, one_minus_alpha, low_side, reset_fast,
-                      TABLE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
-    if TABLE:
-        row, start, n = chunk_of(table, num_chunks, 3, CHUNK)  # row: slow_params, params, numel
-        s_ptr = column(row, 0, slow_params, ALIGNED)
-        p_ptr = column(row, 1, params, ALIGNED)
-    else:
-        s_ptr, p_ptr = slow_params, params
-        start = tl.program_id(0).to(tl.int64) * CHUNK
-        n = numel
-    if start + CHUNK <= n:
-        _sync_chunk(s_ptr, p_ptr, start, n, alpha, one_minus_alpha, low_side, reset_fast, True, BLOCK, CHUNK)
-    else:
-        _sync_chunk(s_ptr, p_ptr, start, n, alpha, one_minus_alpha, low_side, reset_fast, False, BLOCK, CHUNK)
+                      norm_state, count, period, arrivals, TABLE: tl.constexpr, ALIGNED: tl.constexpr,
+                      BLOCK: tl.constexpr, CHUNK: tl.constexpr, HAS_NORM: tl.constexpr, HAS_COUNT: tl.constexpr,
+                      FINAL: tl.constexpr):
+    due = True
+    if HAS_NORM:
+        due = tl.load(norm_state + 1) <= 0
+    if HAS_COUNT:
+        # every program decides from the count before the call; the last one of the last launch moves it on
+        counted = tl.load(count) + 1.0
+        reached = counted >= period
+        due = due & reached
+    if due:
+        if TABLE:
+            row, start, n = chunk_of(table, num_chunks, 3, CHUNK)  # row: slow_params, params, numel
+            s_ptr = column(row, 0, slow_params, ALIGNED)
+            p_ptr = column(row, 1, params, ALIGNED)
+        else:
+            s_ptr, p_ptr = slow_params, params
+            start = tl.program_id(0).to(tl.int64) * CHUNK
+            n = numel
+        if start + CHUNK <= n:
+            _sync_chunk(s_ptr, p_ptr, start, n, alpha, one_minus_alpha, low_side, reset_fast, True, BLOCK, CHUNK)
+        else:
+            _sync_chunk(s_ptr, p_ptr, start, n, alpha, one_minus_alpha, low_side, reset_fast, False, BLOCK, CHUNK)
+    if HAS_COUNT and FINAL:
+        if arrive(arrivals):
+            skipped = False
+            if HAS_NORM:
+                skipped = tl.load(norm_state + 1) > 0
+            if not skipped:
+                tl.store(count, tl.where(reached, 0.0, counted))
+            tl.store(arrivals, 0)
 
 
-def _slow_sync(slow_params: list[torch.Tensor], params: list[torch.Tensor], *, alpha: float,
-               reset_fast: bool) -> None:
+def _slow_sync(slow_params: list[torch.Tensor], params: list[torch.Tensor], norm_state: Optional[torch.Tensor] = None,
+               counter: Optional[torch.Tensor] = None, *, alpha: float, reset_fast: bool, period: int = 1) -> None:
     def check():
-        _ops.check_slow_sync(slow_params, params, alpha=alpha, reset_fast=reset_fast)
+        _ops.check_slow_sync(slow_params, params, alpha=alpha, reset_fast=reset_fast, norm_state=norm_state,
+                             counter=counter, period=period)
 
     def issue(call, witnesses, state, trace):
+        arrivals, _ = workspace(call.device, 0, trace)
         launch(wrap_triton(_slow_sync_kernel) if trace else _slow_sync_kernel, call.grid,
                (call.table, call.num_chunks, *witnesses, call.numel, float(alpha), float(1 - alpha),
-                int(alpha < 0.5), int(reset_fast)),
-               trace=trace, TABLE=call.table_mode, ALIGNED=call.aligned, BLOCK=BLOCK, CHUNK=CHUNK)
+                int(alpha < 0.5), int(reset_fast), placeholder(call.device, torch.float32) if state[0] is None
+                else state[0], scalar_arg(state[1], call.device), float(period), arrivals),
+               trace=trace, TABLE=call.table_mode, ALIGNED=call.aligned, BLOCK=BLOCK, CHUNK=CHUNK,
+               HAS_NORM=state[0] is not None, HAS_COUNT=state[1] is not None, FINAL=call.final)
 
     execute("slow_sync", [slow_params, params], 2, CHUNK, check=check, issue=issue,
-            mutated=(0, 1) if reset_fast else (0,))
+            state=[(norm_state, False), (counter, True)], mutated=(0, 1) if reset_fast else (0,))
 
 
-slow_sync_triton_ = triton_op("sfron_ops::slow_sync_triton_", _slow_sync, mutates_args={"slow_params", "params"})
+slow_sync_triton_ = triton_op("sfron_ops::slow_sync_triton_", _slow_sync,
+                              mutates_args={"slow_params", "params", "counter"})
 
 
-def slow_sync_(slow_params: list[torch.Tensor], params: list[torch.Tensor], *, alpha: float, reset_fast: bool) -> None:
+def slow_sync_(slow_params: list[torch.Tensor], params: list[torch.Tensor], *, alpha: float, reset_fast: bool,
+               norm_state: Optional[torch.Tensor] = None, counter: Optional[torch.Tensor] = None,
+               period: int = 1) -> None:
     """``sfron_ops::slow_sync_`` in one Triton launch (per dtype); see the module docstring."""
     run = slow_sync_triton_ if torch.compiler.is_compiling() else _slow_sync
-    run(slow_params, params, alpha=alpha, reset_fast=reset_fast)
+    # tensor arguments go before the keyword-only ones: torch.library ops take no keyword-only tensors
+    run(slow_params, params, norm_state, counter, alpha=alpha, reset_fast=reset_fast, period=period)

@@ -38,11 +38,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .._groups import check_number as _check_number
 from ..fisher import batch_losses, fisher_diagonal
 from ..loss import LOSS_FLOOR, WEIGHT_EPS, adaptive_weights, check_weight_args
 from ..mask import density_mask, saliency_mask
 from ..monitor import SFRON_ADVICE
-from ..optim import SFRon, _check_number
+from ..optim import SFRon
 
 BASES = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")

@@ -61,9 +61,9 @@ at::Tensor clip_coef(const at::Tensor& norm_state, double scale, double max_norm
 }
 
 void check_masked_norm(const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& masks) {
-  auto norm = op<void(TL, TL, const at::Tensor&, double, bool)>("sfron_ops::masked_sq_norm_");
+  auto norm = op<void(TL, TL, const at::Tensor&, double, bool, OptT)>("sfron_ops::masked_sq_norm_");
   at::Tensor state = at::zeros({2});
-  norm.call(grads, masks, state, 2.5, false);
+  norm.call(grads, masks, state, 1.0, false, at::full({}, 2.5, at::kFloat));  // alpha as a tensor
   double expected = 0.0;
   at::Tensor one = at::full({}, 2.5, at::kFloat);
   for (size_t i = 0; i < grads.size(); ++i) expected += direction(grads[i], &masks[i], one).pow(2).sum().item<double>();
@@ -73,13 +73,13 @@ void check_masked_norm(const std::vector<at::Tensor>& grads, const std::vector<a
   std::vector<at::Tensor> bad = clones(grads);
   bad[4].view(-1)[20000] = std::nan("");
   at::Tensor flagged = at::zeros({2});
-  norm.call(bad, masks, flagged, 1.0, false);
+  norm.call(bad, masks, flagged, 1.0, false, std::nullopt);
   expect(flagged[1].item<float>() == 1.0f, "masked_sq_norm_ flags a NaN");
 }
 
 void check_sgd(const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& masks) {
-  auto sgd = op<void(TL, TL, TL, TL, TL, OptT, double, double, double, double, double, bool, double, bool)>(
-      "sfron_ops::sgd_update_");
+  auto sgd = op<void(TL, TL, TL, TL, TL, OptT, double, double, double, double, double, bool, double, bool, OptT,
+                     OptT)>("sfron_ops::sgd_update_");
   const double lr = 0.05, scale = -3.0, momentum = 0.9, dampening = 0.1, wd = 1e-2, max_norm = 0.5;
   std::vector<at::Tensor> params, bufs, steps;
   for (const auto& g : grads) {
@@ -90,8 +90,11 @@ void check_sgd(const std::vector<at::Tensor>& grads, const std::vector<at::Tenso
   at::Tensor state = at::tensor({7.0f, 0.0f});
   std::vector<at::Tensor> p_ref = clones(params), b_ref = clones(bufs);
   for (int step = 0; step < 3; ++step) {
-    sgd.call(params, grads, masks, bufs, steps, state, lr, scale, momentum, dampening, wd, step == 2, max_norm,
-             false);
+    // lr as a tensor scalar on the last step: 1.0 * tensor
+    const std::optional<at::Tensor> lr_tensor =
+        step == 2 ? std::optional<at::Tensor>(at::full({}, lr, at::kFloat)) : std::nullopt;
+    sgd.call(params, grads, masks, bufs, steps, state, step == 2 ? 1.0 : lr, scale, momentum, dampening, wd, step == 2,
+             max_norm, false, lr_tensor, std::nullopt);
     const at::Tensor coef = clip_coef(state, scale, max_norm);
     for (size_t i = 0; i < grads.size(); ++i) {
       at::Tensor d = direction(grads[i], &masks[i], coef) + wd * p_ref[i];
@@ -105,14 +108,15 @@ void check_sgd(const std::vector<at::Tensor>& grads, const std::vector<at::Tenso
 
   at::Tensor skip = at::tensor({1.0f, 1.0f});
   std::vector<at::Tensor> before = clones(params);
-  sgd.call(params, grads, masks, bufs, steps, skip, lr, scale, momentum, dampening, wd, false, max_norm, false);
+  sgd.call(params, grads, masks, bufs, steps, skip, lr, scale, momentum, dampening, wd, false, max_norm, false,
+           std::nullopt, std::nullopt);
   expect(all_close(params, before, 0.0, 0.0) && steps[0].item<float>() == 3.0f,
          "sgd_update_ skips everything on a non-finite flag");
 }
 
 void check_adamw(const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& masks) {
-  auto adamw = op<void(TL, TL, TL, TL, TL, TL, OptT, double, double, double, double, double, double, double, bool)>(
-      "sfron_ops::adamw_update_");
+  auto adamw = op<void(TL, TL, TL, TL, TL, TL, OptT, double, double, double, double, double, double, double, bool,
+                       OptT, OptT)>("sfron_ops::adamw_update_");
   const double lr = 0.01, scale = 2.0, b1 = 0.8, b2 = 0.95, eps = 1e-6, wd = 0.05;
   std::vector<at::Tensor> params, m1, m2, steps;
   for (const auto& g : grads) {
@@ -123,7 +127,9 @@ void check_adamw(const std::vector<at::Tensor>& grads, const std::vector<at::Ten
   }
   std::vector<at::Tensor> p_ref = clones(params), m1_ref = clones(m1), m2_ref = clones(m2);
   for (int step = 1; step <= 3; ++step) {
-    adamw.call(params, grads, masks, m1, m2, steps, std::nullopt, lr, scale, b1, b2, eps, wd, 0.0, false);
+    // the ascent scale as a tensor scalar: -1.0 * tensor
+    adamw.call(params, grads, masks, m1, m2, steps, std::nullopt, lr, -1.0, b1, b2, eps, wd, 0.0, false, std::nullopt,
+               std::optional<at::Tensor>(at::full({}, -scale, at::kFloat)));
     const at::Tensor coef = at::full({}, scale, at::kFloat);
     for (size_t i = 0; i < grads.size(); ++i) {
       const at::Tensor u = direction(grads[i], &masks[i], coef);
@@ -164,18 +170,24 @@ void check_fisher_mask_and_slow(const std::vector<at::Tensor>& grads) {
   }
   expect(ok && kept.item<int64_t>() == expected_kept, "saliency_mask_ keeps ratio >= gamma and counts");
 
-  auto slow = op<void(TL, TL, double, bool)>("sfron_ops::slow_sync_");
+  auto slow = op<void(TL, TL, double, bool, OptT, OptT, int64_t)>("sfron_ops::slow_sync_");
   std::vector<at::Tensor> slow_w = clones(grads), fast = clones(remain);
-  slow.call(slow_w, fast, 0.25, true);
-  ok = true;
+  // with a counter and a period of 2: the first call only counts, the second syncs and restarts the count
+  at::Tensor counter = at::zeros({});
+  slow.call(slow_w, fast, 0.25, true, std::nullopt, counter, 2);
+  ok = at::equal(slow_w[0], grads[0]) && counter.item<float>() == 1.0f;
+  slow.call(slow_w, fast, 0.25, true, at::tensor({0.0f, 1.0f}), counter, 2);  // a skipped step: nothing
+  ok &= at::equal(slow_w[0], grads[0]) && counter.item<float>() == 1.0f;
+  slow.call(slow_w, fast, 0.25, true, at::tensor({0.0f, 0.0f}), counter, 2);
+  ok &= counter.item<float>() == 0.0f;
   for (size_t i = 0; i < grads.size(); ++i) {
     const at::Tensor expected = grads[i] + 0.25 * (remain[i] - grads[i]);
     ok &= close(slow_w[i], expected) && at::equal(fast[i], slow_w[i]);
   }
   slow_w = clones(grads);
-  slow.call(slow_w, clones(remain), 1.0, false);
+  slow.call(slow_w, clones(remain), 1.0, false, std::nullopt, std::nullopt, 1);
   for (size_t i = 0; i < grads.size(); ++i) ok &= at::equal(slow_w[i], remain[i]);
-  expect(ok, "slow_sync_ interpolates, exactly at alpha = 1, and resets the fast weights");
+  expect(ok, "slow_sync_ counts to its period, skips on a flag, interpolates (exactly at alpha = 1) and resets");
 }
 
 }  // namespace
@@ -197,10 +209,10 @@ int main() {
     check_sgd(grads, masks);
     check_adamw(grads, masks);
     check_fisher_mask_and_slow(grads);
-    auto norm = op<void(TL, TL, const at::Tensor&, double, bool)>("sfron_ops::masked_sq_norm_");
+    auto norm = op<void(TL, TL, const at::Tensor&, double, bool, OptT)>("sfron_ops::masked_sq_norm_");
     bool raised = false;
     try {
-      norm.call({at::randn({4})}, {at::ones({5})}, at::zeros({2}), 1.0, false);
+      norm.call({at::randn({4})}, {at::ones({5})}, at::zeros({2}), 1.0, false, std::nullopt);
     } catch (const c10::Error& error) {
       raised = std::string(error.what()).find("masks[0] has shape (5,), expected (4,)") != std::string::npos;
     }

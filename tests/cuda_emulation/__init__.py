@@ -130,3 +130,9 @@ def ops():
 def set_reverse_order(reverse: bool) -> None:
     """Run blocks and the threads of each block last to first (``True``) or first to last."""
     ops().set_reverse_order(reverse)
+
+
+def take_launch_count() -> int:
+    """Kernel launches made by emulated kernels since the last call."""
+    return int(ops().take_launch_count())
+

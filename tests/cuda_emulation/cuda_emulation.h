@@ -60,6 +60,7 @@ constexpr size_t PARAM_BYTES = 32764;
 
 inline thread_local dim3 thread_index, block_index, block_dim, grid_dim;
 inline thread_local bool reverse_order = false;
+inline thread_local int64_t launches = 0;  // kernel launches so far (a test reads and resets it)
 
 enum class Wait { Running, Block, Warp, Done };
 
@@ -193,6 +194,7 @@ void launch(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t, void (*ker
                              ", block " + std::to_string(block.x) + ", dynamic shared memory " +
                              std::to_string(shared_bytes));
   }
+  ++launches;
   // arguments are copied at the launch, converted to the parameter types
   const std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
   grid_dim = grid;
@@ -232,9 +234,21 @@ T __shfl_down_sync(unsigned mask, T value, unsigned delta) {
   return out;
 }
 
-// Blocks run one at a time, so an atomic addition is a plain one.
-inline unsigned long long atomicAdd(unsigned long long* address, unsigned long long value) {
-  const unsigned long long old = *address;
+// Blocks run one at a time, so an atomic addition is a plain one and a fence orders nothing.
+template <class T>
+T atomicAdd(T* address, T value) {
+  static_assert(std::is_same_v<T, unsigned int> || std::is_same_v<T, unsigned long long>,
+                "emulated atomicAdd: the unsigned types the kernels use");
+  const T old = *address;
   *address = old + value;
   return old;
+}
+inline void __threadfence() {}
+
+// The emulation's one stream is never captured into a CUDA graph.
+enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone = 0, cudaStreamCaptureStatusActive = 1 };
+typedef int cudaError_t;
+inline cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* status) {
+  *status = cudaStreamCaptureStatusNone;
+  return 0;
 }

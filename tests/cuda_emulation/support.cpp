@@ -3,6 +3,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <utility>
+
 #include "multi_tensor_apply.cuh"  // the rewritten csrc/cuda header
 
 namespace {
@@ -53,6 +55,8 @@ at::Tensor vector_load(const at::Tensor& data, int64_t index) {
 
 TORCH_LIBRARY_FRAGMENT(sfron_ops_cuda_emulated, m) {
   m.def("set_reverse_order(bool reverse) -> ()", [](bool reverse) { cuda_emulation::reverse_order = reverse; });
+  // kernel launches since the last call (the count restarts at zero)
+  m.def("take_launch_count() -> int", []() { return std::exchange(cuda_emulation::launches, int64_t{0}); });
   m.def("block_sum(Tensor values) -> Tensor", &block_sum);
   m.def("barrier_after_return(int threads, int returning_thread) -> ()", &barrier_after_return);
   m.def("vector_load(Tensor data, int index) -> Tensor", &vector_load);

@@ -11,9 +11,13 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
 #include <optional>
 #include <sstream>
 #include <string>
+#include <vector>
 
 namespace sfron_ops {
 
@@ -140,6 +144,19 @@ inline void check_norm_state(const char* op, const std::optional<at::Tensor>& no
   if (norm_state.has_value()) check_norm_state(op, *norm_state, like, key);
 }
 
+// An optional float32 0-dim tensor scalar (a tensor lr, a step counter) on the device of every tensor.
+inline void check_scalar_tensor(const char* op, const char* key, const std::optional<at::Tensor>& t,
+                                at::TensorList like) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == 1, op, ": ", key,
+              " must be a float32 scalar tensor, got ", dtype_name(t->scalar_type()), " with ", t->numel(),
+              " elements");
+  for (size_t i = 0; i < like.size(); ++i) {
+    TORCH_CHECK(like[i].device() == t->device(), op, ": ", key, " is on ", t->device(), " but tensor ", i, " is on ",
+                like[i].device());
+  }
+}
+
 // One float32 scalar step counter per parameter, on the parameter's device.
 inline void check_steps(const char* op, at::TensorList steps, at::TensorList like) {
   check_length(op, "steps", steps, like.size());
@@ -152,21 +169,57 @@ inline void check_steps(const char* op, at::TensorList steps, at::TensorList lik
   }
 }
 
+// No two tensors an op writes share memory (a parameter twice, overlapping views, one step counter for two
+// parameters): their elements would be updated twice, and on a GPU by racing blocks.
+struct WrittenList {
+  const char* key;
+  at::TensorList tensors;
+};
+
+inline void check_distinct_writes(const char* op, std::initializer_list<WrittenList> lists) {
+  struct Span {
+    uintptr_t begin, end;
+    const char* key;
+    size_t index;
+  };
+  std::vector<Span> spans;
+  for (const WrittenList& list : lists) {
+    for (size_t i = 0; i < list.tensors.size(); ++i) {
+      const at::Tensor& t = list.tensors[i];
+      if (!t.defined() || t.numel() == 0) continue;
+      int64_t last = 0;
+      for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+      const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+      spans.push_back({begin, begin + static_cast<uintptr_t>((last + 1) * t.element_size()), list.key, i});
+    }
+  }
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  for (size_t k = 1; k < spans.size(); ++k) {
+    TORCH_CHECK(spans[k].begin >= spans[k - 1].end, op, ": ", spans[k - 1].key, "[", spans[k - 1].index, "] and ",
+                spans[k].key, "[", spans[k].index, "] share memory; each tensor the op writes must be its own");
+  }
+}
+
 // ---------------------------------------------------------------- per op
 // Everything one op checks, called by its CPU and its CUDA kernel alike.
 
 inline void check_masked_sq_norm_args(at::TensorList grads, at::TensorList masks, const at::Tensor& norm_state,
-                                      bool packed_masks) {
+                                      bool packed_masks, const std::optional<at::Tensor>& alpha_tensor) {
   constexpr const char* op = "masked_sq_norm_";
   check_masks(op, masks, grads, packed_masks);
+  check_scalar_tensor(op, "alpha_tensor", alpha_tensor, grads);
   check_norm_state(op, norm_state, grads, "grads");
   check_floating(op, "grads", grads);
 }
 
 // What the two update ops share: parameters, gradients, masks, step counters and the norm state.
 inline void check_update_args(const char* op, at::TensorList params, at::TensorList grads, at::TensorList masks,
-                              at::TensorList steps, const std::optional<at::Tensor>& norm_state, bool packed_masks) {
+                              at::TensorList steps, const std::optional<at::Tensor>& norm_state, bool packed_masks,
+                              const std::optional<at::Tensor>& lr_tensor,
+                              const std::optional<at::Tensor>& scale_tensor) {
   check_aligned(op, "grads", grads, params);
+  check_scalar_tensor(op, "lr_tensor", lr_tensor, params);
+  check_scalar_tensor(op, "scale_tensor", scale_tensor, params);
   check_masks(op, masks, params, packed_masks);
   check_steps(op, steps, params);
   check_norm_state(op, norm_state, params, "params");
@@ -176,26 +229,32 @@ inline void check_update_args(const char* op, at::TensorList params, at::TensorL
 
 inline void check_sgd_update_args(at::TensorList params, at::TensorList grads, at::TensorList masks,
                                   at::TensorList momentum_buffers, at::TensorList steps,
-                                  const std::optional<at::Tensor>& norm_state, double momentum, bool packed_masks) {
+                                  const std::optional<at::Tensor>& norm_state, double momentum, bool packed_masks,
+                                  const std::optional<at::Tensor>& lr_tensor,
+                                  const std::optional<at::Tensor>& scale_tensor) {
   constexpr const char* op = "sgd_update_";
-  check_update_args(op, params, grads, masks, steps, norm_state, packed_masks);
+  check_update_args(op, params, grads, masks, steps, norm_state, packed_masks, lr_tensor, scale_tensor);
   check_aligned_or_empty(op, "momentum_buffers", momentum_buffers, params);
   TORCH_CHECK(momentum == 0 || momentum_buffers.size() == params.size(), op, ": momentum=", momentum,
               " needs one momentum buffer per parameter");
   check_dtype_like(op, "momentum_buffers", momentum_buffers, params);
   check_one_device(op, "params", params);
+  check_distinct_writes(op, {{"params", params}, {"momentum_buffers", momentum_buffers}, {"steps", steps}});
 }
 
 inline void check_adamw_update_args(at::TensorList params, at::TensorList grads, at::TensorList masks,
                                     at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps,
-                                    const std::optional<at::Tensor>& norm_state, bool packed_masks) {
+                                    const std::optional<at::Tensor>& norm_state, bool packed_masks,
+                                    const std::optional<at::Tensor>& lr_tensor,
+                                    const std::optional<at::Tensor>& scale_tensor) {
   constexpr const char* op = "adamw_update_";
-  check_update_args(op, params, grads, masks, steps, norm_state, packed_masks);
+  check_update_args(op, params, grads, masks, steps, norm_state, packed_masks, lr_tensor, scale_tensor);
   check_aligned(op, "exp_avgs", exp_avgs, params);
   check_aligned(op, "exp_avg_sqs", exp_avg_sqs, params);
   check_dtype_like(op, "exp_avgs", exp_avgs, params);
   check_dtype_like(op, "exp_avg_sqs", exp_avg_sqs, params);
   check_one_device(op, "params", params);
+  check_distinct_writes(op, {{"params", params}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}, {"steps", steps}});
 }
 
 inline void check_fisher_accumulate_args(at::TensorList fishers, at::TensorList grads) {
@@ -204,6 +263,7 @@ inline void check_fisher_accumulate_args(at::TensorList fishers, at::TensorList 
   check_dtype(op, "fishers", fishers, at::kFloat);
   check_floating(op, "grads", grads);
   check_one_device(op, "grads", grads);
+  check_distinct_writes(op, {{"fishers", fishers}});
 }
 
 inline void check_saliency_mask_args(at::TensorList forget_fishers, at::TensorList remain_fishers,
@@ -224,14 +284,22 @@ inline void check_saliency_mask_args(at::TensorList forget_fishers, at::TensorLi
     TORCH_CHECK(kept.device() == forget_fishers[i].device(), op, ": kept is on ", kept.device(),
                 " but forget_fishers[", i, "] is on ", forget_fishers[i].device());
   }
+  check_distinct_writes(op, {{"masks", masks}, {"kept", kept}});
 }
 
-inline void check_slow_sync_args(at::TensorList slow_params, at::TensorList params) {
+inline void check_slow_sync_args(at::TensorList slow_params, at::TensorList params,
+                                 const std::optional<at::Tensor>& norm_state, const std::optional<at::Tensor>& counter,
+                                 int64_t period) {
   constexpr const char* op = "slow_sync_";
   check_aligned(op, "slow_params", slow_params, params);
+  check_norm_state(op, norm_state, params, "params");
+  check_scalar_tensor(op, "counter", counter, params);
+  TORCH_CHECK(period >= 1, op, ": period must be at least 1, got ", period);
   check_floating(op, "params", params);
   check_dtype_like(op, "slow_params", slow_params, params);
   check_one_device(op, "params", params);
+  const at::Tensor none;
+  check_distinct_writes(op, {{"slow_params", slow_params}, {"params", params}, {"counter", counter ? *counter : none}});
 }
 
 }  // namespace sfron_ops

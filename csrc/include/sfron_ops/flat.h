@@ -14,6 +14,7 @@
 
 #include <sfron_ops/kinds.h>
 
+#include <deque>
 #include <utility>
 #include <vector>
 
@@ -40,6 +41,9 @@ struct ListSpec {
   Access access;
 };
 
+// Tensors are held by pointer: to the caller's own (the lists outlive the call) or to a working copy
+// owned here. Copying an at::Tensor that Python also holds costs a trip through the interpreter
+// for its reference count, with the GIL; a call does none of that for tensors used in place.
 class Flattened {
  public:
   Flattened(std::vector<ListSpec> specs, size_t count) : specs_(std::move(specs)), tensors_(specs_.size()) {
@@ -51,29 +55,29 @@ class Flattened {
       for (size_t k = 0; k < specs_.size(); ++k) {
         if (specs_[k].tensors.empty()) continue;
         const at::Tensor& t = specs_[k].tensors[i];
-        tensors_[k].push_back(in_place || specs_[k].access == Access::Packed ? t : working(t, specs_[k].access));
+        tensors_[k].push_back(in_place || specs_[k].access == Access::Packed ? &t : working(t, specs_[k].access));
       }
     }
   }
 
   // Tensor i of list k, ready to be read as consecutive elements.
-  const at::Tensor& at(size_t k, size_t i) const { return tensors_[k][i]; }
+  const at::Tensor& at(size_t k, size_t i) const { return *tensors_[k][i]; }
   bool present(size_t k) const { return !tensors_[k].empty(); }
 
   // A contiguous stand-in for a single tensor (e.g. norm_state).
-  at::Tensor single(const at::Tensor& t, Access access) { return working(t, access); }
+  const at::Tensor& single(const at::Tensor& t, Access access) { return *working(t, access); }
 
   // Copy the results of mutated working copies back into the caller's tensors.
   void finish() {
-    for (auto& [original, copy] : writeback_) original.copy_(copy);
+    for (auto& [original, copy] : writeback_) original->copy_(*copy);
     writeback_.clear();
   }
 
  private:
-  at::Tensor working(const at::Tensor& t, Access access) {
-    if (t.is_contiguous()) return t;
-    at::Tensor copy = t.contiguous();
-    if (access == Access::Write) writeback_.emplace_back(t, copy);
+  const at::Tensor* working(const at::Tensor& t, Access access) {
+    if (t.is_contiguous()) return &t;
+    const at::Tensor* copy = &owned_.emplace_back(t.contiguous());
+    if (access == Access::Write) writeback_.emplace_back(&t, copy);
     return copy;
   }
 
@@ -101,8 +105,9 @@ class Flattened {
   }
 
   std::vector<ListSpec> specs_;
-  std::vector<std::vector<at::Tensor>> tensors_;
-  std::vector<std::pair<at::Tensor, at::Tensor>> writeback_;
+  std::vector<std::vector<const at::Tensor*>> tensors_;
+  std::deque<at::Tensor> owned_;  // working copies (a deque keeps their addresses)
+  std::vector<std::pair<const at::Tensor*, const at::Tensor*>> writeback_;
 };
 
 }  // namespace sfron_ops

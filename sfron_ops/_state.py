@@ -1,0 +1,188 @@
+"""Optimizer state that counts its own changes.
+
+:class:`sfron_ops.SFRon` reuses a step plan (:class:`sfron_ops.functional.StepPlan`) that holds
+references to its state tensors, so it must know when an entry is added, replaced or removed,
+whoever does it: the optimizer itself, ``load_state_dict``, or a user resetting a buffer with
+``opt.state[p]["momentum_buffer"] = torch.zeros_like(p)``. Changing a tensor in place needs no
+notice: the plan holds that same tensor.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import NamedTuple
+
+import torch
+
+from ._groups import slow_active
+from .functional import GroupTensors
+from .packing import for_kernels as kernel_mask
+
+#: a base optimizer's state entries
+BASE_KEYS = {"sgd": ("momentum_buffer",), "adamw": ("exp_avg", "exp_avg_sq")}
+
+
+class Version:
+    """A counter that every change of the state it watches increments."""
+
+    __slots__ = ("value",)
+
+    def __init__(self):
+        self.value = 0
+
+    def bump(self) -> None:
+        self.value += 1
+
+
+class ParamState(dict):
+    """One parameter's state entries. (Each mutator is written out with ``super()``: torch.compile traces
+    those, so a step compiled before its state exists can create it.)"""
+
+    def __init__(self, version: Version, entries=()):
+        super().__init__(entries)
+        self._version = version
+
+    def __setitem__(self, key, value):
+        self._version.bump()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self._version.bump()
+        super().__delitem__(key)
+
+    def pop(self, *args):
+        self._version.bump()
+        return super().pop(*args)
+
+    def popitem(self):
+        self._version.bump()
+        return super().popitem()
+
+    def clear(self):
+        self._version.bump()
+        super().clear()
+
+    def update(self, *args, **kwargs):
+        self._version.bump()
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key, default=None):
+        self._version.bump()
+        return super().setdefault(key, default)
+
+    def __reduce__(self):  # pickles and copies as a plain dict
+        return dict, (dict(self),)
+
+
+class OptimizerState(defaultdict):
+    """``{param: ParamState}``; a missing parameter gets an empty state, as in torch's optimizers."""
+
+    def __init__(self, version: Version, entries=()):
+        super().__init__()
+        self._version = version
+        for key, value in dict(entries).items():
+            super().__setitem__(key, ParamState(version, value))
+
+    def __missing__(self, key):
+        state = ParamState(self._version)
+        super().__setitem__(key, state)
+        return state
+
+    def __setitem__(self, key, value):
+        self._version.bump()
+        super().__setitem__(key, ParamState(self._version, value))
+
+    def __delitem__(self, key):
+        self._version.bump()
+        super().__delitem__(key)
+
+    def pop(self, *args):
+        self._version.bump()
+        return super().pop(*args)
+
+    def popitem(self):
+        self._version.bump()
+        return super().popitem()
+
+    def clear(self):
+        self._version.bump()
+        super().clear()
+
+    def update(self, *args, **kwargs):
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = {} if default is None else default
+        return self[key]
+
+    def __reduce__(self):  # pickles and copies as torch's defaultdict(dict)
+        return defaultdict, (dict, {key: dict(value) for key, value in self.items()})
+
+
+class StepTensors(NamedTuple):
+    """What a step plan is made from: each group's tensors and gradients, and the state entries made for them."""
+
+    tensors: list  # functional.GroupTensors per group
+    grads: list  # per group
+    created: list  # (entries, key) of every state entry made
+
+    def undo(self) -> None:
+        for entries, key in self.created:
+            entries.pop(key, None)
+
+
+def step_tensors(state: OptimizerState, groups: list, grads: list, sync_counts: dict) -> StepTensors:
+    """The groups' tensors for a step over the flat gradient list ``grads``, with the state each group's
+    structure calls for (see :func:`make_missing`) and each slow-weight group's sync counter on its device
+    (``sync_counts``: ``{id(group): counter}``, started from ``group["remain_steps"]``)."""
+    tensors, per_group, created, start = [], [], [], 0
+    for group in groups:
+        params = group["params"]
+        group_grads = grads[start:start + len(params)]
+        start += len(params)
+        per_group.append(group_grads)
+        make_missing(state, group, params, group_grads, created)
+        states = [state.get(p, {}) for p in params]
+        keys = BASE_KEYS[group["base"]] if group["base"] == "adamw" or group["momentum"] != 0 else ()
+        slow = slow_active(group) and bool(params)
+        counter = None
+        if slow:
+            device = params[0].device
+            counter = sync_counts.get(id(group))
+            if counter is None or counter.device != device:
+                begin = group["remain_steps"] if counter is None else float(counter)
+                counter = sync_counts[id(group)] = torch.full((), float(begin), dtype=torch.float32, device=device)
+        tensors.append(GroupTensors(
+            params=params, masks=[kernel_mask(s, p) for s, p in zip(states, params)],
+            steps=[s.get("step") for s in states], state=[[s.get(k) for s in states] for k in keys],
+            slow_params=[s.get("slow_param") for s in states] if slow else [], sync_counter=counter))
+    return StepTensors(tensors, per_group, created)
+
+
+def make_missing(state: OptimizerState, group: dict, params, grads, created: list) -> None:
+    """Create the state a group's structure calls for: a step counter for every parameter with a gradient, and
+    for every parameter with a counter its base optimizer's buffers and, with slow weights, its slow copy.
+    Each entry made is appended to ``created`` as ``(state, key)``, so a refused step can take them back."""
+
+    def make(entries, key, value):
+        entries[key] = value
+        created.append((entries, key))
+
+    for p, g in zip(params, grads):
+        entries = state.get(p)
+        if entries is None or "step" not in entries:
+            if g is None:  # no gradient yet: no state, as in torch's optimizers
+                continue
+            entries = state[p]
+            make(entries, "step", torch.zeros((), dtype=torch.float32, device=p.device))
+        if group["base"] == "sgd" and group["momentum"] != 0 and "momentum_buffer" not in entries:
+            make(entries, "momentum_buffer", torch.zeros_like(p, memory_format=torch.preserve_format))
+        if group["base"] == "adamw" and "exp_avg" not in entries:
+            make(entries, "exp_avg", torch.zeros_like(p, memory_format=torch.preserve_format))
+            make(entries, "exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
+        if slow_active(group) and "slow_param" not in entries:
+            # Note [slow snapshot]: slow weights start as the parameters at their first step
+            make(entries, "slow_param", p.detach().clone())
+
