@@ -221,19 +221,32 @@ def prompt_text(question: str) -> str:
 def encode(tokenizer, question: str, answer: str) -> dict:
     """``input_ids`` (``<s>`` prompt answer ``</s>``) and ``labels`` (-100 on ``<s>`` and the prompt): the answer
     tokens and the final ``</s>`` are what the model is trained and scored on."""
-    prompt = [tokenizer.bos_token_id] + tokenizer.encode(prompt_text(question), add_special_tokens=False)
-    reply = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
-    if tokenizer.unk_token_id in prompt + reply:
-        raise ValueError(f"words outside the vocabulary in {question!r} / {answer!r}")
-    ids = torch.tensor(prompt + reply)
-    labels = ids.clone()
-    labels[: len(prompt)] = -100
-    return {"input_ids": ids, "labels": labels}
+    return encode_pairs(tokenizer, [question], [answer])[0]
+
+
+def encode_pairs(tokenizer, questions: list, answers: list) -> list:
+    """:func:`encode` of every ``(question, answer)`` pair, the texts tokenized in two batched calls."""
+    if len(questions) != len(answers):
+        raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
+    if not questions:
+        return []
+    prompts = tokenizer([prompt_text(q) for q in questions], add_special_tokens=False)["input_ids"]
+    replies = tokenizer(list(answers), add_special_tokens=False)["input_ids"]
+    out = []
+    for question, answer, prompt, reply in zip(questions, answers, prompts, replies):
+        prompt, reply = [tokenizer.bos_token_id] + prompt, reply + [tokenizer.eos_token_id]
+        if tokenizer.unk_token_id in prompt + reply:
+            raise ValueError(f"words outside the vocabulary in {question!r} / {answer!r}")
+        ids = torch.tensor(prompt + reply)
+        labels = ids.clone()
+        labels[: len(prompt)] = -100
+        out.append({"input_ids": ids, "labels": labels})
+    return out
 
 
 def encode_all(tokenizer, qa: list, field_name: str = "answer") -> list:
     """:func:`encode` of every QA with the answer in ``field_name`` ("answer" or "paraphrase")."""
-    return [encode(tokenizer, q.question, getattr(q, field_name)) for q in qa]
+    return encode_pairs(tokenizer, [q.question for q in qa], [getattr(q, field_name) for q in qa])
 
 
 class Collator:

@@ -42,7 +42,7 @@ from torch.nn import functional as F
 from ..loss import LOSS_FLOOR
 from . import checkpoints
 from . import metrics as M
-from .facts import Collator, Facts, build_lm, build_tokenizer, encode, encode_all, make_facts, prompt_text
+from .facts import Collator, Facts, build_lm, build_tokenizer, encode_all, encode_pairs, make_facts, prompt_text
 from .runner import RunInterrupted
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -410,8 +410,10 @@ def _avg_nll(logprobs) -> np.ndarray:
 def greedy_answers(model, tokenizer, questions, max_new_tokens: int = 16) -> list:
     """Greedy answers to ``questions`` (prompts of equal length are batched, so nothing is padded), decoded
     without special tokens and cut at the first EOS."""
-    prompts = [[tokenizer.bos_token_id] + tokenizer.encode(prompt_text(q), add_special_tokens=False)
-               for q in questions]
+    if not questions:
+        return []
+    prompts = [[tokenizer.bos_token_id] + p
+               for p in tokenizer([prompt_text(q) for q in questions], add_special_tokens=False)["input_ids"]]
     answers = [None] * len(prompts)
     by_length = {}
     for i, p in enumerate(prompts):
@@ -433,7 +435,7 @@ def _truth(model, tok, qa, collate, true_field):
     probabilities of the true and the perturbed answers (``[N]``, ``[N, J]``)."""
     true_nll = _avg_nll(_token_logprobs(model, encode_all(tok, qa, true_field), collate))
     j = len(qa[0].perturbed)
-    flat = [encode(tok, q.question, p) for q in qa for p in q.perturbed]
+    flat = encode_pairs(tok, [q.question for q in qa for _ in q.perturbed], [p for q in qa for p in q.perturbed])
     pert_nll = _avg_nll(_token_logprobs(model, flat, collate)).reshape(len(qa), j)
     return M.truth_ratios(true_nll, pert_nll), np.exp(-true_nll), np.exp(-pert_nll)
 
