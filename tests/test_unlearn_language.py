@@ -266,6 +266,26 @@ def test_utility_mia_and_rouge_by_hand():
     assert M.rouge_l_recall(["The Cat."], ["the cat"]) == pytest.approx(1.0)
 
 
+def test_quality_bar_on_constructed_results():
+    def row(fq, mu, auc):
+        return {"FQ": fq, "MU": mu, "MIA loss": auc, "MIA Min-K": auc}
+
+    def results(sfron_mu):
+        per_seed = {s: {"f05": {"Original": row(1e-9, 0.70, 1.0), "RT": row(1.0, 0.70, 0.5),
+                                "SFR-on": row(fq, sfron_mu, 0.3), "NPO": row(1e-3, 0.69, 0.9),
+                                "GA": row(0.5, 0.30, 0.5)}} for s, fq in (("0", 0.2), ("1", 0.04))}
+        return {"seeds": [0, 1], "per_seed": per_seed, "summary": {"f05": {"SFR-on": {}}},
+                "order": ["Original", "RT", "SFR-on", "NPO", "GA"]}
+
+    (fq_met, fq), (mu_met, mu), (loss_met, loss), _ = language.quality_bar(results(0.68))
+    assert not fq_met and "0.2, 0.04" in fq             # one seed out of the band
+    assert mu_met and "0.9714" in mu
+    assert loss_met and "SFR-on 0.200" in loss and "NPO 0.400" in loss and "GA" not in loss  # GA broke the model
+    (_, _), (mu_met, mu), (loss_met, loss), _ = language.quality_bar(results(0.66))
+    assert not mu_met and "worst seed 0.9429" in mu
+    assert not loss_met and "SFR-on 0.200 (its utility is below the bar" in loss  # the distance is still given
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 def tiny_scenario(labels=tuple(presets.FACTS_LM), **kw):
     methods = {label: dict(presets.FACTS_LM[label], epochs=1) for label in labels}

@@ -723,19 +723,19 @@ def quality_bar(results: dict, *, method: str = "SFR-on", tag: str = "f05") -> l
     ratio = {lab: [rows[s][lab]["MU"] / rows[s]["Original"]["MU"] for s in seeds]
              for lab in results["order"] if lab in rows[seeds[0]] and "(bf16)" not in lab}
     r = ratio[method]
-    checks.append((min(r) >= UTILITY_KEPT, f"{method} model utility {np.mean(r):.3f} of the original's (worst seed "
-                   f"{min(r):.3f}; bar {UTILITY_KEPT})"))
-    keepers = [lab for lab, v in ratio.items() if lab not in ("Original", "RT") and np.mean(v) >= UTILITY_KEPT]
+    checks.append((min(r) >= UTILITY_KEPT, f"{method} model utility {np.mean(r):.4f} of the original's (worst seed "
+                   f"{min(r):.4f}; bar {UTILITY_KEPT})"))
+    methods = [lab for lab in ratio if lab not in ("Original", "RT")]
+    keepers = [lab for lab in methods if np.mean(ratio[lab]) >= UTILITY_KEPT]
     for attack in ("MIA loss", "MIA Min-K"):
         gaps = {lab: float(np.mean([abs(rows[s][lab][attack] - rows[s]["RT"][attack]) for s in seeds]))
-                for lab in keepers}
-        if method not in gaps:
-            checks.append((False, f"{attack}: {method} does not keep utility, so it is not compared"))
-            continue
-        closest = min(gaps, key=gaps.get)
-        others = ", ".join(f"{lab} {g:.3f}" for lab, g in sorted(gaps.items(), key=lambda t: t[1]) if lab != method)
-        checks.append((closest == method, f"{attack} AUC distance to RT's: {method} {gaps[method]:.3f}; other methods "
-                       f"that keep utility: {others or 'none'}"))
+                for lab in methods}
+        others = ", ".join(f"{lab} {gaps[lab]:.3f}" for lab in sorted(keepers, key=gaps.get) if lab != method)
+        mine = f"{method} {gaps[method]:.3f}" + ("" if method in keepers else
+                                                 " (its utility is below the bar, so it does not count)")
+        met = method in keepers and min(gaps[lab] for lab in keepers) == gaps[method]
+        checks.append((met, f"{attack} AUC distance to RT's (mean over seeds): {mine}; other methods that keep "
+                       f"utility: {others or 'none'}"))
     return checks
 
 
