@@ -245,12 +245,12 @@ def digits_ddpm_scenario(*, methods: dict | None = None, classes=None, denoiser:
 # (probability ~0.98 per token) and prefers the true value in the other sentence (the paraphrase).
 FACTS_TRAIN = dict(epochs=30, lr=3e-3, batch_size=32, weight_decay=0.01, warmup=0.1, max_grad_norm=1.0)
 # Unlearning, every method: epochs over the forget set, each forget batch of 16 paired with 16 random retain
-# examples (TOFU's pairing), AdamW with weight decay 0.01. The baselines: 10 epochs, a linear schedule after one
-# epoch of warm-up, gradient clipping at 1 and their published constants (GradDiff gamma = alpha = 1; NPO beta 0.1;
+# examples (TOFU's pairing), AdamW with weight decay 0.01. The baselines: 10 or 30 epochs, a linear schedule with
+# 10 % warm-up, gradient clipping at 1 and their published constants (GradDiff gamma = alpha = 1; NPO beta 0.1;
 # SimNPO beta 4.5, delta 0, gamma 0.125). SFR-on: a remain step per batch pair and a forget step every
 # forget_freq-th (30 epochs with forget_freq 3: 10 epochs' worth of forget steps, three remain steps for each),
 # the forget step on the adaptive loss over each answer's NLL, masked by the Fisher saliency of the answer tokens,
-# cosine lr and alpha, clipped at 1 (both phases). Learning rates (and SFR-on's forget_freq) picked by
+# cosine lr and alpha, clipped at 1 (both phases). Learning rates and epochs (SFR-on: forget_freq) picked by
 # LM_TUNING_GRIDS on tuning seed 100, 5 % split, float32 (docs/unlearning.md has every trial).
 _LM = dict(epochs=10)
 FACTS_LM = {
@@ -258,21 +258,18 @@ FACTS_LM = {
     "GradAscent": dict(method="ga", **_LM, lr=1e-4),
     "GradDiff": dict(method="graddiff", **_LM, lr=3e-4),
     "NPO": dict(method="npo", **_LM, lr=1e-4),
-    "SimNPO": dict(method="simnpo", **_LM, lr=1e-3),
-    "FT": dict(method="ft", **_LM, lr=1e-3),
+    "SimNPO": dict(method="simnpo", epochs=30, lr=1e-3),
+    "FT": dict(method="ft", epochs=30, lr=1e-3),
 }
 LM_TUNING_SEEDS = (100,)
 _LM_LR = (1e-4, 3e-4, 1e-3, 3e-3)
 # SFR-on: the lr, and one, two or three remain steps per forget step (forget_freq) over as many forget steps
-# (10 epochs of forget steps each time).
+# (10 epochs of forget steps each time); the baselines: the lr, and 10 or 30 epochs (SFR-on's optimizer steps).
 LM_TUNING_GRIDS = {
     "SFR-on": [dict(method="sfron", epochs=10 * k, forget_freq=k, lr=lr) for lr in (5e-4, 7e-4, 1e-3)
                for k in (1, 2, 3)],
-    "GradAscent": _grid("ga", dict(_LM), lr=_LM_LR),
-    "GradDiff": _grid("graddiff", dict(_LM), lr=_LM_LR),
-    "NPO": _grid("npo", dict(_LM), lr=_LM_LR),
-    "SimNPO": _grid("simnpo", dict(_LM), lr=_LM_LR),
-    "FT": _grid("ft", dict(_LM), lr=_LM_LR),
+    **{label: _grid(method, {}, epochs=(10, 30), lr=_LM_LR) for label, method in
+       (("GradAscent", "ga"), ("GradDiff", "graddiff"), ("NPO", "npo"), ("SimNPO", "simnpo"), ("FT", "ft"))},
 }
 
 
