@@ -96,7 +96,7 @@ demo-gen: build $(TEST_STAMP)
 		--out runs/demo-gen --checkpoint-dir runs/demo-gen/ckpt --overwrite
 
 # facts forgotten by a tiny causal LM, TOFU-style, in the Hugging Face Trainer: three seeds, the 1, 5 and 10 %
-# splits, every method in float32 and bfloat16 (hours on two shared CPU cores: every seed trains an original and
+# splits, every method in float32 and bfloat16 (1 h 45 min on two shared CPU cores: every seed trains an original and
 # three RTs). Rerunning resumes from runs/demo-lm/ckpt
 demo-lm: build $(TEST_STAMP)
 	$(PY) -m sfron_ops.unlearn run --scenario facts-lm --seeds 0 1 2 --threads 1 \
