@@ -124,3 +124,15 @@ def test_hf_trainer_example():
     before = re.search(r"before: forget loss ([\d.]+)\s+retain loss ([\d.]+)", out).groups()
     after = re.search(r"after: forget loss ([\d.]+)\s+retain loss ([\d.]+)", out).groups()
     assert float(after[0]) > 2 * float(before[0])  # the forget sequences are no longer memorised
+
+
+@pytest.mark.slow
+def test_hf_forget_retain_example():
+    pytest.importorskip("transformers")
+    out = run([sys.executable, EXAMPLES / "hf_forget_retain.py", "--people", "20", "--epochs", "30"])
+    found = dict((k, (float(f), float(r))) for k, f, r in re.findall(
+        r"(before|after): forget answer probability ([\d.]+)\s+retain answer probability ([\d.]+)", out))
+    assert found["before"][0] > 0.9 and found["before"][1] > 0.9, found  # the facts were learnt
+    assert found["after"][0] < found["before"][0] / 2, found            # the forgotten people's are gone
+    assert found["after"][1] > 0.8, found                               # the others' stay
+    assert re.search(r"saliency mask keeps \d+ of \d+ weights", out)

@@ -31,18 +31,38 @@ __all__ = ["SFRonTrainer", "ForgetRetainDataset", "ForgetRetainCollator", "per_s
 
 
 class ForgetRetainDataset(torch.utils.data.Dataset):
-    """Pairs every retain example with a forget example, cycling through the (usually smaller) forget set."""
+    """Pairs forget and retain examples into ``{"forget": ..., "retain": ...}`` items.
 
-    def __init__(self, forget, retain):
+    ``anchor="retain"`` (default): one item per retain example, the (usually smaller) forget set cycled.
+    ``anchor="forget"``: one item per forget example, each with a retain example drawn at random, as the
+    TOFU-style unlearning trainers pair them; ``epochs=E`` lists the forget set ``E`` times, each time in a
+    new order and with new retain partners, so that one pass over the dataset (one Trainer epoch) is ``E``
+    epochs over the forget set. The order and the partners are fixed by ``seed`` when the dataset is built,
+    so a Trainer resumed from a checkpoint sees the same pairs as one that never stopped.
+    """
+
+    def __init__(self, forget, retain, *, anchor: str = "retain", epochs: int = 1, seed: int = 0):
         if len(forget) == 0 or len(retain) == 0:
             raise ValueError(f"forget and retain sets must be non-empty, got {len(forget)} and {len(retain)}")
-        self.forget, self.retain = forget, retain
+        if anchor not in ("retain", "forget"):
+            raise ValueError(f"Invalid anchor: {anchor!r}; expected 'retain' or 'forget'")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"Invalid epochs: {epochs!r}; expected an integer >= 1")
+        if anchor == "retain" and epochs != 1:
+            raise ValueError("epochs applies to anchor='forget'; with anchor='retain' every item is a retain example")
+        self.forget, self.retain, self.anchor = forget, retain, anchor
+        if anchor == "forget":
+            g = torch.Generator().manual_seed(seed)
+            self.forget_index = torch.cat([torch.randperm(len(forget), generator=g) for _ in range(epochs)]).tolist()
+            self.retain_index = torch.randint(len(retain), (len(self.forget_index),), generator=g).tolist()
 
     def __len__(self):
-        return len(self.retain)
+        return len(self.retain) if self.anchor == "retain" else len(self.forget_index)
 
     def __getitem__(self, i):
-        return {"forget": self.forget[i % len(self.forget)], "retain": self.retain[i]}
+        if self.anchor == "retain":
+            return {"forget": self.forget[i % len(self.forget)], "retain": self.retain[i]}
+        return {"forget": self.forget[self.forget_index[i]], "retain": self.retain[self.retain_index[i]]}
 
 
 class ForgetRetainCollator:
@@ -55,15 +75,20 @@ class ForgetRetainCollator:
         return {side: self.collate([e[side] for e in examples]) for side in ("forget", "retain")}
 
 
-def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """One cross-entropy per sample: classification logits ``[N, C]``, or causal-LM logits ``[N, T, V]``
-    (next-token loss averaged over each sequence's labelled tokens, ``-100`` ignored)."""
+    (next-token loss over each sequence's labelled tokens, ``-100`` ignored), averaged over those tokens
+    (``reduction="mean"``) or summed: the sequence's negative log-likelihood (``"sum"``)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"Invalid reduction: {reduction!r}; expected 'mean' or 'sum'")
     if logits.dim() == 2:
         return F.cross_entropy(logits.float(), labels, reduction="none")
     if logits.dim() != 3:
         raise ValueError(f"per_sample_loss takes [N, C] or [N, T, V] logits, got shape {tuple(logits.shape)}")
     logits, labels = logits[:, :-1], labels[:, 1:]
     tokens = F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none", ignore_index=-100)
+    if reduction == "sum":
+        return tokens.sum(dim=1)
     counted = (labels != -100).sum(dim=1).clamp(min=1)
     return tokens.sum(dim=1) / counted
 
@@ -80,12 +105,14 @@ class SFRonTrainer(Trainer):
         alpha_schedule: ``"cosine"`` (official) or ``"constant"``.
         lambd: λ of the adaptive weights :math:`w_i \propto 1 / \max(\ell_i, f)^{\lambda}`.
         loss_floor: their floor :math:`f` (default ``sfron_ops.LOSS_FLOOR``; ``None``: the official formula).
+        sequence_loss: a causal LM's per-sample forget loss: ``"mean"`` (the average next-token loss over the
+            labelled tokens) or ``"sum"`` (their sum: the sequence's negative log-likelihood, e.g. of an answer).
 
     Everything else is ``Trainer``'s. With ``optimizers=(opt, sched)`` an SFRon built by the caller is used.
     """
 
     def __init__(self, *args, sfron_kwargs=None, masks=None, forget_freq: int = 1, alpha_schedule: str = "cosine",
-                 lambd: float = 0.5, loss_floor: float | None = LOSS_FLOOR, **kwargs):
+                 lambd: float = 0.5, loss_floor: float | None = LOSS_FLOOR, sequence_loss: str = "mean", **kwargs):
         if isinstance(forget_freq, bool) or not isinstance(forget_freq, int) or forget_freq < 1:
             raise ValueError(f"Invalid forget_freq: {forget_freq!r}")
         if alpha_schedule not in ("cosine", "constant"):
@@ -95,7 +122,9 @@ class SFRonTrainer(Trainer):
         self.forget_freq = forget_freq
         self.alpha_schedule = alpha_schedule
         check_weight_args(lambd, loss_floor)
-        self.lambd, self.loss_floor = lambd, loss_floor
+        if sequence_loss not in ("mean", "sum"):
+            raise ValueError(f"Invalid sequence_loss: {sequence_loss!r}; expected 'mean' or 'sum'")
+        self.lambd, self.loss_floor, self.sequence_loss = lambd, loss_floor, sequence_loss
         super().__init__(*args, **kwargs)
         if self.args.gradient_accumulation_steps != 1:
             raise ValueError(f"SFRonTrainer needs gradient_accumulation_steps=1 (a forget step is a whole optimizer "
@@ -132,7 +161,7 @@ class SFRonTrainer(Trainer):
         labels = inputs.pop("labels")
         outputs = model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        losses = per_sample_loss(logits, labels)
+        losses = per_sample_loss(logits, labels, self.sequence_loss)
         return (adaptive_weights(losses, self.lambd, self.loss_floor) * losses).mean()
 
     def forget_step(self, model, forget_inputs) -> torch.Tensor:

@@ -4,6 +4,7 @@
     sfron-unlearn run --dataset cifar10 --root ~/data --forget random:0.1 --model resnet18 --seeds 0
     sfron-unlearn tune --scenario digits-class
     sfron-unlearn run --scenario digits-ddpm-class --seeds 0 1 2     # class forgetting in a diffusion model
+    sfron-unlearn run --scenario facts-lm --seeds 0 1 2              # facts forgotten by a causal LM, TOFU-style
     sfron-unlearn presets
 
 Everything the command is given is checked before anything trains: the flags, the output and
@@ -12,7 +13,8 @@ there. A mistake is reported in one line that names the flag, file or value, wit
 Ctrl-C stops at the end of the current iteration, saves its checkpoint and exits with status 130;
 the same command then resumes. The diffusion scenario goes through the same checks and the same
 run; only what runs it (:mod:`~sfron_ops.unlearn.generation` instead of
-:mod:`~sfron_ops.unlearn.experiment`) and its tables differ.
+:mod:`~sfron_ops.unlearn.experiment`) and its tables differ, and so for the language-model scenario
+(:mod:`~sfron_ops.unlearn.language`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 
 DIGITS = ("digits-random", "digits-class")
 GENERATION = ("digits-ddpm-class",)
+LANGUAGE = ("facts-lm",)
 CLASSIFIERS = ("mlp", "cnn", "resnet18")
 DENOISERS = ("mlp", "unet", "dit")
 RUN_OUTPUTS = ("results.json", "table.md", "results.png")
@@ -116,6 +120,9 @@ def _forget(text):
 
 def _check_flags(args):
     """The flags that need nothing else to be checked."""
+    if args.scenario in LANGUAGE and args.model is not None:
+        raise UsageError(f"--model does not apply to --scenario {args.scenario}: its model is the GPT-2 of "
+                         "presets.facts_lm_scenario")
     if args.scenario in GENERATION and args.epochs is not None:
         raise UsageError(f"--epochs does not apply to --scenario {args.scenario}: the denoiser trains for a number "
                          "of iterations (presets.DDPM_TRAIN)")
@@ -162,13 +169,14 @@ def _scenario(args):
                             ("--num-workers", args.num_workers)):
             if value is not None:
                 raise UsageError(f"{flag} is for --dataset cifar10, cifar100 or imagefolder; the digits are built in")
-    if args.scenario in GENERATION:
-        if args.dataset != "digits":
-            raise UsageError(f"--scenario {args.scenario} is a digits scenario; it does not go with --dataset "
-                             f"{args.dataset}")
-        if forget and (forget[0] != "class" or forget[1] is None):
-            raise UsageError(f"--forget for --scenario {args.scenario} must be class:INDEX[,INDEX...] (the classes "
-                             f"forgotten one at a time), got {args.forget!r}")
+    if args.scenario in LANGUAGE:
+        _own_data(args, forget, "random", "random:FRACTION (the share of the people forgotten)")
+        kw = dict(fractions=(forget[1],)) if forget else {}
+        if args.epochs is not None:
+            kw["train"] = dict(presets.FACTS_TRAIN, epochs=args.epochs)
+        scenario = presets.facts_lm_scenario(**kw)
+    elif args.scenario in GENERATION:
+        _own_data(args, forget, "class", "class:INDEX[,INDEX...] (the classes forgotten one at a time)")
         kw = dict(classes=forget[1]) if forget else {}
         if _model(args, DENOISERS, f"the denoiser of {args.scenario}"):
             kw["denoiser"] = args.model
@@ -211,6 +219,16 @@ def _scenario(args):
     return scenario
 
 
+def _own_data(args, forget, kind, form):
+    """The checks of a built-in scenario with data of its own: no ``--dataset``, and ``--forget`` (if given) of
+    ``kind`` with a value, as ``form`` says."""
+    if args.dataset != "digits":
+        raise UsageError(f"--scenario {args.scenario} is a built-in scenario with its own data; it does not go "
+                         f"with --dataset {args.dataset}")
+    if forget and (forget[0] != kind or forget[1] is None):
+        raise UsageError(f"--forget for --scenario {args.scenario} must be {form}, got {args.forget!r}")
+
+
 def _one_class(args, value):
     """A fraction as it is, or the one class of a class-wise classification scenario."""
     if not isinstance(value, tuple):
@@ -229,6 +247,10 @@ def _runner(scenario):
         from . import generation
 
         return generation, presets.DDPM_TUNING_GRIDS
+    if scenario.name in LANGUAGE:
+        from . import language
+
+        return language, presets.LM_TUNING_GRIDS
     return experiment, presets.TUNING_GRIDS
 
 
@@ -309,7 +331,7 @@ def prepare(args) -> Plan:
     else:
         scenario.methods = _overrides(args.set, scenario.methods)
         # the diffusion scenario retrains RT only when asked (it costs as much as the original)
-        known = list(scenario.methods) + (["RT"] if module is not experiment else [])
+        known = list(scenario.methods) + (["RT"] if module.__name__.endswith(".generation") else [])
         unknown = [m for m in labels or [] if m not in known]
         if unknown:
             raise UsageError(f"--methods: no method {unknown[0]!r} in {scenario.name} (have {known})")
@@ -347,14 +369,15 @@ def prepare(args) -> Plan:
 
 # ---------------------------------------------------------------------------------------------- commands
 def _common(p):
-    p.add_argument("--scenario", choices=DIGITS + GENERATION,
+    p.add_argument("--scenario", choices=DIGITS + GENERATION + LANGUAGE,
                    help="a built-in digits scenario (default: digits-random); digits-ddpm-class forgets a class "
-                        "in a class-conditional diffusion model")
+                        "in a class-conditional diffusion model; facts-lm forgets fictitious people's facts from "
+                        "a causal LM")
     p.add_argument("--dataset", choices=("digits", "cifar10", "cifar100", "imagefolder"), default="digits")
     p.add_argument("--root", help="data folder (CIFAR: the folder holding cifar-10-batches-py; ImageFolder: train)")
     p.add_argument("--test-root", help="ImageFolder test folder")
     p.add_argument("--forget", help="random:FRACTION or class:INDEX (digits-ddpm-class: class:INDEX[,INDEX...], "
-                   "forgotten one at a time)")
+                   "forgotten one at a time; facts-lm: random:FRACTION of the people, default 0.01, 0.05 and 0.1)")
     p.add_argument("--model", choices=tuple(dict.fromkeys(CLASSIFIERS + DENOISERS)),
                    help="classifier (mlp, cnn, resnet18) or, for digits-ddpm-class, denoiser (mlp, unet, dit)")
     p.add_argument("--epochs", type=int, help="epochs to train the original and RT (at least 1; not for "
@@ -415,7 +438,8 @@ def _main(argv) -> int:
         print(json.dumps({"sfron_paper": presets.SFRON_PAPER, "digits-random": presets.DIGITS_RANDOM,
                           "digits-class": presets.DIGITS_CLASS,
                           "sfron_paper_generation": presets.SFRON_PAPER_GENERATION,
-                          "digits-ddpm-class": presets.DIGITS_DDPM}, indent=1))
+                          "digits-ddpm-class": presets.DIGITS_DDPM, "facts-lm": presets.FACTS_LM,
+                          "facts-lm training": presets.FACTS_TRAIN}, indent=1))
         return 0
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     plan = prepare(args)
@@ -454,11 +478,12 @@ def _run(args, plan) -> int:
     from .checkpoints import CheckpointError
     from .runner import RunInterrupted
 
-    for path in plan.stale:  # --overwrite: checkpoints of another run make way
-        os.remove(path)
+    for path in plan.stale:  # --overwrite: checkpoints (or run folders) of another run make way
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     scenario = plan.scenario
     module = _runner(scenario)[0]
-    generative = module is not experiment
+    generative = module.__name__.endswith(".generation")
+    language = module.__name__.endswith(".language")
     started = time.perf_counter()
     try:
         results = module.run_scenario(scenario, seeds=plan.seeds, methods=plan.labels, device=plan.device,
@@ -479,13 +504,15 @@ def _run(args, plan) -> int:
     print()
     if generative:
         print_generation(results)
+    elif language:
+        module.print_results(results)
     else:
         print(f"## {scenario.name}: {scenario.description}")
         print(f"seeds {plan.seeds}; mean ± std; FA/RA/TA/MIA in %, Avg.D = mean |gap to RT| over FA/RA/TA/MIA, "
               "KL/JS to RT on D_f in nats, RTE in seconds")
         print(experiment.format_table(results, markdown=False))
     try:
-        if generative:
+        if generative or language:
             module.write_outputs(results, plan.out)
         else:
             write_outputs([results], plan.out)

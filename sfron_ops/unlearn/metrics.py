@@ -221,3 +221,85 @@ def feature_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def fid(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
     """FID between two sets of feature vectors: the Fréchet distance of their Gaussian fits."""
     return frechet_distance(*feature_stats(features_a), *feature_stats(features_b))
+
+
+# ---------------------------------------------------------------------------------------------- language models
+# TOFU-style yardsticks (sfron_ops.unlearn.language). An answer's probability is per token:
+# P = exp(-avg_nll), avg_nll the mean next-token loss over its labelled tokens (answer and final EOS).
+TRUTH_RATIO_EPS = 1e-10
+
+
+def truth_ratios(true_nll, perturbed_nll) -> np.ndarray:
+    r"""Per question :math:`TR = P_{false} / (P_{true} + 10^{-10})` with :math:`P_{true} = e^{-\text{avg\_nll}}`
+    of the true answer (``true_nll``, shape ``[N]``) and :math:`P_{false} = e^{-\operatorname{mean}_j
+    \text{avg\_nll}_j}` over the perturbed answers (``perturbed_nll``, ``[N, J]``): a mean in log space."""
+    true_nll = np.asarray(true_nll, dtype=np.float64)
+    perturbed_nll = np.asarray(perturbed_nll, dtype=np.float64)
+    if perturbed_nll.ndim != 2 or perturbed_nll.shape[0] != true_nll.shape[0]:
+        raise ValueError(f"perturbed_nll must be [N, J] with N = {true_nll.shape[0]}, got {perturbed_nll.shape}")
+    return np.exp(-perturbed_nll.mean(axis=1)) / (np.exp(-true_nll) + TRUTH_RATIO_EPS)
+
+
+def truth_ratio_score(ratios, kind: str) -> float:
+    """The truth ratio of a set: ``"forget"``, mean of min(TR, 1/TR) (1: true and false answers equally likely);
+    ``"true_better"``, mean of max(0, 1 - TR) (1: the true answer far more likely), for the sets a model keeps."""
+    tr = np.asarray(ratios, dtype=np.float64)
+    if kind == "forget":
+        return float(np.minimum(tr, 1.0 / (tr + TRUTH_RATIO_EPS)).mean())
+    if kind == "true_better":
+        return float(np.maximum(0.0, 1.0 - tr).mean())
+    raise ValueError(f"Invalid kind: {kind!r}; expected 'forget' or 'true_better'")
+
+
+def forget_quality(ratios, reference_ratios) -> float:
+    """Forget quality: the p-value of the two-sided two-sample Kolmogorov-Smirnov test between the per-question
+    truth ratios of a model and of RT on the same forget questions (1: indistinguishable; TOFU reads
+    p >= 0.05 as within RT's band)."""
+    from scipy.stats import ks_2samp
+
+    return float(ks_2samp(np.asarray(ratios, dtype=np.float64), np.asarray(reference_ratios, dtype=np.float64)).pvalue)
+
+
+def model_utility(values) -> float:
+    """The harmonic mean of the utility numbers (each in [0, 1]); 0 as soon as one of them is 0."""
+    from scipy.stats import hmean
+
+    v = np.asarray(list(values), dtype=np.float64)
+    if v.size == 0 or not np.all(np.isfinite(v)) or (v < 0).any():
+        raise ValueError(f"model utility needs finite values >= 0, got {v.tolist()}")
+    return 0.0 if (v == 0).any() else float(hmean(v))
+
+
+def min_k_score(token_logprobs: Sequence[torch.Tensor], k: float = 0.4) -> np.ndarray:
+    """Min-K % prob, loss-like (high: a non-member): per sequence, minus the mean of its ``max(1, int(k n))``
+    lowest token log-probabilities (``n`` tokens, the final EOS already dropped)."""
+    out = []
+    for lp in token_logprobs:
+        lp = torch.as_tensor(lp, dtype=torch.float64).flatten()
+        if lp.numel() == 0:
+            raise ValueError("min_k_score needs at least one token per sequence")
+        m = max(1, int(k * lp.numel()))
+        out.append(-float(torch.sort(lp).values[:m].mean()))
+    return np.asarray(out)
+
+
+def mia_auc(member_scores, nonmember_scores) -> float:
+    """AUC of a loss-like membership score (high: a non-member) that separates the forget set (label 0) from
+    never-trained holdout data (label 1): about 1 while the forget set is still memorised, 0.5 when it looks
+    like data the model never saw (RT's level), below 0.5 when it looks less familiar than that."""
+    from sklearn.metrics import roc_auc_score
+
+    a, b = np.asarray(member_scores, dtype=np.float64), np.asarray(nonmember_scores, dtype=np.float64)
+    return float(roc_auc_score(np.r_[np.zeros(len(a)), np.ones(len(b))], np.r_[a, b]))
+
+
+def rouge_l_recall(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean ROUGE-L recall (longest common subsequence / reference length, in words, lowercased, punctuation
+    dropped; no stemming) of generated answers against the reference answers, from ``torchmetrics``."""
+    from torchmetrics.functional.text.rouge import rouge_score
+
+    if len(predictions) != len(references) or not references:
+        raise ValueError(f"need as many predictions as references (and some), got {len(predictions)} and "
+                         f"{len(references)}")
+    return float(rouge_score(list(predictions), list(references), rouge_keys="rougeL",
+                             accumulate="avg")["rougeL_recall"])

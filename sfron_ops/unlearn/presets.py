@@ -230,3 +230,58 @@ def digits_ddpm_scenario(*, methods: dict | None = None, classes=None, denoiser:
         description=f"digits (sklearn, 8x8, pixels in [-1, 1]), class-conditional DDPM ({denoiser} denoiser, 1,000 "
                     "noise steps, 10 % label dropout); one class forgotten at a time; judged on generated images "
                     "by a CNN trained on the real ones", **kw)
+
+
+# ---------------------------------------------------------------------------------------------- facts, language model
+# The original and RT: a 2-layer GPT-2 (n_embd 128, 0.47M parameters) trained from scratch for 30 epochs, AdamW
+# lr 3e-3 with a linear schedule after 10 % warm-up, batch 32, weight decay 0.01: it learns every answer
+# (probability ~0.98 per token) and prefers the true value in the other sentence (the paraphrase).
+FACTS_TRAIN = dict(epochs=30, lr=3e-3, batch_size=32, weight_decay=0.01, warmup=0.1, max_grad_norm=1.0)
+# Unlearning, every method: epochs over the forget set, each forget batch of 16 paired with 16 random retain
+# examples (TOFU's pairing), AdamW with weight decay 0.01. The baselines: 10 or 30 epochs, a linear schedule with
+# 10 % warm-up, gradient clipping at 1 and their published constants (GradDiff gamma = alpha = 1; NPO beta 0.1;
+# SimNPO beta 4.5, delta 0, gamma 0.125). SFR-on: a remain step per batch pair and a forget step every
+# forget_freq-th (30 epochs with forget_freq 3: 10 epochs' worth of forget steps, three remain steps for each),
+# the forget step on the adaptive loss over each answer's NLL, masked by the Fisher saliency of the answer tokens,
+# cosine lr and alpha, clipped at 1 (both phases). Learning rates and epochs (SFR-on: forget_freq) picked by
+# LM_TUNING_GRIDS on tuning seed 100, 5 % split, float32 (docs/unlearning.md has every trial).
+_LM = dict(epochs=10)
+FACTS_LM = {
+    "SFR-on": dict(method="sfron", epochs=30, forget_freq=3, lr=1e-3, forget_alpha=1.0),
+    "GradAscent": dict(method="ga", **_LM, lr=1e-4),
+    "GradDiff": dict(method="graddiff", **_LM, lr=3e-4),
+    "NPO": dict(method="npo", **_LM, lr=1e-4),
+    "SimNPO": dict(method="simnpo", epochs=30, lr=1e-3),
+    "FT": dict(method="ft", epochs=30, lr=1e-3),
+}
+LM_TUNING_SEEDS = (100,)
+_LM_LR = (1e-4, 3e-4, 1e-3, 3e-3)
+# SFR-on: the lr, and one, two or three remain steps per forget step (forget_freq) over as many forget steps
+# (10 epochs of forget steps each time); the baselines: the lr, and 10 or 30 epochs (SFR-on's optimizer steps).
+LM_TUNING_GRIDS = {
+    "SFR-on": [dict(method="sfron", epochs=10 * k, forget_freq=k, lr=lr) for lr in (5e-4, 7e-4, 1e-3)
+               for k in (1, 2, 3)],
+    **{label: _grid(method, {}, epochs=(10, 30), lr=_LM_LR) for label, method in
+       (("GradAscent", "ga"), ("GradDiff", "graddiff"), ("NPO", "npo"), ("SimNPO", "simnpo"), ("FT", "ft"))},
+}
+
+
+def facts_lm_scenario(*, methods: dict | None = None, fractions=None, people: int = 200, train: dict | None = None,
+                      model: dict | None = None, precisions=None, **options):
+    """Unlearning facts about fictitious people from a tiny GPT-2, TOFU-style (``sfron_ops.unlearn.language``).
+
+    ``fractions``: the forget splits (default 1, 5 and 10 % of the people); ``options`` go to
+    :class:`~sfron_ops.unlearn.language.LMScenario` (batch size, scored retain people, tuning seeds, ...)."""
+    from .language import LMScenario
+
+    kw = dict(options)
+    if fractions is not None:
+        kw["fractions"] = tuple(fractions)
+    if precisions is not None:
+        kw["precisions"] = tuple(precisions)
+    return LMScenario(
+        name="facts-lm", people=people, model=dict(model or {}), train=dict(FACTS_TRAIN if train is None else train),
+        methods=copy.deepcopy(FACTS_LM if methods is None else methods), tuning_seeds=LM_TUNING_SEEDS,
+        description=f"{people} fictitious people with six facts each (TOFU's shape: questions, paraphrased and "
+                    "perturbed answers, world facts, a never-seen holdout), a 2-layer GPT-2 trained from scratch "
+                    "with a word-level tokenizer; whole people forgotten", **kw)
