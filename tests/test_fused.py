@@ -31,7 +31,7 @@ from sfron_ops.reference import pack_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 FUSED = {stem: _ops.op(stem) for stem in _ops.SCHEMAS}
-REFERENCE = reference.KERNELS
+REFERENCE = _ops.kernel_table(reference)
 CUDA = torch.cuda.is_available()
 # CI sets this where the build must have compiled and linked the CUDA kernels (even without a GPU)
 EXPECT_CUDA = os.environ.get("SFRON_OPS_EXPECT_CUDA") == "1"
