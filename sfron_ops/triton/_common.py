@@ -142,11 +142,16 @@ def column(row, COL: tl.constexpr, witness, ALIGNED: tl.constexpr):
 
 @device_function
 def program_chunk(table, num_chunks, numel, NCOLS: tl.constexpr, CHUNK: tl.constexpr, TABLE: tl.constexpr):
-    """(table row, first element, numel) of this program's chunk; in direct mode, of the call's one tensor."""
+    """(table row, first element, numel) of this program's chunk; in direct mode, of the call's one tensor.
+
+    Direct-mode kernels pass ``None`` for the table and get a row that is no tensor: torch.compile's mutation
+    analysis counts every argument of a helper whose result reaches a store (the addresses from ``tensor_at(row,
+    ...)``) as written.
+    """
     if TABLE:
         row, start, n = chunk_of(table, num_chunks, NCOLS, CHUNK)
     else:
-        row = table  # not read
+        row = numel  # not read
         start = tl.program_id(0).to(tl.int64) * CHUNK
         n = numel
     return row, start, n

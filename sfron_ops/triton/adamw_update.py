@@ -62,7 +62,7 @@ def _adamw_update_kernel(table, num_chunks, num_tensors, params, grads, masks, e
         decay = (1.0 - lr.to(tl.float64) * weight_decay).to(tl.float32)
     if not skip:
         # row: params, grads, masks, exp_avgs, exp_avg_sqs, steps, numel
-        row, start, n = tc.program_chunk(table, num_chunks, numel, 7, CHUNK, TABLE)
+        row, start, n = tc.program_chunk(table if TABLE else None, num_chunks, numel, 7, CHUNK, TABLE)
         p_ptr = tc.tensor_at(row, 0, params, ALIGNED, TABLE)
         g_ptr = tc.tensor_at(row, 1, grads, ALIGNED, TABLE)
         m_ptr = tc.tensor_at(row, 2, masks, ALIGNED, TABLE)

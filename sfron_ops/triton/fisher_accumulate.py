@@ -24,7 +24,8 @@ def _fisher_chunk(f_ptr, g_ptr, start, numel, scale, EVEN: tl.constexpr, BLOCK: 
 @triton.jit(do_not_specialize=["num_chunks"])
 def _fisher_accumulate_kernel(table, num_chunks, fishers, grads, numel, scale, TABLE: tl.constexpr,
                               ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
-    row, start, n = tc.program_chunk(table, num_chunks, numel, 3, CHUNK, TABLE)  # row: fishers, grads, numel
+    # row: fishers, grads, numel
+    row, start, n = tc.program_chunk(table if TABLE else None, num_chunks, numel, 3, CHUNK, TABLE)
     f_ptr = tc.tensor_at(row, 0, fishers, ALIGNED, TABLE)
     g_ptr = tc.tensor_at(row, 1, grads, ALIGNED, TABLE)
     if start + CHUNK <= n:

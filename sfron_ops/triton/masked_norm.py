@@ -43,7 +43,8 @@ def _masked_norm_kernel(table, num_chunks, grads, masks, numel, norm_state, part
                         CHUNK: tl.constexpr, REDUCE_BLOCK: tl.constexpr, HAS_ALPHA_TENSOR: tl.constexpr):
     pid = tl.program_id(0)
     alpha = tc.times_tensor(alpha, alpha_tensor, HAS_ALPHA_TENSOR)
-    row, start, n = tc.program_chunk(table, num_chunks, numel, 3, CHUNK, TABLE)  # row: grads, masks, numel
+    # row: grads, masks, numel
+    row, start, n = tc.program_chunk(table if TABLE else None, num_chunks, numel, 3, CHUNK, TABLE)
     g_ptr = tc.tensor_at(row, 0, grads, ALIGNED, TABLE)
     m_ptr = tc.tensor_at(row, 1, masks, ALIGNED, TABLE)
     if start + CHUNK <= n:

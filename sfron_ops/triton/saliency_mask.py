@@ -38,7 +38,8 @@ def _mask_chunk(ff_ptr, fr_ptr, m_ptr, start, numel, eps, gamma, EVEN: tl.conste
 @triton.jit(do_not_specialize=["num_chunks"])
 def _saliency_mask_kernel(table, num_chunks, forget_fishers, remain_fishers, masks, numel, kept, eps, gamma,
                           TABLE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
-    row, start, n = tc.program_chunk(table, num_chunks, numel, 4, CHUNK, TABLE)  # row: forget, remain, masks, numel
+    # row: forget, remain, masks, numel
+    row, start, n = tc.program_chunk(table if TABLE else None, num_chunks, numel, 4, CHUNK, TABLE)
     ff_ptr = tc.tensor_at(row, 0, forget_fishers, ALIGNED, TABLE)
     fr_ptr = tc.tensor_at(row, 1, remain_fishers, ALIGNED, TABLE)
     m_ptr = tc.tensor_at(row, 2, masks, ALIGNED, TABLE)

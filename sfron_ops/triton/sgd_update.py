@@ -56,7 +56,7 @@ def _sgd_update_kernel(table, num_chunks, num_tensors, params, grads, masks, mom
     lr = tc.times_tensor(lr, lr_tensor, HAS_LR_TENSOR)
     if not skip:
         # row: params, grads, masks, momentum_buffers, steps, numel
-        row, start, n = tc.program_chunk(table, num_chunks, numel, 6, CHUNK, TABLE)
+        row, start, n = tc.program_chunk(table if TABLE else None, num_chunks, numel, 6, CHUNK, TABLE)
         p_ptr = tc.tensor_at(row, 0, params, ALIGNED, TABLE)
         g_ptr = tc.tensor_at(row, 1, grads, ALIGNED, TABLE)
         m_ptr = tc.tensor_at(row, 2, masks, ALIGNED, TABLE)

@@ -51,7 +51,8 @@ def _slow_sync_kernel(table, num_chunks, slow_params, params, numel, alpha, one_
         reached = counted >= period
         due = due & reached
     if due:
-        row, start, n = tc.program_chunk(table, num_chunks, numel, 3, CHUNK, TABLE)  # row: slow_params, params, numel
+        # row: slow_params, params, numel
+        row, start, n = tc.program_chunk(table if TABLE else None, num_chunks, numel, 3, CHUNK, TABLE)
         s_ptr = tc.tensor_at(row, 0, slow_params, ALIGNED, TABLE)
         p_ptr = tc.tensor_at(row, 1, params, ALIGNED, TABLE)
         if start + CHUNK <= n:
