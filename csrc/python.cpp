@@ -245,6 +245,30 @@ PyObject* slow_sync(PyObject*, PyObject* args, PyObject* kwargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// Two bytes per item of a list of gradients: (0, 0) for None, else (1 + dtype, layout). A step compares
+// this with its plan's (sfron_ops.functional); reading dtype and layout through Python costs about ten
+// times as much, a sizeable part of a step over a few dozen small tensors.
+PyObject* grad_signature(PyObject*, PyObject* obj) {
+  HANDLE_TH_ERRORS
+  if (!PyList_Check(obj) && !PyTuple_Check(obj)) {
+    throw torch::TypeError(c10::str("grad_signature: expected a list, got ", Py_TYPE(obj)->tp_name));
+  }
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(obj);
+  PyObject** items = PySequence_Fast_ITEMS(obj);
+  std::string out(static_cast<size_t>(2 * n), '\0');
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (items[i] == Py_None) continue;
+    if (!THPVariable_Check(items[i])) {
+      throw torch::TypeError(c10::str("grad_signature: item ", i, " is a ", Py_TYPE(items[i])->tp_name));
+    }
+    const at::Tensor& t = THPVariable_Unpack(items[i]);
+    out[2 * i] = static_cast<char>(1 + static_cast<int>(t.scalar_type()));
+    out[2 * i + 1] = static_cast<char>(t.layout());
+  }
+  return PyBytes_FromStringAndSize(out.data(), static_cast<Py_ssize_t>(out.size()));
+  END_HANDLE_TH_ERRORS
+}
+
 // The instruction set of the CPU tile math in use, for reports and benchmarks.
 PyObject* cpu_isa(PyObject*, PyObject*) {
   HANDLE_TH_ERRORS
@@ -262,6 +286,7 @@ PyMethodDef methods[] = {
     SFRON_OP_ENTRY("fisher_accumulate_", fisher_accumulate),
     SFRON_OP_ENTRY("saliency_mask_", saliency_mask),
     SFRON_OP_ENTRY("slow_sync_", slow_sync),
+    {"grad_signature", grad_signature, METH_O, "Each gradient's dtype and layout (None: none) as bytes."},
     {"cpu_isa", cpu_isa, METH_NOARGS, "The instruction set the CPU kernels run with (default, avx2, avx512)."},
     {nullptr, nullptr, 0, nullptr},
 };

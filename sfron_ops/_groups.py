@@ -12,6 +12,7 @@ synchronise every step).
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -92,24 +93,26 @@ def check_group(group: dict, where: str | None = None, read_tensors: bool = True
         raise ValueError(f"Invalid remain_steps: {count!r}{_where(where)}; expected an int in [0, sync_period)")
 
 
-def values(group: dict) -> tuple:
-    """The group's hyperparameters as a comparable tuple (a tensor by identity: comparing values would read it)."""
-    return tuple(id(v) if torch.is_tensor(v) else v for k, v in group.items() if k not in ("params", "param_names"))
-
-
 class Checked:
     """Checks every group's hyperparameters before a step, again only when a value changed since the last check."""
 
     def __init__(self):
         self._seen = None
 
+    def _same(self, seen: list) -> bool:
+        # by identity, which reads no tensor: a value put in again as a new object is checked again. The
+        # snapshot holds the old objects, so an identity cannot be reused by a new one.
+        old = self._seen
+        return (old is not None and len(old) == len(seen)
+                and all(len(a) == len(b) and all(map(operator.is_, a, b)) for a, b in zip(old, seen)))
+
     def __call__(self, groups) -> None:
         if torch.compiler.is_compiling():  # the values are constants of the graph: checked while tracing
             for gi, group in enumerate(groups):
                 check_group(group, f"param_groups[{gi}]", read_tensors=False)
             return
-        seen = tuple(map(values, groups))
-        if seen != self._seen:  # groups edited since the last step (a schedule, say): check them all
+        seen = [tuple(group.values()) for group in groups]
+        if not self._same(seen):  # groups edited since the last step (a schedule, say): check them all
             for gi, group in enumerate(groups):
                 check_group(group, f"param_groups[{gi}]")
             self._seen = seen

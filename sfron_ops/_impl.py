@@ -60,6 +60,11 @@ def extension_available() -> bool:
     return _EXTENSION_ERROR is None
 
 
+def grad_signature():
+    """The compiled extension's ``grad_signature`` (each gradient's dtype and layout as bytes), or ``None``."""
+    return getattr(_EXTENSION, "grad_signature", None)
+
+
 def extension_error() -> str | None:
     """Why the compiled extension did not load, or ``None``."""
     return _EXTENSION_ERROR

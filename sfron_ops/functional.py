@@ -77,6 +77,7 @@ class _Bucket(NamedTuple):
     steps: list
     state: list
     local: bool  # DTensors: the kernels run on the local shards
+    whole: bool = False  # the bucket takes the step's whole gradient list, in order
 
 
 def _missing(grads) -> tuple:
@@ -85,8 +86,13 @@ def _missing(grads) -> tuple:
 
 
 def _signature(grads) -> tuple:
-    # (torch keeps a gradient in its parameter's shape and on its device; dtype and layout it lets change)
+    # what a gradient may change between steps without a new plan noticing otherwise: torch keeps a gradient in
+    # its parameter's shape and on its device, but lets its dtype and layout change
     return tuple(None if g is None else (g.dtype, g.layout) for g in grads)
+
+
+# the same in C++, as bytes, for eager steps (traced code runs the Python one, which the compiler folds away)
+_eager_signature = _impl.grad_signature() or _signature
 
 
 def _kernel_scalar(value, device):
@@ -127,6 +133,8 @@ class StepPlan:
                                  "not supported)")
         self.missing = _missing(flat)
         self.signature = _signature(flat)
+        # a plan made while tracing has no eager signature: the first eager step on it makes a new one
+        self.eager_signature = None if torch.compiler.is_compiling() else _eager_signature(flat)
         names = {}
 
         def kernels(device):
@@ -146,6 +154,9 @@ class StepPlan:
                 if g.params[i].device not in self.devices:
                     self.devices.append(g.params[i].device)
             start += len(g.params)
+        for buckets in (self.forget_buckets, self.remain_buckets):
+            for gi, group_buckets in enumerate(buckets):
+                group_buckets[:] = [b._replace(whole=b.index == list(range(len(flat)))) for b in group_buckets]
         self.self_checking = all(name in SELF_CHECKING for name in names.values())
         self.norm_states = {d: torch.zeros(2, dtype=torch.float32, device=d) for d in self.devices}
         self.flag = self.norm_states[self.devices[0]][1] if self.devices else None
@@ -162,7 +173,9 @@ class StepPlan:
     def matches(self, grads) -> bool:
         """Whether a step's flat gradient list fits this plan: the same ones present, in the same dtypes and
         layouts (the plan's checks covered those, so a step on it checks nothing before it writes)."""
-        return _signature(grads) == self.signature
+        if torch.compiler.is_compiling():
+            return _signature(grads) == self.signature
+        return _eager_signature(grads) == self.eager_signature
 
     def capture_problem(self, hyper) -> str | None:
         """Why a step on this plan cannot be captured in a CUDA graph, or ``None``."""
@@ -314,7 +327,7 @@ def sfron(groups: list[GroupTensors], grads: list[list], hyper: list, *, phase: 
 
 
 def _gather(bucket: _Bucket, grads):
-    picked = [grads[i] for i in bucket.index]
+    picked = grads if bucket.whole else [grads[i] for i in bucket.index]
     if bucket.local:
         local = _dtensor.to_local
         return ([local(t) for t in picked], [local(t) for t in bucket.params], [local(t) for t in bucket.masks],

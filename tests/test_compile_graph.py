@@ -115,6 +115,31 @@ def test_full_iteration_compiles_without_recompiling_on_lr_and_alpha(impl, base,
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # the class's step
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+def test_a_plan_made_while_tracing_serves_later_eager_steps(impl):
+    """The first steps compiled (plan and state made while tracing), the rest eager: the same weights as eager."""
+    reason = impl_skip_reason(impl, "cpu")
+    if reason is not None:
+        pytest.skip(reason)
+    results = []
+    for compiled_first in (False, True):
+        torch._dynamo.reset()
+        model = mlp()
+        opt, sched = make(model, impl, "sgd")
+        step = type(opt).step
+        forget_step, remain_step = (lambda: step(opt, phase="forget")), (lambda: step(opt))
+        if compiled_first:
+            forget_step, remain_step = torch.compile(forget_step, fullgraph=True), torch.compile(remain_step,
+                                                                                               fullgraph=True)
+        iteration(0, model, opt, sched, DATA, forget_step, remain_step)
+        for i in range(1, 3):
+            iteration(i, model, opt, sched, DATA, lambda: opt.step(phase="forget"), opt.step)
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_float_lr_is_what_recompiles():
     """The control: the same run with a float lr recompiles as the scheduler changes it."""
     torch._dynamo.reset()
