@@ -178,20 +178,18 @@ _TABLES: dict[str, dict] = {}
 
 
 def kernels(impl: str) -> dict:
-    """The kernel table ``{family stem: kernel}`` of a backend, built once."""
+    """The kernel table ``{family stem: kernel}`` of a backend, built once from the op list."""
     table = _TABLES.get(impl)
     if table is None:
-        if impl == "reference":
-            table = reference.KERNELS
-        elif impl == "foreach":
-            table = foreach.KERNELS
-        elif impl == "fused":
+        if impl == "fused":
             table = {stem: _fused_kernel(stem) for stem in _ops.SCHEMAS}
         elif impl == "triton":
             backend = _load_triton()
             if backend is None:
                 raise RuntimeError(f"the Triton backend did not import ({_TRITON_ERROR})")
             table = backend.KERNELS
+        elif impl in ("reference", "foreach"):
+            table = _ops.kernel_table(reference if impl == "reference" else foreach)
         else:
             raise ValueError(f"Invalid impl: {impl!r}; expected one of {IMPLS}")
         _TABLES[impl] = table

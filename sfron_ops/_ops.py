@@ -96,6 +96,11 @@ def op(stem: str):
     return getattr(torch.ops.sfron_ops, OP_NAMES[stem]).default
 
 
+def kernel_table(backend) -> dict:
+    """A backend's table ``{family stem: kernel}``: its functions named like the ops (``sgd_update_``, ...)."""
+    return {stem: getattr(backend, name) for stem, name in OP_NAMES.items()}
+
+
 # --------------------------------------------------------------------------- checks
 # The fake kernels only check; they are also run by the reference before it
 # touches anything, so a bad call fails the same way on every backend.

@@ -166,12 +166,3 @@ def slow_sync_(slow_params, params, *, alpha, reset_fast, norm_state=None, count
         # the slow weights as stored (rounded to their dtype), as the reference copies them
         _commit(params, _flat32(slow_params), keep, p32)
 
-
-KERNELS = {
-    "masked_norm": masked_sq_norm_,
-    "sgd_update": sgd_update_,
-    "adamw_update": adamw_update_,
-    "fisher_accumulate": fisher_accumulate_,
-    "saliency_mask": saliency_mask_,
-    "slow_sync": slow_sync_,
-}

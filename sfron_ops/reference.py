@@ -227,15 +227,6 @@ def slow_sync_(slow_params, params, *, alpha, reset_fast, norm_state=None, count
             _commit(p, s, keep)
 
 
-#: family stem -> reference function; the same table shape every backend provides
-KERNELS = {
-    "masked_norm": masked_sq_norm_,
-    "sgd_update": sgd_update_,
-    "adamw_update": adamw_update_,
-    "fisher_accumulate": fisher_accumulate_,
-    "saliency_mask": saliency_mask_,
-    "slow_sync": slow_sync_,
-}
-
-for _stem, _fn in KERNELS.items():
-    _ops._lib.impl(_ops.OP_NAMES[_stem], _fn, "CompositeExplicitAutograd")
+# the default kernel of every op; compiled kernels override it per device
+for _name in _ops.OP_NAMES.values():
+    _ops._lib.impl(_name, globals()[_name], "CompositeExplicitAutograd")

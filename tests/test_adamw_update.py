@@ -4,15 +4,17 @@ import pytest
 import torch
 from helpers import (
     DTYPES,
-    MASK_KINDS,
     assert_lists_close,
     clones,
     dtype_id,
+    flagged_step,
     kernels,
     make,
     make_masks,
     shapes_for,
     steps_for,
+    update_inputs,
+    update_matrix,
 )
 
 from sfron_ops import reference
@@ -20,6 +22,8 @@ from sfron_ops import reference
 HYPER = [
     dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2),
     dict(lr=3e-3, beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=0.05),
+    dict(lr=0.05, beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=0.05),
+    dict(lr=1e-3, beta1=0.0, beta2=0.5, eps=1e-3, weight_decay=0.0),
 ]
 
 
@@ -57,26 +61,20 @@ def test_reference_matches_torch_adamw():
     torch.testing.assert_close(m2, opt.state[p]["exp_avg_sq"])
 
 
-@pytest.mark.parametrize("norm", ["none", "clip", "skip"])
-@pytest.mark.parametrize("case", ["sizes", "many"])
-@pytest.mark.parametrize("mask_kind", MASK_KINDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_matches_reference(impl, device, dtype, case, mask_kind, norm):
-    shapes = shapes_for(case)
-    hyper = HYPER[(len(mask_kind) + len(norm)) % len(HYPER)]
-    params, grads = make(shapes, dtype, device), make(shapes, dtype, device)
-    masks, packed = make_masks(mask_kind, shapes, device, dtype)
-    steps = steps_for(shapes, device)
+def _moments(params, steps):
+    # zero until the first step, as the optimizer allocates them
     m1 = [torch.zeros_like(p) if s.item() == 0 else torch.rand_like(p) - 0.5 for p, s in zip(params, steps)]
     m2 = [torch.zeros_like(p) if s.item() == 0 else torch.rand_like(p) for p, s in zip(params, steps)]
+    return m1, m2
+
+
+@update_matrix
+def test_matches_reference(impl, device, dtype, case, mask_kind, norm):
     scale = -4.0 if mask_kind != "none" else 1.0
-    norm_state, max_norm = None, 0.0
-    if norm != "none":
-        norm_state = torch.zeros(2, device=device)
-        reference.masked_sq_norm_(grads, masks, norm_state, alpha=abs(scale), packed_masks=packed)
-        max_norm = 2.0 if norm == "clip" else 0.0
-        if norm == "skip":
-            norm_state[1] = 1.0
+    hyper, params, grads, masks, packed, steps, norm_state = update_inputs(case, mask_kind, dtype, device, norm,
+                                                                            HYPER, scale)
+    m1, m2 = _moments(params, steps)
+    max_norm = 2.0 if norm == "clip" else 0.0
     expected = [clones(params), clones(m1), clones(m2), clones(steps)]
     actual = [clones(params), clones(m1), clones(m2), clones(steps)]
     reference.adamw_update_(expected[0], grads, masks, expected[1], expected[2], expected[3],
@@ -91,6 +89,8 @@ def test_matches_reference(impl, device, dtype, case, mask_kind, norm):
     assert_lists_close(actual[3], expected[3], "steps", rtol=0, atol=0)
     if norm == "skip":
         assert_lists_close(actual[0], params, "params", rtol=0, atol=0)
+        assert_lists_close(actual[1], m1, "exp_avgs", rtol=0, atol=0)
+        assert_lists_close(actual[3], steps, "steps", rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -101,8 +101,7 @@ def test_tensor_scalars_match_numbers(impl, device, dtype):
     params, grads = make(shapes, dtype, device), make(shapes, dtype, device)
     masks, _ = make_masks("float", shapes, device, dtype)
     steps = steps_for(shapes, device)
-    m1 = [torch.zeros_like(p) if s.item() == 0 else torch.rand_like(p) - 0.5 for p, s in zip(params, steps)]
-    m2 = [torch.zeros_like(p) if s.item() == 0 else torch.rand_like(p) for p, s in zip(params, steps)]
+    m1, m2 = _moments(params, steps)
     hyper = dict(beta1=0.85, beta2=0.99, eps=1e-7, weight_decay=0.05, max_norm=0.0)
     lr = 0.0078125  # a power of two, so the float32 tensor holds the number exactly
     expected = [clones(params), clones(m1), clones(m2), clones(steps)]
@@ -114,3 +113,59 @@ def test_tensor_scalars_match_numbers(impl, device, dtype):
     for what, a, e in zip(("params", "exp_avgs", "exp_avg_sqs"), actual, expected):
         assert_lists_close(a, e, what)
     assert_lists_close(actual[3], expected[3], "steps", rtol=0, atol=0)
+
+
+def test_one_call_mixes_dtypes_and_mask_kinds(impl, device):
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float32]
+    shapes = [(70000,), (33,), (4097,), (9,), (0,)]
+    params, grads, m1 = ([torch.randn(s, device=device).to(d) for s, d in zip(shapes, dtypes)] for _ in range(3))
+    m2 = [torch.rand(s, device=device).to(d) for s, d in zip(shapes, dtypes)]
+    masks = [torch.rand(s, device=device).to(md) for s, md in
+             zip(shapes, [torch.bfloat16, torch.float32, torch.float64, torch.float16, torch.float32])]
+    masks[1] = masks[1] < 0.5
+    state = torch.zeros(2, device=device)
+    reference.masked_sq_norm_(grads, masks, state, alpha=2.0)
+    hyper = dict(HYPER[2], scale=-2.0, max_norm=0.3)
+    steps = steps_for(shapes, device)
+    expected = [clones(params), clones(m1), clones(m2), clones(steps)]
+    actual = [clones(params), clones(m1), clones(m2), clones(steps)]
+    reference.adamw_update_(expected[0], grads, masks, *expected[1:], state.clone(), **hyper)
+    kernels(impl)["adamw_update"](actual[0], grads, masks, *actual[1:], state.clone(), **hyper)
+    for what, a, e in zip(("params", "exp_avgs", "exp_avg_sqs"), actual, expected):
+        assert_lists_close(a, e, what)
+    assert_lists_close(actual[3], expected[3], "steps", rtol=0, atol=0)
+
+
+def test_non_finite_gradient_skips_the_step(impl, device):
+    """The backend's own norm flags the NaN, and its update then changes nothing, step counters included."""
+    params, grads, state = flagged_step(impl, device)
+    m1, m2 = [torch.rand_like(p) for p in params], [torch.rand_like(p) for p in params]
+    steps = [torch.tensor(4.0, device=device), torch.tensor(0.0, device=device)]
+    before = [clones(params), clones(m1), clones(m2), clones(steps)]
+    kernels(impl)["adamw_update"](params, grads, [], m1, m2, steps, state, lr=0.1, scale=1.0, beta1=0.9, beta2=0.99,
+                                  eps=1e-8, weight_decay=0.1, max_norm=1.0)
+    for what, after, b in zip(("params", "exp_avgs", "exp_avg_sqs", "steps"), (params, m1, m2, steps), before):
+        assert_lists_close(after, b, what, rtol=0, atol=0)
+
+
+def test_only_empty_tensors_still_count_steps(impl, device):
+    """Nothing to update, but every step counter advances, as in the reference."""
+    params = [torch.empty(0, device=device), torch.empty(3, 0, device=device)]
+    steps = [torch.tensor(2.0, device=device), torch.tensor(0.0, device=device)]
+    kernels(impl)["adamw_update"](params, clones(params), [], clones(params), clones(params), steps, None, lr=0.1,
+                                  scale=1.0, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, max_norm=0.0)
+    assert [s.item() for s in steps] == [3.0, 1.0]
+
+
+def test_empty_call_does_nothing(impl, device):
+    kernels(impl)["adamw_update"]([], [], [], [], [], [], None, lr=0.1, scale=1.0, beta1=0.9, beta2=0.99, eps=1e-8,
+                                  weight_decay=0.0, max_norm=0.0)
+
+
+def test_bad_call_names_the_argument(impl, device):
+    d = device
+    with pytest.raises(RuntimeError, match=r"adamw_update_: exp_avg_sqs\[0\] has shape \(2,\), expected \(3,\)"):
+        kernels(impl)["adamw_update"]([torch.ones(3, device=d)], [torch.ones(3, device=d)], [],
+                                      [torch.ones(3, device=d)], [torch.ones(2, device=d)],
+                                      [torch.tensor(0.0, device=d)], None, lr=0.1, scale=1.0, beta1=0.9, beta2=0.99,
+                                      eps=1e-8, weight_decay=0.0, max_norm=0.0)

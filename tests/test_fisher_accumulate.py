@@ -20,7 +20,7 @@ def test_rejects_low_precision_accumulator():
 
 
 @pytest.mark.parametrize("case", ["sizes", "many"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=dtype_id)
 def test_matches_reference(impl, device, dtype, case):
     shapes = shapes_for(case)
     grads = make(shapes, dtype, device, -3.0, 3.0)
@@ -29,3 +29,14 @@ def test_matches_reference(impl, device, dtype, case):
     reference.fisher_accumulate_(expected, grads, scale=0.125)
     kernels(impl)["fisher_accumulate"](actual, grads, scale=0.125)
     assert_lists_close(actual, expected, "fishers")
+
+
+def test_empty_call_does_nothing(impl, device):
+    kernels(impl)["fisher_accumulate"]([], [], scale=1.0)
+
+
+def test_bad_call_names_the_argument(impl, device):
+    with pytest.raises(RuntimeError, match=r"fisher_accumulate_: fishers\[0\] has dtype torch.bfloat16, expected "
+                                           r"torch.float32"):
+        kernels(impl)["fisher_accumulate"]([torch.zeros(3, dtype=torch.bfloat16, device=device)],
+                                           [torch.ones(3, device=device)], scale=1.0)

@@ -1,12 +1,11 @@
-"""The compiled kernels (``impl="fused"``): registration, schemas, opcheck, and fused against reference.
+"""The compiled kernels (``impl="fused"``): registration, schemas, rounding, opcheck, trajectories.
 
 The shared differential suites (``tests/test_<stem>.py``) run every backend through one input
 matrix; this file adds what is particular to the compiled kernels: that they are registered for
 CPU (and CUDA when built with it), that the C++ schema fragment of the stand-alone library equals
-the Python schemas, the CPU work split and instruction-set choice (bitwise reproducible), the
-non-contiguous fallback, mixed dtypes in one call, error messages, ``torch.compile`` of the ops and
-CUDA-graph capture (whole SFRon trajectories: ``tests/test_trajectory.py``). GPU tests run by
-themselves when CUDA is present.
+the Python schemas, the CPU rounding, work split and instruction-set choice (bitwise reproducible),
+the step counters of launches split by the table size, opcheck, ``torch.compile`` of the ops and CUDA-graph
+capture (whole SFRon trajectories: ``tests/test_trajectory.py``). GPU tests run by themselves when CUDA is present.
 
 The kernel tests also run csrc/cuda without a GPU: the ``cuda_emulated`` target compiles the CUDA
 sources for the CPU under tests/cuda_emulation, and ``FUSED`` (and ``impl="fused"``) then call them
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import EMULATED_CUDA, REQUIRED_IMPLS, assert_lists_close, clones, dtype_id, emulate_cuda_as_fused
+from helpers import EMULATED_CUDA, REQUIRED_IMPLS, assert_lists_close, clones, emulate_cuda_as_fused
 
 import sfron_ops
 from sfron_ops import _impl, _ops, reference
@@ -32,7 +31,7 @@ from sfron_ops.reference import pack_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 FUSED = {stem: _ops.op(stem) for stem in _ops.SCHEMAS}
-REFERENCE = reference.KERNELS
+REFERENCE = _ops.kernel_table(reference)
 CUDA = torch.cuda.is_available()
 # CI sets this where the build must have compiled and linked the CUDA kernels (even without a GPU)
 EXPECT_CUDA = os.environ.get("SFRON_OPS_EXPECT_CUDA") == "1"
@@ -135,94 +134,23 @@ def test_cpu_isa_is_reported():
 
 
 # ----------------------------------------------------------------------------- inputs
+# The comparisons of every op with the reference (sizes, dtypes, mask kinds, norm modes, layouts, empty and bad
+# calls) are in tests/test_<stem>.py, which run this backend and the emulated CUDA kernels among the others. What
+# follows needs the compiled kernels themselves.
 
 SIZES = [0, 1, 22, 4097, CPU_CHUNK, CPU_CHUNK + 1, 70000]
-MANY = [(1 + (5 * i) % 31,) if i % 4 else (3, 1 + i % 7) for i in range(130)]  # > 110 tensors, small and odd
-
-
-def _shapes(case):
-    return {"sizes": [(n,) for n in SIZES] + [(3, 7, 5)], "many": MANY}[case]
 
 
 def _tensors(shapes, dtype, device, scale=1.0):
     return [(torch.randn(s, device=device) * scale).to(dtype) for s in shapes]
 
 
-def _masks(kind, shapes, device):
-    """(masks, packed) for a mask kind: dtypes bool/uint8/float*, all-zero/all-one/random, or packed bits."""
-    if kind == "none":
-        return [], False
-    if kind == "packed":
-        return [pack_mask(torch.rand(s, device=device) < 0.5) for s in shapes], True
-    dtype = {"zeros": torch.bool, "ones": torch.uint8, "bool": torch.bool, "uint8": torch.uint8, "f32": torch.float32,
-             "f16": torch.float16, "bf16": torch.bfloat16, "f64": torch.float64}[kind]
-    if kind == "zeros":
-        return [torch.zeros(s, dtype=dtype, device=device) for s in shapes], False
-    if kind == "ones":
-        return [torch.ones(s, dtype=dtype, device=device) for s in shapes], False
-    if dtype in (torch.bool, torch.uint8):
-        return [(torch.rand(s, device=device) < 0.5).to(dtype) for s in shapes], False
-    return [torch.rand(s, device=device).to(dtype) for s in shapes], False
-
-
-MASK_KINDS = ["none", "zeros", "ones", "bool", "uint8", "f32", "f16", "bf16", "f64", "packed"]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+def _float_masks(shapes, device):
+    return [torch.rand(s, device=device) for s in shapes]
 
 
 def _steps(n, device):
     return [torch.tensor(float((0, 3)[i % 2]), device=device) for i in range(n)]
-
-
-def _norm_state(kind, grads, masks, packed, alpha, device):
-    """None, a clipping state computed by the reference, or a state whose non-finite flag is set."""
-    if kind == "none":
-        return None
-    state = torch.zeros(2, device=device)
-    reference.masked_sq_norm_(grads, masks, state, alpha=alpha, packed_masks=packed)
-    if kind == "skip":
-        state[1] = 1.0
-    return state
-
-
-# ----------------------------------------------------------------------------- fused against reference
-
-
-@pytest.mark.parametrize("case", ["sizes", "many"])
-@pytest.mark.parametrize("mask_kind", MASK_KINDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_masked_norm_matches_reference(fused_device, dtype, mask_kind, case):
-    shapes = _shapes(case)
-    grads = _tensors(shapes, dtype, fused_device)
-    masks, packed = _masks(mask_kind, shapes, fused_device)
-    expected, actual = torch.tensor([0.5, 0.0], device=fused_device), torch.tensor([0.5, 0.0], device=fused_device)
-    REFERENCE["masked_norm"](grads, masks, expected, alpha=-2.5, packed_masks=packed)
-    FUSED["masked_norm"](grads, masks, actual, alpha=-2.5, packed_masks=packed)
-    # the reference sums per tensor in float32, the kernels in double over fixed chunks
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=0)
-    if mask_kind == "zeros":
-        assert actual[0].item() == 0.5
-
-
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-@pytest.mark.parametrize("masked_out", [False, True])
-def test_masked_norm_flags_non_finite(fused_device, bad, masked_out):
-    grads = _tensors([(5000,), (70000,)], torch.float32, fused_device)
-    grads[1][CPU_CHUNK + 3] = bad
-    masks = [torch.ones(5000, device=fused_device), torch.ones(70000, device=fused_device)]
-    if masked_out:
-        # 0 * inf is NaN: a masked-out infinity still poisons the direction, as in the reference
-        masks[1][CPU_CHUNK + 3] = 0.0
-    expected, actual = torch.zeros(2, device=fused_device), torch.zeros(2, device=fused_device)
-    REFERENCE["masked_norm"](grads, masks, expected, alpha=1.0)
-    FUSED["masked_norm"](grads, masks, actual, alpha=1.0)
-    assert actual[1].item() == expected[1].item() == 1.0
-
-
-def test_masked_norm_overflowing_square_is_not_a_non_finite_direction(fused_device):
-    grads = [torch.full((3,), 3e30, device=fused_device)]
-    state = torch.zeros(2, device=fused_device)
-    FUSED["masked_norm"](grads, [], state, alpha=1.0)
-    assert state[0].item() == float("inf") and state[1].item() == 0.0
 
 
 SGD_HYPER = [
@@ -230,6 +158,10 @@ SGD_HYPER = [
     dict(lr=0.1, momentum=0.8, dampening=0.25, weight_decay=0.0, nesterov=False),
     dict(lr=0.02, momentum=0.9, dampening=0.0, weight_decay=5e-4, nesterov=True),
     dict(lr=0.3, momentum=0.0, dampening=0.0, weight_decay=1e-3, nesterov=False),
+]
+ADAM_HYPER = [
+    dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0),
+    dict(lr=0.05, beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=0.05),
 ]
 
 
@@ -239,172 +171,22 @@ def _sgd_call(kernel, lists, norm_state, packed, max_norm, hyper):
            max_norm=max_norm, packed_masks=packed, **hyper)
 
 
-@pytest.mark.parametrize("norm", ["none", "clip"])
-@pytest.mark.parametrize("case", ["sizes", "many"])
-@pytest.mark.parametrize("mask_kind", ["none", "zeros", "bool", "bf16", "packed"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("hyper", range(len(SGD_HYPER)))
-def test_sgd_update_matches_reference(fused_device, hyper, dtype, mask_kind, case, norm):
-    _check_sgd(fused_device, SGD_HYPER[hyper], dtype, mask_kind, case, norm)
-
-
-@pytest.mark.parametrize("case", ["sizes", "many"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_sgd_update_skips_on_the_non_finite_flag(fused_device, dtype, case):
-    _check_sgd(fused_device, SGD_HYPER[0], dtype, "bool", case, "skip")
-
-
-def _check_sgd(fused_device, hyper, dtype, mask_kind, case, norm):
-    shapes = _shapes(case)
-    params, grads, bufs = (_tensors(shapes, dtype, fused_device) for _ in range(3))
-    masks, packed = _masks(mask_kind, shapes, fused_device)
-    state = _norm_state(norm, grads, masks, packed, 3.0, fused_device)
-    max_norm = 0.7 if norm == "clip" else 0.0
-    expected = [clones(params), grads, masks, clones(bufs), _steps(len(shapes), fused_device)]
-    actual = [clones(params), grads, masks, clones(bufs), _steps(len(shapes), fused_device)]
-    _sgd_call(REFERENCE["sgd_update"], expected, state, packed, max_norm, hyper)
-    _sgd_call(FUSED["sgd_update"], actual, state, packed, max_norm, hyper)
-    assert_lists_close(actual[0], expected[0], "params")
-    assert_lists_close(actual[3], expected[3], "momentum_buffers")
-    assert_lists_close(actual[4], expected[4], "steps", rtol=0, atol=0)
-    if norm == "skip":
-        assert_lists_close(actual[0], params, "params", rtol=0, atol=0)
-        assert_lists_close(actual[3], bufs, "momentum_buffers", rtol=0, atol=0)
-        assert_lists_close(actual[4], _steps(len(shapes), fused_device), "steps", rtol=0, atol=0)
-
-
-ADAM_HYPER = [
-    dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0),
-    dict(lr=0.05, beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=0.05),
-]
-
-
 def _adam_call(kernel, lists, norm_state, packed, max_norm, hyper):
     params, grads, masks, m1, m2, steps = lists
     kernel(params, grads, masks, m1, m2, steps, norm_state, scale=-2.0, max_norm=max_norm, packed_masks=packed,
            **hyper)
 
 
-@pytest.mark.parametrize("norm", ["none", "clip"])
-@pytest.mark.parametrize("case", ["sizes", "many"])
-@pytest.mark.parametrize("mask_kind", ["ones", "uint8", "f16", "f64", "packed"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("hyper", range(len(ADAM_HYPER)))
-def test_adamw_update_matches_reference(fused_device, hyper, dtype, mask_kind, case, norm):
-    _check_adamw(fused_device, ADAM_HYPER[hyper], dtype, mask_kind, case, norm)
-
-
-@pytest.mark.parametrize("case", ["sizes", "many"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_adamw_update_skips_on_the_non_finite_flag(fused_device, dtype, case):
-    _check_adamw(fused_device, ADAM_HYPER[1], dtype, "packed", case, "skip")
-
-
-def _check_adamw(fused_device, hyper, dtype, mask_kind, case, norm):
-    shapes = _shapes(case)
-    params, grads, m1 = (_tensors(shapes, dtype, fused_device) for _ in range(3))
-    m2 = [t.abs() for t in _tensors(shapes, dtype, fused_device)]
-    masks, packed = _masks(mask_kind, shapes, fused_device)
-    state = _norm_state(norm, grads, masks, packed, 2.0, fused_device)
-    max_norm = 0.5 if norm == "clip" else 0.0
-    expected = [clones(params), grads, masks, clones(m1), clones(m2), _steps(len(shapes), fused_device)]
-    actual = [clones(params), grads, masks, clones(m1), clones(m2), _steps(len(shapes), fused_device)]
-    _adam_call(REFERENCE["adamw_update"], expected, state, packed, max_norm, hyper)
-    _adam_call(FUSED["adamw_update"], actual, state, packed, max_norm, hyper)
-    for what, k in (("params", 0), ("exp_avgs", 3), ("exp_avg_sqs", 4)):
-        assert_lists_close(actual[k], expected[k], what)
-    assert_lists_close(actual[5], expected[5], "steps", rtol=0, atol=0)
-    if norm == "skip":
-        assert_lists_close(actual[0], params, "params", rtol=0, atol=0)
-        assert_lists_close(actual[3], m1, "exp_avgs", rtol=0, atol=0)
-        assert_lists_close(actual[5], _steps(len(shapes), fused_device), "steps", rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("case", ["sizes", "many"])
-@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=dtype_id)
-def test_fisher_accumulate_matches_reference(fused_device, dtype, case):
-    shapes = _shapes(case)
-    grads = _tensors(shapes, dtype, fused_device, scale=3.0)
-    fishers = [torch.rand(s, device=fused_device) for s in shapes]
-    expected, actual = clones(fishers), clones(fishers)
-    REFERENCE["fisher_accumulate"](expected, grads, scale=0.125)
-    FUSED["fisher_accumulate"](actual, grads, scale=0.125)
-    assert_lists_close(actual, expected, "fishers")
-
-
-@pytest.mark.parametrize("case", ["sizes", "many"])
-@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8], ids=dtype_id)
-@pytest.mark.parametrize("gamma", [1.0, 0.37, 3.0])
-def test_saliency_mask_matches_reference_exactly(fused_device, gamma, mask_dtype, case):
-    shapes = _shapes(case)
-    forget = [torch.rand(s, device=fused_device) for s in shapes]
-    remain = [torch.rand(s, device=fused_device) for s in shapes]
-    for f, r in zip(forget, remain):
-        # exact ties, empty entries on both sides, and the guard epsilon at work
-        f.view(-1)[::5] = r.view(-1)[::5] * gamma
-        f.view(-1)[::7] = 0.0
-        r.view(-1)[::11] = 0.0
-    expected = [torch.zeros(s, dtype=mask_dtype, device=fused_device) for s in shapes]
-    actual = [torch.full(s, 7, dtype=torch.uint8, device=fused_device).to(mask_dtype) for s in shapes]
-    kept_expected = torch.tensor(5, device=fused_device)
-    kept_actual = torch.tensor(5, device=fused_device)
-    REFERENCE["saliency_mask"](forget, remain, expected, kept_expected, gamma=gamma)
-    FUSED["saliency_mask"](forget, remain, actual, kept_actual, gamma=gamma)
-    assert_lists_close(actual, expected, "masks", rtol=0, atol=0)
-    assert kept_actual.item() == kept_expected.item()
-
-
-@pytest.mark.parametrize("case", ["sizes", "many"])
-@pytest.mark.parametrize("reset_fast", [True, False])
-@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 0.8, 1.0])
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_slow_sync_matches_reference(fused_device, dtype, alpha, reset_fast, case):
-    shapes = _shapes(case)
-    slow, params = _tensors(shapes, dtype, fused_device), _tensors(shapes, dtype, fused_device)
-    expected_slow, expected_params = clones(slow), clones(params)
-    actual_slow, actual_params = clones(slow), clones(params)
-    REFERENCE["slow_sync"](expected_slow, expected_params, alpha=alpha, reset_fast=reset_fast)
-    FUSED["slow_sync"](actual_slow, actual_params, alpha=alpha, reset_fast=reset_fast)
-    exact = dict(rtol=0, atol=0) if alpha in (0.0, 1.0) else {}
-    assert_lists_close(actual_slow, expected_slow, "slow_params", **exact)
-    assert_lists_close(actual_params, expected_params, "params", **exact)
-    if alpha == 0.0:
-        assert_lists_close(actual_slow, slow, "slow_params", rtol=0, atol=0)
-    if alpha == 1.0:
-        assert_lists_close(actual_slow, params, "slow_params", rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("alpha", [0.0, 1.0, 0.75])
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_slow_sync_special_values_match_the_reference_bit_for_bit(fused_device, dtype, alpha):
-    """Infinities, NaNs and signed zeros, where the two-sided lerp does not return an end point as
-    it is (p = -0.0 with slow > 0 gives +0.0 at a = 1; an infinite slow gives NaN): a kernel that
-    skips writing p where slow already equals it must still write these."""
-    special = [0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), float("nan"), 3e38, -3e38]
-    pairs = torch.tensor([(a, b) for a in special for b in special]).T
-    n = 2 * 4099  # the pairs twice over, then zeros: several tiles and an odd tail
-    slow = torch.zeros(n, dtype=dtype, device=fused_device)
-    params = torch.zeros(n, dtype=dtype, device=fused_device)
-    for start in (0, n // 2):
-        slow[start:start + pairs.shape[1]] = pairs[0].to(dtype)
-        params[start:start + pairs.shape[1]] = pairs[1].to(dtype)
-    expected, actual = ([slow.clone()], [params.clone()]), ([slow.clone()], [params.clone()])
-    REFERENCE["slow_sync"](*expected, alpha=alpha, reset_fast=True)
-    FUSED["slow_sync"](*actual, alpha=alpha, reset_fast=True)
-    bits = torch.int32 if dtype == torch.float32 else torch.int16
-    for what, a, e in (("slow", actual[0][0], expected[0][0]), ("params", actual[1][0], expected[1][0])):
-        assert torch.equal(a.isnan(), e.isnan()), what
-        keep = ~e.isnan()
-        assert torch.equal(a[keep].view(bits), e[keep].view(bits)), what
+# ----------------------------------------------------------------------------- rounding and launch tables
 
 
 def test_cpu_elementwise_kernels_round_like_the_reference():
     """On CPU the kernels apply the reference's float32 operations in its order (no FMA contraction),
     so SGD, the slow-weight lerp and the mask agree bit for bit."""
     _require_fused("cpu")
-    shapes = _shapes("sizes")
+    shapes = [(n,) for n in SIZES] + [(3, 7, 5)]
     params, grads, bufs = (_tensors(shapes, torch.float32, "cpu") for _ in range(3))
-    masks, _ = _masks("f32", shapes, "cpu")
+    masks = _float_masks(shapes, "cpu")
     state = torch.tensor([2.5, 0.0])  # read for the skip flag; no clipping, whose sqrt torch may take from MKL
     for hyper in SGD_HYPER:
         expected = [clones(params), grads, masks, clones(bufs), _steps(len(shapes), "cpu")]
@@ -417,73 +199,6 @@ def test_cpu_elementwise_kernels_round_like_the_reference():
     REFERENCE["slow_sync"](expected_slow, p, alpha=0.3, reset_fast=False)
     FUSED["slow_sync"](actual_slow, p, alpha=0.3, reset_fast=False)
     assert_lists_close(actual_slow, expected_slow, "slow_params", rtol=0, atol=0)
-
-
-# ----------------------------------------------------------------------------- layouts, dtypes, errors
-
-
-def _odd_layouts(device):
-    """Views that are not contiguous: transposed, channels_last, strided slices, a storage offset."""
-    base = torch.randn(6, 5, device=device)
-    return [
-        base.t(),
-        torch.randn(2, 3, 4, 5, device=device).to(memory_format=torch.channels_last),
-        torch.randn(40, device=device)[::3],
-        torch.randn(CPU_CHUNK + 9, device=device)[1:],
-    ]
-
-
-def test_non_contiguous_tensors_are_updated_in_place(fused_device):
-    params = _odd_layouts(fused_device)
-    grads = [torch.randn_like(p) for p in params]  # contiguous, unlike most params
-    bufs = [torch.randn_like(p) for p in params]  # preserve_format: laid out like their params
-    masks = [(torch.rand_like(p) < 0.5) for p in params]
-    hyper = SGD_HYPER[2]
-    expected = [[p.clone() for p in params], grads, masks, [b.clone() for b in bufs], _steps(4, fused_device)]
-    actual_params, actual_bufs = params, bufs
-    originals = [p.data_ptr() for p in actual_params]
-    REFERENCE["sgd_update"](expected[0], grads, masks, expected[3], expected[4], None, scale=1.0, max_norm=0.0,
-                            **hyper)
-    FUSED["sgd_update"](actual_params, grads, masks, actual_bufs, _steps(4, fused_device), None, scale=1.0,
-                        max_norm=0.0, **hyper)
-    assert [p.data_ptr() for p in actual_params] == originals
-    assert_lists_close(actual_params, expected[0], "params")
-    assert_lists_close(actual_bufs, expected[3], "momentum_buffers")
-
-    state_expected, state_actual = torch.zeros(2, device=fused_device), torch.zeros(4, device=fused_device)[::2]
-    REFERENCE["masked_norm"](params, masks, state_expected, alpha=1.5)
-    FUSED["masked_norm"](params, masks, state_actual, alpha=1.5)
-    torch.testing.assert_close(state_actual, state_expected, rtol=1e-5, atol=0)
-
-    slow = [p.clone() for p in params]
-    expected_slow, expected_params = [s.clone() for s in slow], [p.clone() for p in params]
-    REFERENCE["slow_sync"](expected_slow, expected_params, alpha=0.25, reset_fast=True)
-    FUSED["slow_sync"](slow, params, alpha=0.25, reset_fast=True)
-    assert_lists_close(slow, expected_slow, "slow_params")
-    assert_lists_close(params, expected_params, "params")
-
-
-def test_one_call_mixes_dtypes_and_mask_kinds(fused_device):
-    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float32]
-    shapes = [(70000,), (33,), (4097,), (9,), (0,)]
-    params = [torch.randn(s, device=fused_device).to(d) for s, d in zip(shapes, dtypes)]
-    grads = [torch.randn(s, device=fused_device).to(d) for s, d in zip(shapes, dtypes)]
-    m1 = [torch.randn(s, device=fused_device).to(d) for s, d in zip(shapes, dtypes)]
-    m2 = [torch.rand(s, device=fused_device).to(d) for s, d in zip(shapes, dtypes)]
-    masks = [torch.rand(s, device=fused_device).to(md) for s, md in
-             zip(shapes, [torch.bfloat16, torch.float32, torch.float64, torch.float16, torch.float32])]
-    masks[1] = masks[1] < 0.5
-    hyper = ADAM_HYPER[1]
-    state_e, state_a = torch.zeros(2, device=fused_device), torch.zeros(2, device=fused_device)
-    REFERENCE["masked_norm"](grads, masks, state_e, alpha=2.0)
-    FUSED["masked_norm"](grads, masks, state_a, alpha=2.0)
-    torch.testing.assert_close(state_a, state_e, rtol=1e-5, atol=0)
-    expected = [clones(params), grads, masks, clones(m1), clones(m2), _steps(5, fused_device)]
-    actual = [clones(params), grads, masks, clones(m1), clones(m2), _steps(5, fused_device)]
-    _adam_call(REFERENCE["adamw_update"], expected, state_e, False, 0.3, hyper)
-    _adam_call(FUSED["adamw_update"], actual, state_e, False, 0.3, hyper)
-    for what, k in (("params", 0), ("exp_avgs", 3), ("exp_avg_sqs", 4)):
-        assert_lists_close(actual[k], expected[k], what)
 
 
 def test_thousands_of_step_counters_advance_once_or_not_at_all(fused_device):
@@ -502,91 +217,6 @@ def test_thousands_of_step_counters_advance_once_or_not_at_all(fused_device):
         assert torch.equal(advanced, torch.full_like(advanced, 1.0 - flag))
         assert torch.equal(torch.stack(actual[5]), torch.stack(expected[5]))
         assert_lists_close(actual[0], expected[0], "params")
-
-
-def test_empty_lists_do_nothing(fused_device):
-    state = torch.tensor([1.0, 0.0], device=fused_device)
-    FUSED["masked_norm"]([], [], state, alpha=1.0)
-    FUSED["sgd_update"]([], [], [], [], [], state, lr=0.1, scale=1.0, momentum=0.9, dampening=0.0,
-                        weight_decay=0.0, nesterov=False, max_norm=1.0)
-    FUSED["adamw_update"]([], [], [], [], [], [], None, lr=0.1, scale=1.0, beta1=0.9, beta2=0.99, eps=1e-8,
-                          weight_decay=0.0, max_norm=0.0)
-    FUSED["fisher_accumulate"]([], [], scale=1.0)
-    kept = torch.tensor(3, device=fused_device)
-    FUSED["saliency_mask"]([], [], [], kept, gamma=1.0)
-    FUSED["slow_sync"]([], [], alpha=0.5, reset_fast=True)
-    assert state.tolist() == [1.0, 0.0] and kept.item() == 3
-
-
-def _bad_sgd_calls(device):
-    def lists():
-        params = [torch.randn(4, device=device), torch.randn(3, device=device)]
-        return dict(params=params, grads=[torch.randn(4, device=device), torch.randn(3, device=device)], masks=[],
-                    momentum_buffers=[torch.zeros(4, device=device), torch.zeros(3, device=device)],
-                    steps=[torch.tensor(1.0, device=device), torch.tensor(1.0, device=device)], norm_state=None)
-
-    cases = []
-    c = lists()
-    c["grads"][1] = torch.randn(5, device=device)
-    cases.append((c, r"sgd_update_: grads\[1\] has shape \(5,\), expected \(3,\)"))
-    c = lists()
-    c["momentum_buffers"] = c["momentum_buffers"][:1]
-    cases.append((c, r"sgd_update_: momentum_buffers has 1 tensors, expected 2"))
-    c = lists()
-    c["steps"][0] = torch.tensor(1.0, dtype=torch.float64, device=device)
-    cases.append((c, r"sgd_update_: steps\[0\] must be a float32 scalar, got torch.float64 with 1 elements"))
-    c = lists()
-    c["masks"] = [pack_mask(torch.ones(4, dtype=torch.bool, device=device)), torch.ones(3, device=device)]
-    c["packed"] = True
-    cases.append((c, r"sgd_update_: packed masks\[1\] must be contiguous uint8 with 1 bytes, got torch.float32"))
-    c = lists()
-    c["masks"] = [torch.ones(4, device=device), torch.ones(3, dtype=torch.int32, device=device)]
-    cases.append((c, r"sgd_update_: masks\[1\] has unsupported dtype torch.int32"))
-    c = lists()
-    c["grads"][0] = c["grads"][0].double()
-    cases.append((c, r"sgd_update_: grads\[0\] has dtype torch.float64, expected torch.float32"))
-    c = lists()
-    c["norm_state"] = torch.zeros(3, device=device)
-    cases.append((c, r"sgd_update_: norm_state must be a float32 tensor of 2 elements, got torch.float32 with 3"))
-    return cases
-
-
-@pytest.mark.parametrize("index", range(7))
-def test_bad_calls_name_the_argument_and_change_nothing(fused_device, index):
-    call, message = _bad_sgd_calls(fused_device)[index]
-    packed = call.pop("packed", False)
-    before = [t.clone() for t in call["params"] + call["momentum_buffers"] + call["steps"]]
-    with pytest.raises(RuntimeError, match=message):
-        FUSED["sgd_update"](call["params"], call["grads"], call["masks"], call["momentum_buffers"], call["steps"],
-                            call["norm_state"], lr=0.1, scale=1.0, momentum=0.9, dampening=0.0, weight_decay=0.0,
-                            nesterov=False, max_norm=0.0, packed_masks=packed)
-    after = call["params"] + call["momentum_buffers"] + call["steps"]
-    assert all(torch.equal(a, b) for a, b in zip(after, before))
-
-
-def test_other_ops_name_bad_arguments(fused_device):
-    d = fused_device
-    with pytest.raises(RuntimeError, match=r"fisher_accumulate_: fishers\[0\] has dtype torch.bfloat16, expected "
-                                           r"torch.float32"):
-        FUSED["fisher_accumulate"]([torch.zeros(3, dtype=torch.bfloat16, device=d)], [torch.ones(3, device=d)],
-                                   scale=1.0)
-    with pytest.raises(RuntimeError, match=r"saliency_mask_: masks\[0\] must be bool or uint8, got torch.float32"):
-        FUSED["saliency_mask"]([torch.ones(3, device=d)], [torch.ones(3, device=d)], [torch.ones(3, device=d)],
-                               torch.tensor(0, device=d), gamma=1.0)
-    with pytest.raises(RuntimeError, match=r"saliency_mask_: kept must be an int64 scalar, got torch.int32"):
-        FUSED["saliency_mask"]([torch.ones(3, device=d)], [torch.ones(3, device=d)],
-                               [torch.zeros(3, dtype=torch.bool, device=d)],
-                               torch.tensor(0, dtype=torch.int32, device=d), gamma=1.0)
-    with pytest.raises(RuntimeError, match=r"slow_sync_: slow_params\[0\] has dtype torch.float16, expected "
-                                           r"torch.float32"):
-        FUSED["slow_sync"]([torch.zeros(3, dtype=torch.float16, device=d)], [torch.ones(3, device=d)], alpha=0.5,
-                           reset_fast=True)
-    with pytest.raises(RuntimeError, match=r"masked_sq_norm_: grads\[0\] has non-floating dtype torch.int64"):
-        FUSED["masked_norm"]([torch.ones(3, dtype=torch.int64, device=d)], [], torch.zeros(2, device=d), alpha=1.0)
-    with pytest.raises(RuntimeError, match=r"adamw_update_: exp_avg_sqs\[0\] has shape \(2,\), expected \(3,\)"):
-        FUSED["adamw_update"]([torch.ones(3, device=d)], [torch.ones(3, device=d)], [], [torch.ones(3, device=d)],
-                              [torch.ones(2, device=d)], [torch.tensor(0.0, device=d)], None, lr=0.1, scale=1.0,
-                              beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, max_norm=0.0)
 
 
 @gpu
@@ -612,7 +242,7 @@ def test_cpu_norm_does_not_depend_on_the_thread_count():
     _require_fused("cpu")
     shapes = [(70000,), (3,), (CPU_CHUNK * 5 + 7,), (129, 31)]
     grads = _tensors(shapes, torch.float32, "cpu", scale=100.0)
-    masks, _ = _masks("f32", shapes, "cpu")
+    masks = _float_masks(shapes, "cpu")
     threads = torch.get_num_threads()
     try:
         results = []
@@ -818,6 +448,6 @@ def test_cuda_many_tensors_split_over_launches_and_misaligned_views(cuda_device)
 def test_cuda_norm_is_bitwise_reproducible(cuda_device):
     shapes = [(1 << 22,), (70000,), (3,)]
     grads = _tensors(shapes, torch.float32, cuda_device, scale=10.0)
-    masks, _ = _masks("f32", shapes, cuda_device)
+    masks = _float_masks(shapes, cuda_device)
     first = _norm_of(grads, masks)
     assert all(torch.equal(_norm_of(grads, masks), first) for _ in range(5))

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import kernels, make, shapes_for
+from helpers import dtype_id, kernels, make, shapes_for
 
 from sfron_ops import reference, saliency_mask
 from sfron_ops.mask import density_count, density_mask
@@ -20,25 +20,64 @@ def test_reference_hand_checked():
     assert kept.item() == 3
 
 
-@pytest.mark.parametrize("gamma", [0.5, 1.0, 3.0])
-@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8])
-@pytest.mark.parametrize("case", ["sizes", "many"])
-def test_matches_reference(impl, device, case, mask_dtype, gamma):
-    shapes = shapes_for(case)
-    ff = make(shapes, torch.float32, device, 0.0, 1.0)
-    fr = make(shapes, torch.float32, device, 0.0, 1.0)
-    for f in ff[::4]:  # exact zeros and ties exercise the eps guard and the >=
+def _fisher_pair(shapes, device, gamma):
+    """Forget and remain Fisher with exact zeros on both sides (the eps guard), whole zero tensors, and ratios
+    exactly at the cut-off (the >=)."""
+    forget = make(shapes, torch.float32, device, 0.0, 1.0)
+    remain = make(shapes, torch.float32, device, 0.0, 1.0)
+    for f, r in zip(forget, remain):
+        f.view(-1)[::5] = r.view(-1)[::5] * gamma
+        f.view(-1)[::7] = 0.0
+        r.view(-1)[::11] = 0.0
+    for f in forget[::4]:
         f.zero_()
-    fr[1].copy_(ff[1])
+    return forget, remain
+
+
+@pytest.mark.parametrize("gamma", [0.37, 1.0, 3.0])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8], ids=dtype_id)
+@pytest.mark.parametrize("case", ["sizes", "many"])
+def test_matches_reference_exactly(impl, device, case, mask_dtype, gamma):
+    shapes = shapes_for(case)
+    ff, fr = _fisher_pair(shapes, device, gamma)
     expected = [torch.empty(s, dtype=mask_dtype, device=device) for s in shapes]
-    actual = [torch.full(s, 7, dtype=mask_dtype, device=device) for s in shapes]
+    actual = [torch.full(s, 7, dtype=torch.uint8, device=device).to(mask_dtype) for s in shapes]
     kept_e = torch.zeros((), dtype=torch.int64, device=device)
     kept_a = torch.full((), 5, dtype=torch.int64, device=device)
     reference.saliency_mask_(ff, fr, expected, kept_e, gamma=gamma)
     kernels(impl)["saliency_mask"](ff, fr, actual, kept_a, gamma=gamma)
     for a, e in zip(actual, expected):
-        assert torch.equal(a, e)
+        assert a.dtype == e.dtype and torch.equal(a, e)
     assert kept_a.item() == kept_e.item() + 5  # kept accumulates
+
+
+def test_empty_call_does_nothing(impl, device):
+    kept = torch.tensor(3, device=device)
+    kernels(impl)["saliency_mask"]([], [], [], kept, gamma=1.0)
+    assert kept.item() == 3
+
+
+def test_bad_calls_name_the_argument(impl, device):
+    d = device
+    with pytest.raises(RuntimeError, match=r"saliency_mask_: masks\[0\] must be bool or uint8, got torch.float32"):
+        kernels(impl)["saliency_mask"]([torch.ones(3, device=d)], [torch.ones(3, device=d)], [torch.ones(3, device=d)],
+                                       torch.tensor(0, device=d), gamma=1.0)
+    with pytest.raises(RuntimeError, match=r"saliency_mask_: kept must be an int64 scalar, got torch.int32"):
+        kernels(impl)["saliency_mask"]([torch.ones(3, device=d)], [torch.ones(3, device=d)],
+                                       [torch.zeros(3, dtype=torch.bool, device=d)],
+                                       torch.tensor(0, dtype=torch.int32, device=d), gamma=1.0)
+
+
+@pytest.mark.parametrize("density", [0.05, 0.3, 0.5])
+def test_density_cutoff_agrees_with_the_reference_ratio(impl_any, density):
+    """The density mode ranks the reference's float32 ratios in plain PyTorch whatever ``impl`` is, so every
+    backend gives the reference's masks element for element."""
+    ff, fr = _fisher_pair(shapes_for("sizes"), "cpu", 1.0)
+    ours = saliency_mask(ff, fr, density=density, impl=impl_any)
+    theirs = saliency_mask(ff, fr, density=density, impl="reference")
+    assert ours.kept == theirs.kept
+    for a, b in zip(ours.masks, theirs.masks):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])

@@ -4,18 +4,22 @@ import pytest
 import torch
 from helpers import (
     DTYPES,
-    MASK_KINDS,
     assert_lists_close,
     clones,
     dtype_id,
+    flagged_step,
     kernels,
     make,
     make_masks,
+    odd_layouts,
     shapes_for,
     steps_for,
+    update_inputs,
+    update_matrix,
 )
 
 from sfron_ops import reference
+from sfron_ops.reference import pack_mask
 
 HYPER = [
     dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=False),
@@ -28,6 +32,11 @@ HYPER = [
 def _sgd(kernel, params, grads, masks, bufs, steps, norm_state, packed=False, scale=1.0, max_norm=0.0, **hyper):
     kernel(params, grads, masks, bufs if hyper["momentum"] else [], steps, norm_state, scale=scale,
            max_norm=max_norm, packed_masks=packed, **hyper)
+
+
+def _buffers(params, steps):
+    # a buffer is zero until its first step, as the optimizer allocates it
+    return [torch.zeros_like(p) if s.item() == 0 else torch.rand_like(p) for p, s in zip(params, steps)]
 
 
 def test_reference_hand_checked_two_steps():
@@ -65,26 +74,13 @@ def test_reference_skip_changes_nothing():
     assert p.item() == 1.0 and buf.item() == 0.5 and step.item() == 4.0
 
 
-@pytest.mark.parametrize("norm", ["none", "clip", "skip"])
-@pytest.mark.parametrize("case", ["sizes", "many"])
-@pytest.mark.parametrize("mask_kind", MASK_KINDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@update_matrix
 def test_matches_reference(impl, device, dtype, case, mask_kind, norm):
-    shapes = shapes_for(case)
-    hyper = HYPER[(len(mask_kind) + len(norm) + len(case)) % len(HYPER)]
-    params, grads = make(shapes, dtype, device), make(shapes, dtype, device)
-    masks, packed = make_masks(mask_kind, shapes, device, dtype)
-    steps = steps_for(shapes, device)
-    # a buffer is zero until its first step, as the optimizer allocates it
-    bufs = [torch.zeros_like(p) if s.item() == 0 else torch.rand_like(p) for p, s in zip(params, steps)]
     scale = -7.5 if mask_kind != "none" else 1.0
-    norm_state, max_norm = None, 0.0
-    if norm != "none":
-        norm_state = torch.zeros(2, device=device)
-        reference.masked_sq_norm_(grads, masks, norm_state, alpha=abs(scale), packed_masks=packed)
-        max_norm = 1.5 if norm == "clip" else 0.0
-        if norm == "skip":
-            norm_state[1] = 1.0
+    hyper, params, grads, masks, packed, steps, norm_state = update_inputs(case, mask_kind, dtype, device, norm,
+                                                                            HYPER, scale)
+    bufs = _buffers(params, steps)
+    max_norm = 1.5 if norm == "clip" else 0.0
 
     expected = [clones(params), clones(bufs), clones(steps)]
     actual = [clones(params), clones(bufs), clones(steps)]
@@ -100,6 +96,8 @@ def test_matches_reference(impl, device, dtype, case, mask_kind, norm):
         assert torch.equal(g, b)
     if norm == "skip":
         assert_lists_close(actual[0], params, "params", rtol=0, atol=0)
+        assert_lists_close(actual[1], bufs, "momentum_buffers", rtol=0, atol=0)
+        assert_lists_close(actual[2], steps, "steps", rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -109,7 +107,7 @@ def test_tensor_scalars_match_numbers(impl, device, dtype):
     params, grads = make(shapes, dtype, device), make(shapes, dtype, device)
     masks, _ = make_masks("random", shapes, device)
     steps = steps_for(shapes, device)
-    bufs = [torch.zeros_like(p) if s.item() == 0 else torch.rand_like(p) for p, s in zip(params, steps)]
+    bufs = _buffers(params, steps)
     norm_state = torch.zeros(2, device=device)
     reference.masked_sq_norm_(grads, masks, norm_state, alpha=6.0)
     hyper = dict(momentum=0.9, dampening=0.1, weight_decay=1e-2, nesterov=False, max_norm=2.5)
@@ -124,3 +122,85 @@ def test_tensor_scalars_match_numbers(impl, device, dtype):
     assert_lists_close(actual[1], expected[1], "momentum_buffers")
     assert_lists_close(actual[2], expected[2], "steps", rtol=0, atol=0)
     assert lr.item() == pytest.approx(0.03) and alpha.item() == 6.0  # read, never written
+
+
+def test_non_finite_gradient_skips_the_step(impl, device):
+    """The backend's own norm flags the NaN, and its update then changes nothing, step counters included."""
+    params, grads, state = flagged_step(impl, device)
+    bufs = [torch.rand_like(p) for p in params]
+    steps = [torch.tensor(4.0, device=device), torch.tensor(0.0, device=device)]
+    before = [clones(params), clones(bufs), clones(steps)]
+    kernels(impl)["sgd_update"](params, grads, [], bufs, steps, state, lr=0.1, scale=1.0, momentum=0.9,
+                                dampening=0.0, weight_decay=0.1, nesterov=False, max_norm=1.0)
+    for what, after, b in zip(("params", "momentum_buffers", "steps"), (params, bufs, steps), before):
+        assert_lists_close(after, b, what, rtol=0, atol=0)
+
+
+def test_non_contiguous_tensors_are_updated_in_place(impl, device):
+    params = odd_layouts(device)
+    grads = [torch.randn_like(p).contiguous() for p in params]  # contiguous, unlike most params
+    bufs = [torch.randn_like(p) for p in params]  # preserve_format: laid out like their params
+    masks = [torch.rand_like(p) < 0.5 for p in params]
+    steps = [torch.tensor(float(i % 2), device=device) for i in range(len(params))]
+    hyper = dict(HYPER[2], scale=1.0, max_norm=0.0)
+    expected = [[p.clone() for p in params], [b.clone() for b in bufs], clones(steps)]
+    originals = [p.data_ptr() for p in params]
+    reference.sgd_update_(expected[0], grads, masks, expected[1], expected[2], None, **hyper)
+    kernels(impl)["sgd_update"](params, grads, masks, bufs, steps, None, **hyper)
+    assert [p.data_ptr() for p in params] == originals
+    assert_lists_close(params, expected[0], "params")
+    assert_lists_close(bufs, expected[1], "momentum_buffers")
+    assert_lists_close(steps, expected[2], "steps", rtol=0, atol=0)
+
+
+def test_empty_call_does_nothing(impl, device):
+    state = torch.tensor([1.0, 0.0], device=device)
+    kernels(impl)["sgd_update"]([], [], [], [], [], state, lr=0.1, scale=1.0, momentum=0.9, dampening=0.0,
+                                weight_decay=0.0, nesterov=False, max_norm=1.0)
+    assert state.tolist() == [1.0, 0.0]
+
+
+def _bad_calls(device):
+    def lists():
+        params = [torch.randn(4, device=device), torch.randn(3, device=device)]
+        return dict(params=params, grads=[torch.randn(4, device=device), torch.randn(3, device=device)], masks=[],
+                    momentum_buffers=[torch.zeros(4, device=device), torch.zeros(3, device=device)],
+                    steps=[torch.tensor(1.0, device=device), torch.tensor(1.0, device=device)], norm_state=None)
+
+    cases = []
+    c = lists()
+    c["grads"][1] = torch.randn(5, device=device)
+    cases.append((c, r"sgd_update_: grads\[1\] has shape \(5,\), expected \(3,\)"))
+    c = lists()
+    c["momentum_buffers"] = c["momentum_buffers"][:1]
+    cases.append((c, r"sgd_update_: momentum_buffers has 1 tensors, expected 2"))
+    c = lists()
+    c["steps"][0] = torch.tensor(1.0, dtype=torch.float64, device=device)
+    cases.append((c, r"sgd_update_: steps\[0\] must be a float32 scalar, got torch.float64 with 1 elements"))
+    c = lists()
+    c["masks"] = [pack_mask(torch.ones(4, dtype=torch.bool, device=device)), torch.ones(3, device=device)]
+    c["packed"] = True
+    cases.append((c, r"sgd_update_: packed masks\[1\] must be contiguous uint8 with 1 bytes, got torch.float32"))
+    c = lists()
+    c["masks"] = [torch.ones(4, device=device), torch.ones(3, dtype=torch.int32, device=device)]
+    cases.append((c, r"sgd_update_: masks\[1\] has unsupported dtype torch.int32"))
+    c = lists()
+    c["grads"][0] = c["grads"][0].double()
+    cases.append((c, r"sgd_update_: grads\[0\] has dtype torch.float64, expected torch.float32"))
+    c = lists()
+    c["norm_state"] = torch.zeros(3, device=device)
+    cases.append((c, r"sgd_update_: norm_state must be a float32 tensor of 2 elements, got torch.float32 with 3"))
+    return cases
+
+
+@pytest.mark.parametrize("index", range(7))
+def test_bad_calls_name_the_argument_and_change_nothing(impl, device, index):
+    call, message = _bad_calls(device)[index]
+    packed = call.pop("packed", False)
+    before = [t.clone() for t in call["params"] + call["momentum_buffers"] + call["steps"]]
+    with pytest.raises(RuntimeError, match=message):
+        kernels(impl)["sgd_update"](call["params"], call["grads"], call["masks"], call["momentum_buffers"],
+                                    call["steps"], call["norm_state"], lr=0.1, scale=1.0, momentum=0.9, dampening=0.0,
+                                    weight_decay=0.0, nesterov=False, max_norm=0.0, packed_masks=packed)
+    after = call["params"] + call["momentum_buffers"] + call["steps"]
+    assert all(torch.equal(a, b) for a, b in zip(after, before))

@@ -7,51 +7,37 @@
 // skips the whole call, step counters included. One pass over all tensors.
 #include <torch/library.h>
 
-#include <sfron_ops/checks.h>
 #include <sfron_ops/flat.h>
-#include <sfron_ops/math.h>
+#include <sfron_ops/ops.h>
 
 #include "tiles.h"
 
 namespace sfron_ops::cpu {
 namespace {
 
-void adamw_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList masks, at::TensorList exp_avgs,
-                      at::TensorList exp_avg_sqs, at::TensorList steps, const std::optional<at::Tensor>& norm_state,
-                      double lr, double scale, double beta1, double beta2, double eps, double weight_decay,
-                      double max_norm, bool packed_masks, const std::optional<at::Tensor>& lr_tensor,
-                      const std::optional<at::Tensor>& scale_tensor) {
-  check_adamw_update_args(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state, packed_masks, lr_tensor,
-                          scale_tensor);
-  if (params.empty()) return;
-
-  const std::optional<float> coefficient = step_coefficient(norm_state, host_scalar(scale, scale_tensor), max_norm);
-  if (!coefficient) return;  // a non-finite direction: the step changes nothing
-  const float coef = *coefficient;
+void adamw_update_cpu(const ops::AdamwUpdateArgs& a) {
+  const std::optional<float> coef = step_coefficient(a.norm_state, host_scalar(a.scale, a.scale_tensor), a.max_norm);
+  if (!coef) return;  // a non-finite direction: the step changes nothing
   // 1 - lr * wd in double, from the Python lr or from the float32 tensor one
-  const double lr_value = lr_tensor.has_value() ? static_cast<double>(host_scalar(lr, lr_tensor)) : lr;
-  const AdamScalars s{static_cast<float>(lr_value),   static_cast<float>(beta1),
-                      static_cast<float>(beta2),      static_cast<float>(1.0 - beta1),
-                      static_cast<float>(1.0 - beta2), static_cast<float>(eps),
-                      static_cast<float>(1.0 - lr_value * weight_decay)};
-
-  Flattened flat({{params, Access::Write},
-                  {grads, Access::Read},
-                  {masks, packed_masks ? Access::Packed : Access::Read},
-                  {exp_avgs, Access::Write},
-                  {exp_avg_sqs, Access::Write}},
-                 params.size());
-  std::vector<int64_t> numels;
-  std::vector<MaskKind> kinds;
+  const double lr = a.lr_tensor.has_value() ? static_cast<double>(host_scalar(a.lr, a.lr_tensor)) : a.lr;
+  const AdamScalars s{static_cast<float>(lr),            static_cast<float>(a.beta1),
+                      static_cast<float>(a.beta2),        static_cast<float>(1.0 - a.beta1),
+                      static_cast<float>(1.0 - a.beta2),  static_cast<float>(a.eps),
+                      static_cast<float>(1.0 - lr * a.weight_decay)};
+  Flattened flat({{a.params, Access::Write},
+                  {a.grads, Access::Read},
+                  {a.masks, a.packed_masks ? Access::Packed : Access::Read},
+                  {a.exp_avgs, Access::Write},
+                  {a.exp_avg_sqs, Access::Write}},
+                 a.params.size());
+  const std::vector<MaskKind> kinds = mask_kinds(a.masks, a.packed_masks, a.params.size());
   std::vector<float> bias1, bias2;
-  for (size_t i = 0; i < params.size(); ++i) {
-    numels.push_back(params[i].numel());
-    kinds.push_back(masks.empty() ? MaskKind::None : mask_kind_of(masks[i], packed_masks));
-    const float t = *steps[i].const_data_ptr<float>() + 1.0f;
+  for (const at::Tensor& step : a.steps) {
+    const float t = *step.const_data_ptr<float>() + 1.0f;
     bias1.push_back(bias_correction(s.beta1, t));
     bias2.push_back(bias_correction(s.beta2, t));
   }
-  const Layout layout(numels);
+  const Layout layout(a.params);
   const TileKernels& math = tile_kernels();
 
   layout.parallel_chunks([&](int64_t c) {
@@ -63,24 +49,26 @@ void adamw_update_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
       const at::Tensor& avg = flat.at(3, t);
       const at::Tensor& sq = flat.at(4, t);
       for_each_tile(begin, end, [&](int64_t pos, int64_t n) {
-        float* p = edit_tile(param.data_ptr(), param.scalar_type(), pos, n, param_tile);
-        const float* g = read_tile(grad.const_data_ptr(), grad.scalar_type(), pos, n, grad_tile);
-        const float* m = mask ? read_mask_tile(mask->const_data_ptr(), kinds[t], pos, n, mask_tile) : nullptr;
-        float* m1 = edit_tile(avg.data_ptr(), avg.scalar_type(), pos, n, avg_tile);
-        float* m2 = edit_tile(sq.data_ptr(), sq.scalar_type(), pos, n, sq_tile);
-        math.adamw(n, p, g, m, m1, m2, coef, bias1[t], bias2[t], s, u);
-        write_back(param.data_ptr(), param.scalar_type(), pos, n, p);
-        write_back(avg.data_ptr(), avg.scalar_type(), pos, n, m1);
-        write_back(sq.data_ptr(), sq.scalar_type(), pos, n, m2);
+        float* p = edit_tile(param, pos, n, param_tile);
+        const float* g = read_tile(grad, pos, n, grad_tile);
+        const float* m = mask ? read_mask_tile(*mask, kinds[t], pos, n, mask_tile) : nullptr;
+        float* m1 = edit_tile(avg, pos, n, avg_tile);
+        float* m2 = edit_tile(sq, pos, n, sq_tile);
+        math.adamw(n, p, g, m, m1, m2, *coef, bias1[t], bias2[t], s, u);
+        write_back(param, pos, n, p);
+        write_back(avg, pos, n, m1);
+        write_back(sq, pos, n, m2);
       });
     });
   });
 
-  for (const at::Tensor& step : steps) *step.data_ptr<float>() += 1.0f;
+  advance_steps(a.steps);
   flat.finish();
 }
 
 }  // namespace
 }  // namespace sfron_ops::cpu
 
-TORCH_LIBRARY_IMPL(sfron_ops, CPU, m) { m.impl("adamw_update_", &sfron_ops::cpu::adamw_update_cpu); }
+TORCH_LIBRARY_IMPL(sfron_ops, CPU, m) {
+  m.impl("adamw_update_", &sfron_ops::ops::adamw_update<sfron_ops::cpu::adamw_update_cpu>);
+}

@@ -7,29 +7,21 @@
 // clips exactly as the uninterrupted one did.
 #include <torch/library.h>
 
-#include <sfron_ops/checks.h>
 #include <sfron_ops/flat.h>
+#include <sfron_ops/ops.h>
 
 #include "tiles.h"
 
 namespace sfron_ops::cpu {
 namespace {
 
-void masked_sq_norm_cpu(at::TensorList grads, at::TensorList masks, const at::Tensor& norm_state, double alpha,
-                        bool packed_masks, const std::optional<at::Tensor>& alpha_tensor) {
-  check_masked_sq_norm_args(grads, masks, norm_state, packed_masks, alpha_tensor);
-  if (grads.empty()) return;
-
-  Flattened flat({{grads, Access::Read}, {masks, packed_masks ? Access::Packed : Access::Read}}, grads.size());
-  const at::Tensor& state = flat.single(norm_state, Access::Write);
-  std::vector<int64_t> numels;
-  std::vector<MaskKind> kinds;
-  for (size_t i = 0; i < grads.size(); ++i) {
-    numels.push_back(grads[i].numel());
-    kinds.push_back(masks.empty() ? MaskKind::None : mask_kind_of(masks[i], packed_masks));
-  }
-  const Layout layout(numels);
-  const float coef = host_scalar(alpha, alpha_tensor);
+void masked_sq_norm_cpu(const ops::MaskedSqNormArgs& a) {
+  Flattened flat({{a.grads, Access::Read}, {a.masks, a.packed_masks ? Access::Packed : Access::Read}},
+                 a.grads.size());
+  const at::Tensor& state = flat.single(a.norm_state, Access::Write);
+  const std::vector<MaskKind> kinds = mask_kinds(a.masks, a.packed_masks, a.grads.size());
+  const Layout layout(a.grads);
+  const float coef = host_scalar(a.alpha, a.alpha_tensor);
   const TileKernels& math = tile_kernels();
   std::vector<double> chunk_sums(layout.chunks());
   std::vector<uint8_t> chunk_bad(layout.chunks());
@@ -42,8 +34,8 @@ void masked_sq_norm_cpu(at::TensorList grads, at::TensorList masks, const at::Te
       const at::Tensor& grad = flat.at(0, t);
       const at::Tensor* mask = kinds[t] == MaskKind::None ? nullptr : &flat.at(1, t);
       for_each_tile(begin, end, [&](int64_t pos, int64_t n) {
-        const float* g = read_tile(grad.const_data_ptr(), grad.scalar_type(), pos, n, grad_tile);
-        const float* m = mask ? read_mask_tile(mask->const_data_ptr(), kinds[t], pos, n, mask_tile) : nullptr;
+        const float* g = read_tile(grad, pos, n, grad_tile);
+        const float* m = mask ? read_mask_tile(*mask, kinds[t], pos, n, mask_tile) : nullptr;
         math.norm(n, g, m, coef, squares, probe);
       });
     });
@@ -74,4 +66,6 @@ void masked_sq_norm_cpu(at::TensorList grads, at::TensorList masks, const at::Te
 }  // namespace
 }  // namespace sfron_ops::cpu
 
-TORCH_LIBRARY_IMPL(sfron_ops, CPU, m) { m.impl("masked_sq_norm_", &sfron_ops::cpu::masked_sq_norm_cpu); }
+TORCH_LIBRARY_IMPL(sfron_ops, CPU, m) {
+  m.impl("masked_sq_norm_", &sfron_ops::ops::masked_sq_norm<sfron_ops::cpu::masked_sq_norm_cpu>);
+}

@@ -5,26 +5,20 @@
 // elements.
 #include <torch/library.h>
 
-#include <sfron_ops/checks.h>
 #include <sfron_ops/flat.h>
+#include <sfron_ops/ops.h>
 
 #include "tiles.h"
 
 namespace sfron_ops::cpu {
 namespace {
 
-void saliency_mask_cpu(at::TensorList forget_fishers, at::TensorList remain_fishers, at::TensorList masks,
-                       const at::Tensor& kept, double gamma) {
-  check_saliency_mask_args(forget_fishers, remain_fishers, masks, kept);
-  if (forget_fishers.empty()) return;
-
-  Flattened flat({{forget_fishers, Access::Read}, {remain_fishers, Access::Read}, {masks, Access::Write}},
-                 forget_fishers.size());
-  std::vector<int64_t> numels;
-  for (const at::Tensor& f : forget_fishers) numels.push_back(f.numel());
-  const Layout layout(numels);
+void saliency_mask_cpu(const ops::SaliencyMaskArgs& a) {
+  Flattened flat({{a.forget_fishers, Access::Read}, {a.remain_fishers, Access::Read}, {a.masks, Access::Write}},
+                 a.forget_fishers.size());
+  const Layout layout(a.forget_fishers);
   const TileKernels& math = tile_kernels();
-  const float threshold = static_cast<float>(gamma);
+  const float threshold = static_cast<float>(a.gamma);
   std::vector<int64_t> chunk_kept(layout.chunks());
 
   layout.parallel_chunks([&](int64_t c) {
@@ -46,7 +40,7 @@ void saliency_mask_cpu(at::TensorList forget_fishers, at::TensorList remain_fish
 
   int64_t total = 0;
   for (int64_t k : chunk_kept) total += k;
-  const at::Tensor& counter = flat.single(kept, Access::Write);
+  const at::Tensor& counter = flat.single(a.kept, Access::Write);
   *counter.data_ptr<int64_t>() += total;
   flat.finish();
 }
@@ -54,4 +48,6 @@ void saliency_mask_cpu(at::TensorList forget_fishers, at::TensorList remain_fish
 }  // namespace
 }  // namespace sfron_ops::cpu
 
-TORCH_LIBRARY_IMPL(sfron_ops, CPU, m) { m.impl("saliency_mask_", &sfron_ops::cpu::saliency_mask_cpu); }
+TORCH_LIBRARY_IMPL(sfron_ops, CPU, m) {
+  m.impl("saliency_mask_", &sfron_ops::ops::saliency_mask<sfron_ops::cpu::saliency_mask_cpu>);
+}

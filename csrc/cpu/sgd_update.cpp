@@ -7,46 +7,30 @@
 // skips the whole call, step counters included. One pass over all tensors.
 #include <torch/library.h>
 
-#include <sfron_ops/checks.h>
 #include <sfron_ops/flat.h>
+#include <sfron_ops/ops.h>
 
 #include "tiles.h"
 
 namespace sfron_ops::cpu {
 namespace {
 
-void sgd_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList masks,
-                    at::TensorList momentum_buffers, at::TensorList steps, const std::optional<at::Tensor>& norm_state,
-                    double lr, double scale, double momentum, double dampening, double weight_decay, bool nesterov,
-                    double max_norm, bool packed_masks, const std::optional<at::Tensor>& lr_tensor,
-                    const std::optional<at::Tensor>& scale_tensor) {
-  check_sgd_update_args(params, grads, masks, momentum_buffers, steps, norm_state, momentum, packed_masks, lr_tensor,
-                        scale_tensor);
-  if (params.empty()) return;
-
-  const std::optional<float> coefficient = step_coefficient(norm_state, host_scalar(scale, scale_tensor), max_norm);
-  if (!coefficient) return;  // a non-finite direction: the step changes nothing
-  const float coef = *coefficient;
-  const SgdScalars s{host_scalar(lr, lr_tensor),       static_cast<float>(momentum),
-                     static_cast<float>(1.0 - dampening), static_cast<float>(weight_decay),
-                     momentum != 0,                   weight_decay != 0,
-                     nesterov};
-
-  const bool use_buffers = s.use_momentum;
-  Flattened flat({{params, Access::Write},
-                  {grads, Access::Read},
-                  {masks, packed_masks ? Access::Packed : Access::Read},
-                  {use_buffers ? momentum_buffers : at::TensorList(), Access::Write}},
-                 params.size());
-  std::vector<int64_t> numels;
-  std::vector<MaskKind> kinds;
+void sgd_update_cpu(const ops::SgdUpdateArgs& a) {
+  const std::optional<float> coef = step_coefficient(a.norm_state, host_scalar(a.scale, a.scale_tensor), a.max_norm);
+  if (!coef) return;  // a non-finite direction: the step changes nothing
+  const SgdScalars s{host_scalar(a.lr, a.lr_tensor),         static_cast<float>(a.momentum),
+                     static_cast<float>(1.0 - a.dampening), static_cast<float>(a.weight_decay),
+                     a.momentum != 0,                       a.weight_decay != 0,
+                     a.nesterov};
+  Flattened flat({{a.params, Access::Write},
+                  {a.grads, Access::Read},
+                  {a.masks, a.packed_masks ? Access::Packed : Access::Read},
+                  {s.use_momentum ? a.momentum_buffers : at::TensorList(), Access::Write}},
+                 a.params.size());
+  const std::vector<MaskKind> kinds = mask_kinds(a.masks, a.packed_masks, a.params.size());
   std::vector<uint8_t> first_step;
-  for (size_t i = 0; i < params.size(); ++i) {
-    numels.push_back(params[i].numel());
-    kinds.push_back(masks.empty() ? MaskKind::None : mask_kind_of(masks[i], packed_masks));
-    first_step.push_back(*steps[i].const_data_ptr<float>() == 0.0f);
-  }
-  const Layout layout(numels);
+  for (const at::Tensor& step : a.steps) first_step.push_back(*step.const_data_ptr<float>() == 0.0f);
+  const Layout layout(a.params);
   const TileKernels& math = tile_kernels();
 
   layout.parallel_chunks([&](int64_t c) {
@@ -55,24 +39,26 @@ void sgd_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
       const at::Tensor& param = flat.at(0, t);
       const at::Tensor& grad = flat.at(1, t);
       const at::Tensor* mask = kinds[t] == MaskKind::None ? nullptr : &flat.at(2, t);
-      const at::Tensor* buffer = use_buffers ? &flat.at(3, t) : nullptr;
+      const at::Tensor* buffer = s.use_momentum ? &flat.at(3, t) : nullptr;
       for_each_tile(begin, end, [&](int64_t pos, int64_t n) {
-        float* p = edit_tile(param.data_ptr(), param.scalar_type(), pos, n, param_tile);
-        const float* g = read_tile(grad.const_data_ptr(), grad.scalar_type(), pos, n, grad_tile);
-        const float* m = mask ? read_mask_tile(mask->const_data_ptr(), kinds[t], pos, n, mask_tile) : nullptr;
-        float* b = buffer ? edit_tile(buffer->data_ptr(), buffer->scalar_type(), pos, n, buf_tile) : nullptr;
-        math.sgd(n, p, g, m, b, first_step[t] != 0, coef, s, d);
-        write_back(param.data_ptr(), param.scalar_type(), pos, n, p);
-        if (buffer) write_back(buffer->data_ptr(), buffer->scalar_type(), pos, n, b);
+        float* p = edit_tile(param, pos, n, param_tile);
+        const float* g = read_tile(grad, pos, n, grad_tile);
+        const float* m = mask ? read_mask_tile(*mask, kinds[t], pos, n, mask_tile) : nullptr;
+        float* b = buffer ? edit_tile(*buffer, pos, n, buf_tile) : nullptr;
+        math.sgd(n, p, g, m, b, first_step[t] != 0, *coef, s, d);
+        write_back(param, pos, n, p);
+        if (buffer) write_back(*buffer, pos, n, b);
       });
     });
   });
 
-  for (const at::Tensor& step : steps) *step.data_ptr<float>() += 1.0f;
+  advance_steps(a.steps);
   flat.finish();
 }
 
 }  // namespace
 }  // namespace sfron_ops::cpu
 
-TORCH_LIBRARY_IMPL(sfron_ops, CPU, m) { m.impl("sgd_update_", &sfron_ops::cpu::sgd_update_cpu); }
+TORCH_LIBRARY_IMPL(sfron_ops, CPU, m) {
+  m.impl("sgd_update_", &sfron_ops::ops::sgd_update<sfron_ops::cpu::sgd_update_cpu>);
+}

@@ -8,37 +8,32 @@
 
 #include <cstring>
 
-#include <sfron_ops/checks.h>
 #include <sfron_ops/flat.h>
+#include <sfron_ops/ops.h>
 
 #include "tiles.h"
 
 namespace sfron_ops::cpu {
 namespace {
 
-void slow_sync_cpu(at::TensorList slow_params, at::TensorList params, double alpha, bool reset_fast,
-                   const std::optional<at::Tensor>& norm_state, const std::optional<at::Tensor>& counter,
-                   int64_t period) {
-  check_slow_sync_args(slow_params, params, norm_state, counter, period);
-  if (params.empty()) return;
-  if (!step_coefficient(norm_state, 1.0f, 0.0)) return;  // a skipped step: no sync, no count
-  if (counter.has_value()) {
-    float* count = counter->data_ptr<float>();
-    if (*count + 1.0f < static_cast<float>(period)) {
+void slow_sync_cpu(const ops::SlowSyncArgs& a) {
+  if (!step_coefficient(a.norm_state, 1.0f, 0.0)) return;  // a skipped step: no sync, no count
+  if (a.counter.has_value()) {
+    float* count = a.counter->data_ptr<float>();
+    if (*count + 1.0f < static_cast<float>(a.period)) {
       *count += 1.0f;
       return;
     }
     *count = 0.0f;
   }
 
-  Flattened flat({{slow_params, Access::Write}, {params, reset_fast ? Access::Write : Access::Read}}, params.size());
-  std::vector<int64_t> numels;
-  for (const at::Tensor& p : params) numels.push_back(p.numel());
-  const Layout layout(numels);
+  Flattened flat({{a.slow_params, Access::Write}, {a.params, a.reset_fast ? Access::Write : Access::Read}},
+                 a.params.size());
+  const Layout layout(a.params);
   const TileKernels& math = tile_kernels();
-  const float weight = static_cast<float>(alpha);
-  const float one_minus_weight = static_cast<float>(1.0 - alpha);
-  const bool from_slow = alpha < 0.5;
+  const float weight = static_cast<float>(a.alpha);
+  const float one_minus_weight = static_cast<float>(1.0 - a.alpha);
+  const bool from_slow = a.alpha < 0.5;
 
   layout.parallel_chunks([&](int64_t c) {
     alignas(64) float slow_tile[TILE], param_tile[TILE];
@@ -46,14 +41,13 @@ void slow_sync_cpu(at::TensorList slow_params, at::TensorList params, double alp
       const at::Tensor& slow = flat.at(0, t);
       const at::Tensor& param = flat.at(1, t);
       for_each_tile(begin, end, [&](int64_t pos, int64_t n) {
-        float* s = edit_tile(slow.data_ptr(), slow.scalar_type(), pos, n, slow_tile);
-        const float* p = read_tile(param.const_data_ptr(), param.scalar_type(), pos, n, param_tile);
-        math.lerp(n, s, p, weight, one_minus_weight, from_slow);
-        write_back(slow.data_ptr(), slow.scalar_type(), pos, n, s);
+        float* s = edit_tile(slow, pos, n, slow_tile);
+        math.lerp(n, s, read_tile(param, pos, n, param_tile), weight, one_minus_weight, from_slow);
+        write_back(slow, pos, n, s);
         // p <- slow: both tensors share a dtype, so this is a byte copy of the tile just stored. A tile
         // that already holds those bytes (all of them at a = 1, where slow becomes p) is not written,
         // which keeps its cache lines clean and saves a quarter of the memory traffic.
-        if (reset_fast) {
+        if (a.reset_fast) {
           const int64_t size = slow.element_size();
           const char* from = static_cast<const char*>(slow.const_data_ptr()) + pos * size;
           char* to = static_cast<char*>(param.data_ptr()) + pos * size;
@@ -68,4 +62,6 @@ void slow_sync_cpu(at::TensorList slow_params, at::TensorList params, double alp
 }  // namespace
 }  // namespace sfron_ops::cpu
 
-TORCH_LIBRARY_IMPL(sfron_ops, CPU, m) { m.impl("slow_sync_", &sfron_ops::cpu::slow_sync_cpu); }
+TORCH_LIBRARY_IMPL(sfron_ops, CPU, m) {
+  m.impl("slow_sync_", &sfron_ops::ops::slow_sync<sfron_ops::cpu::slow_sync_cpu>);
+}

@@ -9,6 +9,8 @@
 #pragma once
 
 #include <sfron_ops/kinds.h>
+// before any target pragma: the inline formulas must compile for the baseline instruction set in every file
+#include <sfron_ops/math.h>
 
 #include <cstdint>
 

@@ -3,9 +3,9 @@
 // name of the table) and compiles this file under a target pragma; everything
 // here has internal linkage so the copies never mix.
 //
-// The loops follow sfron_ops/reference.py operation by operation: each float
-// operation rounds once, in the reference's order. They are plain loops the
-// compiler vectorises at the width of the instruction set; the norm keeps
+// The per-element formulas are those of sfron_ops/math.h (shared with the CUDA
+// kernels), each rounding once in the reference's order. They run in plain loops
+// the compiler vectorises at the width of the instruction set; the norm keeps
 // LANES explicit accumulators so its summation order is the same at every width.
 #ifndef SFRON_TILE_TABLE
 #error "define SFRON_TILE_TABLE before including tile_math.h"
@@ -103,12 +103,12 @@ void mask_to_float(const void* mask, MaskKind kind, int64_t begin, int64_t n, fl
 }
 
 // u = (g * m) * coef, or g * coef without a mask
-inline void direction(int64_t n, const float* __restrict grad, const float* __restrict mask, float coef,
-                      float* __restrict out) {
+inline void directions(int64_t n, const float* __restrict grad, const float* __restrict mask, float coef,
+                       float* __restrict out) {
   if (mask != nullptr) {
-    for (int64_t j = 0; j < n; ++j) out[j] = (grad[j] * mask[j]) * coef;
+    for (int64_t j = 0; j < n; ++j) out[j] = direction(grad[j], mask[j], coef);
   } else {
-    for (int64_t j = 0; j < n; ++j) out[j] = grad[j] * coef;
+    for (int64_t j = 0; j < n; ++j) out[j] = direction(grad[j], coef);
   }
 }
 
@@ -125,21 +125,21 @@ void norm(int64_t n, const float* __restrict grad, const float* __restrict mask,
   Vec nan_probe[NVEC] = {};
   int64_t j = 0;
   for (; j + LANES <= n; j += LANES) {
+    float u[LANES];
+    if (mask != nullptr) {
+      for (int64_t l = 0; l < LANES; ++l) u[l] = direction(grad[j + l], mask[j + l], alpha);
+    } else {
+      for (int64_t l = 0; l < LANES; ++l) u[l] = direction(grad[j + l], alpha);
+    }
     for (int64_t v = 0; v < NVEC; ++v) {
-      Vec u;
-      __builtin_memcpy(&u, grad + j + v * VL, sizeof(u));
-      if (mask != nullptr) {
-        Vec m;
-        __builtin_memcpy(&m, mask + j + v * VL, sizeof(m));
-        u = u * m;
-      }
-      u = u * alpha;
-      sq[v] += u * u;
-      nan_probe[v] += u * 0.0f;
+      Vec uv;
+      __builtin_memcpy(&uv, u + v * VL, sizeof(uv));
+      sq[v] += uv * uv;
+      nan_probe[v] += uv * 0.0f;
     }
   }
   for (int64_t l = 0; j + l < n; ++l) {
-    const float u = (mask != nullptr ? grad[j + l] * mask[j + l] : grad[j + l]) * alpha;
+    const float u = mask != nullptr ? direction(grad[j + l], mask[j + l], alpha) : direction(grad[j + l], alpha);
     sq[l / VL][l % VL] += u * u;
     nan_probe[l / VL][l % VL] += u * 0.0f;
   }
@@ -149,60 +149,57 @@ void norm(int64_t n, const float* __restrict grad, const float* __restrict mask,
   }
 }
 
+// Each loop applies one formula of math.h to the whole tile (the choices are made once per tile, so every
+// loop vectorises).
 void sgd(int64_t n, float* __restrict param, const float* __restrict grad, const float* __restrict mask,
          float* __restrict buf, bool first_step, float coef, const SgdScalars& s, float* __restrict d) {
-  direction(n, grad, mask, coef, d);
+  directions(n, grad, mask, coef, d);
   if (s.use_weight_decay) {
-    const float wd = s.weight_decay;
-    for (int64_t j = 0; j < n; ++j) d[j] = d[j] + wd * param[j];
+    for (int64_t j = 0; j < n; ++j) d[j] = with_weight_decay(d[j], param[j], s.weight_decay);
   }
   const float lr = s.lr;
   if (!s.use_momentum) {
-    for (int64_t j = 0; j < n; ++j) param[j] = param[j] - lr * d[j];
+    for (int64_t j = 0; j < n; ++j) param[j] = descend(param[j], d[j], lr);
     return;
   }
   const float mu = s.momentum;
-  const float damp = s.one_minus_dampening;
   if (first_step) {
     for (int64_t j = 0; j < n; ++j) buf[j] = d[j];  // the buffer starts as d (torch.optim.SGD)
   } else {
-    for (int64_t j = 0; j < n; ++j) buf[j] = mu * buf[j] + damp * d[j];
+    for (int64_t j = 0; j < n; ++j) buf[j] = momentum_buffer(buf[j], d[j], mu, s.one_minus_dampening);
   }
   if (s.nesterov) {
-    for (int64_t j = 0; j < n; ++j) param[j] = param[j] - lr * (d[j] + mu * buf[j]);
+    for (int64_t j = 0; j < n; ++j) param[j] = descend(param[j], nesterov(d[j], buf[j], mu), lr);
   } else {
-    for (int64_t j = 0; j < n; ++j) param[j] = param[j] - lr * buf[j];
+    for (int64_t j = 0; j < n; ++j) param[j] = descend(param[j], buf[j], lr);
   }
 }
 
 void adamw(int64_t n, float* __restrict param, const float* __restrict grad, const float* __restrict mask,
            float* __restrict exp_avg, float* __restrict exp_avg_sq, float coef, float bias1, float bias2,
            const AdamScalars& s, float* __restrict u) {
-  direction(n, grad, mask, coef, u);
+  directions(n, grad, mask, coef, u);
   const float b1 = s.beta1, b2 = s.beta2, omb1 = s.one_minus_beta1, omb2 = s.one_minus_beta2;
   const float eps = s.eps, decay = s.decay;
-  // torch.optim.AdamW's arrangement: one square root and two divisions per element
-  const float step_size = s.lr / bias1, bias2_sqrt = __builtin_sqrtf(bias2);
+  const float step_size = s.lr / bias1, bias2_sqrt = sqrtf(bias2);
   for (int64_t j = 0; j < n; ++j) {
-    const float m1 = b1 * exp_avg[j] + omb1 * u[j];
-    const float m2 = b2 * exp_avg_sq[j] + (omb2 * u[j]) * u[j];
-    const float denom = __builtin_sqrtf(m2) / bias2_sqrt + eps;
-    param[j] = param[j] * decay - step_size * (m1 / denom);
+    const float m1 = first_moment(exp_avg[j], u[j], b1, omb1);
+    const float m2 = second_moment(exp_avg_sq[j], u[j], b2, omb2);
+    param[j] = adamw_param_per_tensor(param[j], m1, m2, decay, step_size, bias2_sqrt, eps);
     exp_avg[j] = m1;
     exp_avg_sq[j] = m2;
   }
 }
 
 void fisher(int64_t n, float* __restrict f, const float* __restrict grad, float scale) {
-  for (int64_t j = 0; j < n; ++j) f[j] = f[j] + scale * (grad[j] * grad[j]);
+  for (int64_t j = 0; j < n; ++j) f[j] = fisher_update(f[j], grad[j], scale);
 }
 
 int64_t saliency(int64_t n, const float* __restrict forget, const float* __restrict remain, uint8_t* __restrict mask,
                  float gamma) {
-  // the ratio is a true float32 division, so a cut-off computed on the same ratio in Python agrees
   int32_t ones = 0;
   for (int64_t j = 0; j < n; ++j) {
-    const bool keep = (forget[j] + 1e-15f) / (remain[j] + 1e-15f) >= gamma;
+    const bool keep = salient(forget[j], remain[j], gamma);
     mask[j] = keep;
     ones += keep;
   }
@@ -212,9 +209,9 @@ int64_t saliency(int64_t n, const float* __restrict forget, const float* __restr
 void lerp(int64_t n, float* __restrict slow, const float* __restrict param, float weight, float one_minus_weight,
           bool from_slow) {
   if (from_slow) {
-    for (int64_t j = 0; j < n; ++j) slow[j] = slow[j] + weight * (param[j] - slow[j]);
+    for (int64_t j = 0; j < n; ++j) slow[j] = lerp_low(slow[j], param[j], weight);
   } else {
-    for (int64_t j = 0; j < n; ++j) slow[j] = param[j] - (param[j] - slow[j]) * one_minus_weight;
+    for (int64_t j = 0; j < n; ++j) slow[j] = lerp_high(slow[j], param[j], one_minus_weight);
   }
 }
 

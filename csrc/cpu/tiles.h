@@ -66,17 +66,23 @@ inline const float* read_tile(const void* data, at::ScalarType dtype, int64_t be
 
 // A tile to update in place: the data itself when it is float32, else a float copy
 // in `scratch` that write_back() rounds into the tensor.
-inline float* edit_tile(void* data, at::ScalarType dtype, int64_t begin, int64_t n, float* scratch) {
-  if (dtype == at::kFloat) {
+inline const float* read_tile(const at::Tensor& t, int64_t begin, int64_t n, float* scratch) {
+  return read_tile(t.const_data_ptr(), t.scalar_type(), begin, n, scratch);
+}
+
+inline float* edit_tile(const at::Tensor& t, int64_t begin, int64_t n, float* scratch) {
+  void* data = t.data_ptr();
+  if (t.scalar_type() == at::kFloat) {
     prefetch_ahead(data, sizeof(float), begin);
     return static_cast<float*>(data) + begin;
   }
-  read_tile(data, dtype, begin, n, scratch);
+  read_tile(data, t.scalar_type(), begin, n, scratch);
   return scratch;
 }
 
-inline void write_back(void* data, at::ScalarType dtype, int64_t begin, int64_t n, const float* tile) {
-  switch (dtype) {
+inline void write_back(const at::Tensor& t, int64_t begin, int64_t n, const float* tile) {
+  void* data = t.data_ptr();
+  switch (t.scalar_type()) {
     case at::kFloat: {
       float* dst = static_cast<float*>(data) + begin;
       if (dst != tile) std::memcpy(dst, tile, n * sizeof(float));
@@ -93,12 +99,13 @@ inline void write_back(void* data, at::ScalarType dtype, int64_t begin, int64_t 
       for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<c10::Half>(tile[j]);
       return;
     }
-    default: TORCH_CHECK(false, "sfron_ops: unsupported dtype ", dtype);
+    default: TORCH_CHECK(false, "sfron_ops: unsupported dtype ", t.scalar_type());
   }
 }
 
 // Mask elements [begin, begin + n) as float32 factors (bytes by their value, packed bits as 0/1).
-inline const float* read_mask_tile(const void* data, MaskKind kind, int64_t begin, int64_t n, float* scratch) {
+inline const float* read_mask_tile(const at::Tensor& mask, MaskKind kind, int64_t begin, int64_t n, float* scratch) {
+  const void* data = mask.const_data_ptr();
   switch (kind) {
     case MaskKind::None: return nullptr;
     case MaskKind::Float32: return read_tile(data, at::kFloat, begin, n, scratch);
@@ -114,27 +121,28 @@ inline const float* read_mask_tile(const void* data, MaskKind kind, int64_t begi
 
 // ---------------------------------------------------------------- update steps
 
-// The direction coefficient of an update step: `scale`, clipped by the squared norm in
-// norm_state when max_norm > 0; nothing when norm_state flags a non-finite direction,
-// in which case the step must leave every tensor as it was.
 // value * tensor (a float32 0-dim CPU tensor scalar) in float32; value alone without a tensor.
 inline float host_scalar(double value, const std::optional<at::Tensor>& tensor) {
   const float v = static_cast<float>(value);
   return tensor.has_value() ? v * *tensor->const_data_ptr<float>() : v;
 }
 
-// The direction coefficient scale * c, or nothing when norm_state flags a non-finite direction.
+// The direction coefficient scale * c of an update step (math.h), or nothing when norm_state flags a
+// non-finite direction: then the step must leave every tensor as it was.
 inline std::optional<float> step_coefficient(const std::optional<at::Tensor>& norm_state, float scale,
                                              double max_norm) {
-  if (!norm_state.has_value()) return scale;
   float values[2];
-  if (norm_state->is_contiguous()) {
+  if (norm_state.has_value() && norm_state->is_contiguous()) {
     std::memcpy(values, norm_state->const_data_ptr<float>(), sizeof(values));
-  } else {  // a strided view of two elements is allowed
+  } else if (norm_state.has_value()) {  // a strided view of two elements is allowed
     std::memcpy(values, norm_state->contiguous().const_data_ptr<float>(), sizeof(values));
   }
-  if (values[1] > 0) return std::nullopt;
-  return max_norm > 0 ? clipped_scale(scale, static_cast<float>(max_norm), values[0]) : scale;
+  float coef;
+  if (!sfron_ops::step_coefficient(norm_state.has_value() ? values : nullptr, scale, max_norm > 0,
+                                   static_cast<float>(max_norm), &coef)) {
+    return std::nullopt;
+  }
+  return coef;
 }
 
 // ---------------------------------------------------------------- work split
@@ -142,8 +150,8 @@ inline std::optional<float> step_coefficient(const std::optional<at::Tensor>& no
 // Element counts of the tensors of one call and where each starts in the concatenation.
 class Layout {
  public:
-  explicit Layout(std::vector<int64_t> numels) : numels_(std::move(numels)), starts_(numels_.size() + 1, 0) {
-    for (size_t i = 0; i < numels_.size(); ++i) starts_[i + 1] = starts_[i] + numels_[i];
+  explicit Layout(at::TensorList tensors) : starts_(tensors.size() + 1, 0) {
+    for (size_t i = 0; i < tensors.size(); ++i) starts_[i + 1] = starts_[i] + tensors[i].numel();
   }
 
   int64_t total() const { return starts_.back(); }
@@ -174,9 +182,13 @@ class Layout {
   }
 
  private:
-  std::vector<int64_t> numels_;
   std::vector<int64_t> starts_;
 };
+
+// step += 1 for every (float32, CPU) step counter of an update.
+inline void advance_steps(at::TensorList steps) {
+  for (const at::Tensor& step : steps) *step.data_ptr<float>() += 1.0f;
+}
 
 // Calls fn(begin, n) over [begin, end) in tiles of at most TILE elements.
 template <class Fn>

@@ -11,9 +11,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <sfron_ops/checks.h>
-#include <sfron_ops/flat.h>
-#include <sfron_ops/math.h>
+#include <sfron_ops/ops.h>
 
 #include "multi_tensor_apply.cuh"
 
@@ -32,15 +30,13 @@ struct AdamwFunctor {
   float decay;                // 1 - lr * wd, when lr_tensor is null
   double weight_decay;
   float max_norm;
+  bool clip;
   unsigned int* arrivals;
 
   __device__ __forceinline__ void operator()(const TensorTable<5>& table, int t, int64_t begin, int64_t end,
                                              int64_t) const {
-    float coef = device_scalar(scale, scale_tensor);
-    if (norm_state != nullptr) {
-      if (norm_state[1] > 0) return;  // a non-finite direction: the step changes nothing
-      if (max_norm > 0) coef = clipped_scale(coef, max_norm, norm_state[0]);
-    }
+    float coef;
+    if (!step_coefficient(norm_state, device_scalar(scale, scale_tensor), clip, max_norm, &coef)) return;
     const float lr = device_scalar(this->lr, lr_tensor);
     // 1 - lr * wd in double, from the float32 tensor lr as from the Python one
     const float decay =
@@ -56,23 +52,16 @@ struct AdamwFunctor {
     const float bias2 = bias_correction(beta2, step);
     for_each_element<ILP>(begin, end, table.vectorized[t], [&](auto width, int64_t i) {
       constexpr int N = decltype(width)::value;
-      float p[N], u[N], m[N], m1[N], m2[N];
+      float p[N], u[N], m1[N], m2[N];
       load<N>(param, i, p);
-      load<N>(grad, i, u);
       load<N>(exp_avg, i, m1);
       load<N>(exp_avg_sq, i, m2);
-      if (kind != MaskKind::None) {
-        load_mask<N>(kind, mask, i, m);
-#pragma unroll
-        for (int k = 0; k < N; ++k) u[k] = u[k] * m[k];
-      }
+      load_direction<N>(grad, kind, mask, i, coef, u);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        u[k] = u[k] * coef;
-        m1[k] = beta1 * m1[k] + one_minus_beta1 * u[k];
-        m2[k] = beta2 * m2[k] + (one_minus_beta2 * u[k]) * u[k];
-        const float denom = sqrtf(m2[k] / bias2) + eps;
-        p[k] = p[k] * decay - (lr * (m1[k] / bias1)) / denom;
+        m1[k] = first_moment(m1[k], u[k], beta1, one_minus_beta1);
+        m2[k] = second_moment(m2[k], u[k], beta2, one_minus_beta2);
+        p[k] = adamw_param(p[k], m1[k], m2[k], decay, lr, bias1, bias2, eps);
       }
       store<N>(param, i, p);
       store<N>(exp_avg, i, m1);
@@ -83,70 +72,39 @@ struct AdamwFunctor {
   __device__ __forceinline__ void epilogue(const TensorTable<5>& table) const { advance_steps(table, norm_state); }
 };
 
-void adamw_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList masks, at::TensorList exp_avgs,
-                       at::TensorList exp_avg_sqs, at::TensorList steps, const std::optional<at::Tensor>& norm_state,
-                       double lr, double scale, double beta1, double beta2, double eps, double weight_decay,
-                       double max_norm, bool packed_masks, const std::optional<at::Tensor>& lr_tensor,
-                       const std::optional<at::Tensor>& scale_tensor) {
-  check_adamw_update_args(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state, packed_masks, lr_tensor,
-                          scale_tensor);
-  if (params.empty()) return;
-
-  const c10::cuda::CUDAGuard guard(params[0].device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  Flattened flat({{params, Access::Write},
-                  {grads, Access::Read},
-                  {masks, packed_masks ? Access::Packed : Access::Read},
-                  {exp_avgs, Access::Write},
-                  {exp_avg_sqs, Access::Write}},
-                 params.size());
-  const at::Tensor none;
-  const at::Tensor& state = norm_state.has_value() ? flat.single(*norm_state, Access::Read) : none;
-  const float* state_ptr = state.defined() ? state.const_data_ptr<float>() : nullptr;
-  unsigned int* arrivals = arrival_counter(params[0]);
-
-  for (const at::ScalarType dtype : present_dtypes(params)) {
-    std::vector<TensorRow<5>> rows;
-    for (size_t i = 0; i < params.size(); ++i) {
-      if (params[i].scalar_type() != dtype) continue;
-      TensorRow<5> row;
-      row.numel = params[i].numel();
-      row.step = steps[i].data_ptr<float>();
-      row.ptr[0] = flat.at(0, i).data_ptr();
-      row.ptr[1] = const_cast<void*>(flat.at(1, i).const_data_ptr());
-      if (!masks.empty()) {
-        row.mask_kind = mask_kind_of(masks[i], packed_masks);
-        row.ptr[2] = const_cast<void*>(flat.at(2, i).const_data_ptr());
-      }
-      row.ptr[3] = flat.at(3, i).data_ptr();
-      row.ptr[4] = flat.at(4, i).data_ptr();
-      rows.push_back(row);
-    }
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "adamw_update_cuda", [&] {
-      using Functor = AdamwFunctor<scalar_t>;
-      constexpr int64_t width = Functor::ILP * sizeof(scalar_t);
-      for (auto& row : rows) row.align = {width, width, mask_align(row.mask_kind, Functor::ILP), width, width};
-      const Functor functor{state_ptr,
-                            optional_data<float>(lr_tensor),
-                            optional_data<float>(scale_tensor),
-                            static_cast<float>(lr),
-                            static_cast<float>(scale),
-                            static_cast<float>(beta1),
-                            static_cast<float>(beta2),
-                            static_cast<float>(1.0 - beta1),
-                            static_cast<float>(1.0 - beta2),
-                            static_cast<float>(eps),
-                            static_cast<float>(1.0 - lr * weight_decay),
-                            weight_decay,
-                            static_cast<float>(max_norm),
-                            arrivals};
-      multi_tensor_apply<5>(rows, functor, stream);
-    });
-  }
+void adamw_update_cuda(const ops::AdamwUpdateArgs& a) {
+  const c10::cuda::CUDAGuard guard(a.params[0].device());
+  Flattened flat({{a.params, Access::Write},
+                  {a.grads, Access::Read},
+                  {a.masks, a.packed_masks ? Access::Packed : Access::Read},
+                  {a.exp_avgs, Access::Write},
+                  {a.exp_avg_sqs, Access::Write}},
+                 a.params.size());
+  const float* state = flat.single_data<float>(a.norm_state, Access::Read);
+  unsigned int* arrivals = arrival_counter(a.params[0]);
+  apply_per_dtype<5>(flat, a.params, c10::cuda::getCurrentCUDAStream(), [&](auto zero) {
+    return AdamwFunctor<decltype(zero)>{state,
+                                        optional_data<float>(a.lr_tensor),
+                                        optional_data<float>(a.scale_tensor),
+                                        static_cast<float>(a.lr),
+                                        static_cast<float>(a.scale),
+                                        static_cast<float>(a.beta1),
+                                        static_cast<float>(a.beta2),
+                                        static_cast<float>(1.0 - a.beta1),
+                                        static_cast<float>(1.0 - a.beta2),
+                                        static_cast<float>(a.eps),
+                                        static_cast<float>(1.0 - a.lr * a.weight_decay),
+                                        a.weight_decay,
+                                        static_cast<float>(a.max_norm),
+                                        static_cast<float>(a.max_norm) > 0,
+                                        arrivals};
+  }, a.steps, 2, a.packed_masks);
   flat.finish();
 }
 
 }  // namespace
 }  // namespace sfron_ops::cuda
 
-TORCH_LIBRARY_IMPL(sfron_ops, CUDA, m) { m.impl("adamw_update_", &sfron_ops::cuda::adamw_update_cuda); }
+TORCH_LIBRARY_IMPL(sfron_ops, CUDA, m) {
+  m.impl("adamw_update_", &sfron_ops::ops::adamw_update<sfron_ops::cuda::adamw_update_cuda>);
+}

@@ -3,8 +3,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <sfron_ops/checks.h>
-#include <sfron_ops/flat.h>
+#include <sfron_ops/ops.h>
 
 #include "multi_tensor_apply.cuh"
 
@@ -27,40 +26,24 @@ struct FisherFunctor {
       load<N>(fisher, i, f);
       load<N>(grad, i, g);
 #pragma unroll
-      for (int k = 0; k < N; ++k) f[k] = f[k] + scale * (g[k] * g[k]);
+      for (int k = 0; k < N; ++k) f[k] = fisher_update(f[k], g[k], scale);
       store<N>(fisher, i, f);
     });
   }
 };
 
-void fisher_accumulate_cuda(at::TensorList fishers, at::TensorList grads, double scale) {
-  check_fisher_accumulate_args(fishers, grads);
-  if (grads.empty()) return;
-
-  const c10::cuda::CUDAGuard guard(grads[0].device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  Flattened flat({{fishers, Access::Write}, {grads, Access::Read}}, grads.size());
-  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble}) {
-    std::vector<TensorRow<2>> rows;
-    for (size_t i = 0; i < grads.size(); ++i) {
-      if (grads[i].scalar_type() != dtype) continue;
-      TensorRow<2> row;
-      row.numel = grads[i].numel();
-      row.ptr[0] = flat.at(0, i).data_ptr();
-      row.ptr[1] = const_cast<void*>(flat.at(1, i).const_data_ptr());
-      rows.push_back(row);
-    }
-    if (rows.empty()) continue;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fisher_accumulate_cuda", [&] {
-      using Functor = FisherFunctor<scalar_t>;
-      for (auto& row : rows) row.align = {Functor::ILP * 4, Functor::ILP * sizeof(scalar_t)};
-      multi_tensor_apply<2>(rows, Functor{static_cast<float>(scale)}, stream);
-    });
-  }
+void fisher_accumulate_cuda(const ops::FisherAccumulateArgs& a) {
+  const c10::cuda::CUDAGuard guard(a.grads[0].device());
+  Flattened flat({{a.fishers, Access::Write}, {a.grads, Access::Read}}, a.grads.size());
+  apply_per_dtype<2>(flat, a.grads, c10::cuda::getCurrentCUDAStream(), [&](auto zero) {
+    return FisherFunctor<decltype(zero)>{static_cast<float>(a.scale)};
+  });
   flat.finish();
 }
 
 }  // namespace
 }  // namespace sfron_ops::cuda
 
-TORCH_LIBRARY_IMPL(sfron_ops, CUDA, m) { m.impl("fisher_accumulate_", &sfron_ops::cuda::fisher_accumulate_cuda); }
+TORCH_LIBRARY_IMPL(sfron_ops, CUDA, m) {
+  m.impl("fisher_accumulate_", &sfron_ops::ops::fisher_accumulate<sfron_ops::cuda::fisher_accumulate_cuda>);
+}

@@ -12,8 +12,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <sfron_ops/checks.h>
-#include <sfron_ops/flat.h>
+#include <sfron_ops/ops.h>
 
 #include "multi_tensor_apply.cuh"
 
@@ -44,16 +43,10 @@ struct NormFunctor {
     bool bad = false;
     for_each_element<ILP>(begin, end, table.vectorized[t], [&](auto width, int64_t i) {
       constexpr int N = decltype(width)::value;
-      float u[N], m[N];
-      load<N>(grad, i, u);
-      if (kind != MaskKind::None) {
-        load_mask<N>(kind, mask, i, m);
-#pragma unroll
-        for (int k = 0; k < N; ++k) u[k] = u[k] * m[k];
-      }
+      float u[N];
+      load_direction<N>(grad, kind, mask, i, coef, u);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        u[k] = u[k] * coef;
         squares += u[k] * u[k];
         bad |= !isfinite(u[k]);
       }
@@ -89,56 +82,29 @@ struct NormFunctor {
   }
 };
 
-void masked_sq_norm_cuda(at::TensorList grads, at::TensorList masks, const at::Tensor& norm_state, double alpha,
-                         bool packed_masks, const std::optional<at::Tensor>& alpha_tensor) {
-  check_masked_sq_norm_args(grads, masks, norm_state, packed_masks, alpha_tensor);
-  if (grads.empty()) return;
-
-  const c10::cuda::CUDAGuard guard(norm_state.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  Flattened flat({{grads, Access::Read}, {masks, packed_masks ? Access::Packed : Access::Read}}, grads.size());
-  const at::Tensor& state = flat.single(norm_state, Access::Write);
+void masked_sq_norm_cuda(const ops::MaskedSqNormArgs& a) {
+  const c10::cuda::CUDAGuard guard(a.norm_state.device());
+  Flattened flat({{a.grads, Access::Read}, {a.masks, a.packed_masks ? Access::Packed : Access::Read}},
+                 a.grads.size());
+  const at::Tensor& state = flat.single(a.norm_state, Access::Write);
 
   int64_t total_chunks = 0;
-  for (const at::Tensor& g : grads) total_chunks += chunks_of(g.numel());
+  for (const at::Tensor& g : a.grads) total_chunks += chunks_of(g.numel());
   // one float sum and one flag byte per chunk
   at::Tensor partial = at::empty({std::max<int64_t>(total_chunks, 1) * 5}, state.options().dtype(at::kByte));
   float* sums = reinterpret_cast<float*>(partial.data_ptr());
   uint8_t* flags = partial.data_ptr<uint8_t>() + total_chunks * 4;
   unsigned int* arrivals = arrival_counter(state);
-  const float* alpha_ptr = alpha_tensor.has_value() ? alpha_tensor->const_data_ptr<float>() : nullptr;
-
-  // one launch sequence per grad dtype; chunk indices continue across them
-  const std::vector<at::ScalarType> dtypes = present_dtypes(grads);
-  int64_t chunk_base = 0;
-  for (size_t d = 0; d < dtypes.size(); ++d) {
-    std::vector<TensorRow<2>> rows;
-    for (size_t i = 0; i < grads.size(); ++i) {
-      if (grads[i].scalar_type() != dtypes[d]) continue;
-      TensorRow<2> row;
-      row.numel = grads[i].numel();
-      row.ptr[0] = const_cast<void*>(flat.at(0, i).const_data_ptr());
-      if (!masks.empty()) {
-        row.mask_kind = mask_kind_of(masks[i], packed_masks);
-        row.ptr[1] = const_cast<void*>(flat.at(1, i).const_data_ptr());
-      }
-      rows.push_back(row);
-    }
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtypes[d], "masked_sq_norm_cuda", [&] {
-      using Functor = NormFunctor<scalar_t>;
-      for (auto& row : rows) {
-        row.align[0] = Functor::ILP * sizeof(scalar_t);
-        row.align[1] = mask_align(row.mask_kind, Functor::ILP);
-      }
-      const Functor functor{static_cast<float>(alpha), alpha_ptr, sums, flags, total_chunks, state.data_ptr<float>(),
-                            arrivals};
-      chunk_base += multi_tensor_apply<2>(rows, functor, stream, chunk_base, d + 1 == dtypes.size());
-    });
-  }
+  apply_per_dtype<2>(flat, a.grads, c10::cuda::getCurrentCUDAStream(), [&](auto zero) {
+    return NormFunctor<decltype(zero)>{static_cast<float>(a.alpha), optional_data<float>(a.alpha_tensor), sums, flags,
+                                       total_chunks, state.data_ptr<float>(), arrivals};
+  }, {}, 1, a.packed_masks);
   flat.finish();
 }
 
 }  // namespace
 }  // namespace sfron_ops::cuda
 
-TORCH_LIBRARY_IMPL(sfron_ops, CUDA, m) { m.impl("masked_sq_norm_", &sfron_ops::cuda::masked_sq_norm_cuda); }
+TORCH_LIBRARY_IMPL(sfron_ops, CUDA, m) {
+  m.impl("masked_sq_norm_", &sfron_ops::ops::masked_sq_norm<sfron_ops::cuda::masked_sq_norm_cuda>);
+}

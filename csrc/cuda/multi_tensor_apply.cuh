@@ -29,12 +29,15 @@
 // element by element throughout (for_each_element).
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <sfron_ops/flat.h>
 #include <sfron_ops/kinds.h>
+#include <sfron_ops/math.h>
 
 #include <array>
 #include <cstdint>
@@ -83,14 +86,21 @@ struct TensorTable {
   }
 };
 
-// One tensor index of a call: the pointer of each list (nullptr for an absent list).
+// 16-byte loads of the parameter dtype (at least 2 elements, so doubles pair up).
+constexpr int ilp_for(int64_t element_size) { return element_size >= 8 ? 2 : static_cast<int>(16 / element_size); }
+template <typename T>
+constexpr int ilp_for() {
+  return ilp_for(sizeof(T));
+}
+
+// One tensor index of a call: the pointer of each list (nullptr for an absent list). Built by tensor_rows.
 template <int DEPTH>
 struct TensorRow {
   std::array<void*, DEPTH> ptr{};
-  std::array<int64_t, DEPTH> align{};  // bytes each pointer must be aligned to for the vector path
   int64_t numel = 0;
   float* step = nullptr;
   MaskKind mask_kind = MaskKind::None;
+  bool vectorized = false;  // every pointer allows ILP-wide accesses
 };
 
 // Whether the calling block is the last of its launch to finish (Note [last block]); true in every
@@ -149,6 +159,34 @@ inline std::vector<at::ScalarType> present_dtypes(at::TensorList tensors) {
   return out;
 }
 
+// The rows of the tensors of `like` that have dtype `dtype`: the pointer of tensor i in every list of `flat`
+// (nullptr for an absent list), its step counter when there are `steps`, its mask kind when list `mask_list`
+// holds the masks, and whether every pointer allows accesses of ilp_for(dtype) elements (packed masks are
+// read a byte at a time and never constrain it).
+template <int DEPTH>
+std::vector<TensorRow<DEPTH>> tensor_rows(const Flattened& flat, at::TensorList like, at::ScalarType dtype,
+                                          at::TensorList steps = {}, int mask_list = -1, bool packed_masks = false) {
+  const int ilp = ilp_for(at::elementSize(dtype));
+  std::vector<TensorRow<DEPTH>> rows;
+  for (size_t i = 0; i < like.size(); ++i) {
+    if (like[i].scalar_type() != dtype) continue;
+    TensorRow<DEPTH> row;
+    row.numel = like[i].numel();
+    if (!steps.empty()) row.step = steps[i].data_ptr<float>();
+    row.vectorized = true;
+    for (int d = 0; d < DEPTH; ++d) {
+      if (!flat.present(d)) continue;
+      row.ptr[d] = flat.pointer(d, i);
+      if (d == mask_list) row.mask_kind = mask_kind_of(flat.at(d, i), packed_masks);
+      if (flat.access(d) == Access::Packed) continue;
+      const auto width = static_cast<uintptr_t>(ilp * flat.at(d, i).element_size());
+      row.vectorized &= reinterpret_cast<uintptr_t>(row.ptr[d]) % width == 0;
+    }
+    rows.push_back(row);
+  }
+  return rows;
+}
+
 // Runs `functor` over the chunks of every row, in as few launches as the table allows.
 // Chunk indices passed to the functor count from `chunk_base` in row order, so per-chunk
 // outputs (the norm's partial sums) land in the same place whatever the launch split.
@@ -179,23 +217,33 @@ int64_t multi_tensor_apply(const std::vector<TensorRow<DEPTH>>& rows, const Func
     // one launch covers at most 2^31 - 1 blocks
     if (table->count == TensorTable<DEPTH>::CAPACITY || chunks + chunks_of(row.numel) > INT32_MAX) launch(false);
     const int t = table->count++;
-    bool aligned = true;
-    for (int d = 0; d < DEPTH; ++d) {
-      table->ptr[d][t] = row.ptr[d];
-      if (row.ptr[d] != nullptr && row.align[d] > 1) {
-        aligned &= reinterpret_cast<uintptr_t>(row.ptr[d]) % static_cast<uintptr_t>(row.align[d]) == 0;
-      }
-    }
+    for (int d = 0; d < DEPTH; ++d) table->ptr[d][t] = row.ptr[d];
     table->numel[t] = row.numel;
     table->step[t] = row.step;
     table->mask_kind[t] = static_cast<uint8_t>(row.mask_kind);
-    table->vectorized[t] = aligned;
+    table->vectorized[t] = row.vectorized;
     table->chunk_start[t] = chunks;
     chunks += chunks_of(row.numel);
     total += chunks_of(row.numel);
   }
   launch(final_call);
   return total;
+}
+
+// A call's launches: one sequence per dtype of `like` (a fixed order), each over tensor_rows with the functor that
+// make(scalar_t{}) builds for the dtype. Chunk indices continue from one sequence to the next, and the last launch
+// of the last sequence is the call's final one (Note [last block]).
+template <int DEPTH, class Make>
+void apply_per_dtype(const Flattened& flat, at::TensorList like, cudaStream_t stream, Make&& make,
+                     at::TensorList steps = {}, int mask_list = -1, bool packed_masks = false) {
+  const std::vector<at::ScalarType> dtypes = present_dtypes(like);
+  int64_t chunk_base = 0;
+  for (size_t d = 0; d < dtypes.size(); ++d) {
+    const auto rows = tensor_rows<DEPTH>(flat, like, dtypes[d], steps, mask_list, packed_masks);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtypes[d], "multi_tensor_apply", [&] {
+      chunk_base += multi_tensor_apply<DEPTH>(rows, make(scalar_t{}), stream, chunk_base, d + 1 == dtypes.size());
+    });
+  }
 }
 
 // ------------------------------------------------------------------ element access
@@ -252,17 +300,6 @@ __device__ __forceinline__ void load_mask(MaskKind kind, const void* mask, int64
   for (int k = 0; k < N; ++k) out[k] = 1.0f;
 }
 
-// Bytes a mask pointer must be aligned to for ILP-wide loads.
-inline int64_t mask_align(MaskKind kind, int ilp) {
-  switch (kind) {
-    case MaskKind::Byte: return ilp;
-    case MaskKind::Float32: return 4 * ilp;
-    case MaskKind::Float16:
-    case MaskKind::BFloat16: return 2 * ilp;
-    case MaskKind::Float64: return 8 * ilp;
-    default: return 1;
-  }
-}
 
 // Calls body(width, i) for every element group [i, i + N) of [begin, end) this thread owns, where
 // width is std::integral_constant<int, N>: groups of N = ILP when the tensor is vectorized, then single
@@ -279,10 +316,21 @@ __device__ __forceinline__ void for_each_element(int64_t begin, int64_t end, boo
   for (int64_t i = scalar_begin + threadIdx.x; i < end; i += BLOCK_THREADS) body(std::integral_constant<int, 1>{}, i);
 }
 
-// 16-byte loads of the parameter dtype (at least 2 elements, so doubles pair up).
-template <typename T>
-constexpr int ilp_for() {
-  return sizeof(T) >= 8 ? 2 : static_cast<int>(16 / sizeof(T));
+
+// u = (g * m) * coef (math.h's direction) for the N elements at i; g * coef without a mask.
+template <int N, typename T>
+__device__ __forceinline__ void load_direction(const T* grad, MaskKind kind, const void* mask, int64_t i, float coef,
+                                               float (&u)[N]) {
+  load<N>(grad, i, u);
+  if (kind == MaskKind::None) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) u[k] = direction(u[k], coef);
+    return;
+  }
+  float m[N];
+  load_mask<N>(kind, mask, i, m);
+#pragma unroll
+  for (int k = 0; k < N; ++k) u[k] = direction(u[k], m[k], coef);
 }
 
 // ------------------------------------------------------------------ block reductions

@@ -7,9 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <sfron_ops/checks.h>
-#include <sfron_ops/flat.h>
-#include <sfron_ops/math.h>
+#include <sfron_ops/ops.h>
 
 #include "multi_tensor_apply.cuh"
 
@@ -18,7 +16,7 @@ namespace {
 
 // List 0: forget Fishers (float32). List 1: remain Fishers (float32). List 2: masks (bool or uint8, written).
 struct SaliencyFunctor {
-  static constexpr int ILP = 4;
+  static constexpr int ILP = ilp_for<float>();
   float gamma;
   unsigned long long* kept;
 
@@ -35,7 +33,7 @@ struct SaliencyFunctor {
       load<N>(remain, i, r);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        keep[k] = (f[k] + RATIO_EPS) / (r[k] + RATIO_EPS) >= gamma ? 1.0f : 0.0f;
+        keep[k] = salient(f[k], r[k], gamma) ? 1.0f : 0.0f;
         ones += keep[k] != 0.0f;
       }
       store<N>(mask, i, keep);
@@ -46,33 +44,21 @@ struct SaliencyFunctor {
   }
 };
 
-void saliency_mask_cuda(at::TensorList forget_fishers, at::TensorList remain_fishers, at::TensorList masks,
-                        const at::Tensor& kept, double gamma) {
-  check_saliency_mask_args(forget_fishers, remain_fishers, masks, kept);
-  if (forget_fishers.empty()) return;
-
-  const c10::cuda::CUDAGuard guard(kept.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  Flattened flat({{forget_fishers, Access::Read}, {remain_fishers, Access::Read}, {masks, Access::Write}},
-                 forget_fishers.size());
-  const at::Tensor& counter = flat.single(kept, Access::Write);
-  std::vector<TensorRow<3>> rows;
-  for (size_t i = 0; i < forget_fishers.size(); ++i) {
-    TensorRow<3> row;
-    row.numel = forget_fishers[i].numel();
-    row.ptr[0] = const_cast<void*>(flat.at(0, i).const_data_ptr());
-    row.ptr[1] = const_cast<void*>(flat.at(1, i).const_data_ptr());
-    row.ptr[2] = flat.at(2, i).data_ptr();  // bool and uint8 are both one byte holding 0 or 1
-    row.align = {4 * SaliencyFunctor::ILP, 4 * SaliencyFunctor::ILP, SaliencyFunctor::ILP};
-    rows.push_back(row);
-  }
+void saliency_mask_cuda(const ops::SaliencyMaskArgs& a) {
+  const c10::cuda::CUDAGuard guard(a.kept.device());
+  // bool and uint8 masks are both one byte holding 0 or 1
+  Flattened flat({{a.forget_fishers, Access::Read}, {a.remain_fishers, Access::Read}, {a.masks, Access::Write}},
+                 a.forget_fishers.size());
   // two's complement: adding as unsigned 64-bit is adding to the int64 count
-  auto* count = reinterpret_cast<unsigned long long*>(counter.data_ptr<int64_t>());
-  multi_tensor_apply<3>(rows, SaliencyFunctor{static_cast<float>(gamma), count}, stream);
+  auto* count = reinterpret_cast<unsigned long long*>(flat.single_data<int64_t>(a.kept, Access::Write));
+  multi_tensor_apply<3>(tensor_rows<3>(flat, a.forget_fishers, at::kFloat),
+                        SaliencyFunctor{static_cast<float>(a.gamma), count}, c10::cuda::getCurrentCUDAStream());
   flat.finish();
 }
 
 }  // namespace
 }  // namespace sfron_ops::cuda
 
-TORCH_LIBRARY_IMPL(sfron_ops, CUDA, m) { m.impl("saliency_mask_", &sfron_ops::cuda::saliency_mask_cuda); }
+TORCH_LIBRARY_IMPL(sfron_ops, CUDA, m) {
+  m.impl("saliency_mask_", &sfron_ops::ops::saliency_mask<sfron_ops::cuda::saliency_mask_cuda>);
+}

@@ -10,8 +10,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <sfron_ops/checks.h>
-#include <sfron_ops/flat.h>
+#include <sfron_ops/ops.h>
 
 #include "multi_tensor_apply.cuh"
 
@@ -46,7 +45,7 @@ struct SlowSyncFunctor {
       load<N>(param, i, p);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        s[k] = from_slow ? s[k] + weight * (p[k] - s[k]) : p[k] - (p[k] - s[k]) * one_minus_weight;
+        s[k] = from_slow ? lerp_low(s[k], p[k], weight) : lerp_high(s[k], p[k], one_minus_weight);
       }
       store<N>(slow, i, s);
       // same dtype: p rounds to exactly the stored slow value
@@ -60,49 +59,29 @@ struct SlowSyncFunctor {
   }
 };
 
-void slow_sync_cuda(at::TensorList slow_params, at::TensorList params, double alpha, bool reset_fast,
-                    const std::optional<at::Tensor>& norm_state, const std::optional<at::Tensor>& counter,
-                    int64_t period) {
-  check_slow_sync_args(slow_params, params, norm_state, counter, period);
-  if (params.empty()) return;
-
-  const c10::cuda::CUDAGuard guard(params[0].device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  Flattened flat({{slow_params, Access::Write}, {params, reset_fast ? Access::Write : Access::Read}}, params.size());
-  const at::Tensor none;
-  const at::Tensor& state = norm_state.has_value() ? flat.single(*norm_state, Access::Read) : none;
-  const at::Tensor& count = counter.has_value() ? flat.single(*counter, Access::Write) : none;
-  unsigned int* arrivals = arrival_counter(params[0]);
-  const std::vector<at::ScalarType> dtypes = present_dtypes(params);
-  for (size_t d = 0; d < dtypes.size(); ++d) {
-    std::vector<TensorRow<2>> rows;
-    for (size_t i = 0; i < params.size(); ++i) {
-      if (params[i].scalar_type() != dtypes[d]) continue;
-      TensorRow<2> row;
-      row.numel = params[i].numel();
-      row.ptr[0] = flat.at(0, i).data_ptr();
-      row.ptr[1] = flat.at(1, i).data_ptr();
-      rows.push_back(row);
-    }
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtypes[d], "slow_sync_cuda", [&] {
-      using Functor = SlowSyncFunctor<scalar_t>;
-      constexpr int64_t width = Functor::ILP * sizeof(scalar_t);
-      for (auto& row : rows) row.align = {width, width};
-      const Functor functor{static_cast<float>(alpha),
-                            static_cast<float>(1.0 - alpha),
-                            alpha < 0.5,
-                            reset_fast,
-                            state.defined() ? state.const_data_ptr<float>() : nullptr,
-                            count.defined() ? count.data_ptr<float>() : nullptr,
-                            static_cast<float>(period),
-                            arrivals};
-      multi_tensor_apply<2>(rows, functor, stream, 0, d + 1 == dtypes.size());
-    });
-  }
+void slow_sync_cuda(const ops::SlowSyncArgs& a) {
+  const c10::cuda::CUDAGuard guard(a.params[0].device());
+  Flattened flat({{a.slow_params, Access::Write}, {a.params, a.reset_fast ? Access::Write : Access::Read}},
+                 a.params.size());
+  const float* state = flat.single_data<float>(a.norm_state, Access::Read);
+  float* count = flat.single_data<float>(a.counter, Access::Write);
+  unsigned int* arrivals = arrival_counter(a.params[0]);
+  apply_per_dtype<2>(flat, a.params, c10::cuda::getCurrentCUDAStream(), [&](auto zero) {
+    return SlowSyncFunctor<decltype(zero)>{static_cast<float>(a.alpha),
+                                           static_cast<float>(1.0 - a.alpha),
+                                           a.alpha < 0.5,
+                                           a.reset_fast,
+                                           state,
+                                           count,
+                                           static_cast<float>(a.period),
+                                           arrivals};
+  });
   flat.finish();
 }
 
 }  // namespace
 }  // namespace sfron_ops::cuda
 
-TORCH_LIBRARY_IMPL(sfron_ops, CUDA, m) { m.impl("slow_sync_", &sfron_ops::cuda::slow_sync_cuda); }
+TORCH_LIBRARY_IMPL(sfron_ops, CUDA, m) {
+  m.impl("slow_sync_", &sfron_ops::ops::slow_sync<sfron_ops::cuda::slow_sync_cuda>);
+}

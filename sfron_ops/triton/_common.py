@@ -44,7 +44,7 @@ import collections
 import contextlib
 import functools
 import os
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import triton
@@ -52,6 +52,9 @@ import triton.language as tl
 from torch._higher_order_ops.triton_kernel_wrap import TraceableTritonKernelWrapper
 from torch._subclasses.fake_tensor import is_fake
 from torch._subclasses.functional_tensor import FunctionalTensor
+from torch.library import triton_op
+
+from .. import _ops
 
 #: elements per inner iteration of a program; Triton's default 4 warps give each thread 8 elements
 #: (two 16-byte vectors of float32, one of bfloat16)
@@ -134,6 +137,33 @@ def column(row, COL: tl.constexpr, witness, ALIGNED: tl.constexpr):
     if ALIGNED:
         # the host checked that every address of the table is 16-byte aligned: allows vector accesses
         ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@device_function
+def program_chunk(table, num_chunks, numel, NCOLS: tl.constexpr, CHUNK: tl.constexpr, TABLE: tl.constexpr):
+    """(table row, first element, numel) of this program's chunk; in direct mode, of the call's one tensor.
+
+    Direct-mode kernels pass ``None`` for the table and get a row that is no tensor: torch.compile's mutation
+    analysis counts every argument of a helper whose result reaches a store (the addresses from ``tensor_at(row,
+    ...)``) as written.
+    """
+    if TABLE:
+        row, start, n = chunk_of(table, num_chunks, NCOLS, CHUNK)
+    else:
+        row = numel  # not read
+        start = tl.program_id(0).to(tl.int64) * CHUNK
+        n = numel
+    return row, start, n
+
+
+@device_function
+def tensor_at(row, COL: tl.constexpr, arg, ALIGNED: tl.constexpr, TABLE: tl.constexpr):
+    """The chunk's tensor of column ``COL``: its address from the table row, or the argument itself (direct mode)."""
+    if TABLE:
+        ptr = column(row, COL, arg, ALIGNED)
+    else:
+        ptr = arg
     return ptr
 
 
@@ -339,9 +369,36 @@ def placeholder(device: torch.device, dtype: torch.dtype = torch.int64) -> torch
     return torch.empty(0, dtype=dtype, device=device)
 
 
-def scalar_arg(tensor, device: torch.device) -> torch.Tensor:
-    """An op's optional tensor scalar as a kernel argument (a float32 placeholder when absent)."""
+def optional_arg(tensor, device: torch.device) -> torch.Tensor:
+    """An op's optional tensor (norm_state, a tensor scalar) as a kernel argument: a float32 placeholder when absent."""
     return placeholder(device, torch.float32) if tensor is None else tensor
+
+
+def mask_kind(masks, packed_masks: bool) -> int:
+    """The MASK_KIND constexpr of a call."""
+    return PACKED_MASK if packed_masks else ELEMENT_MASK if masks else NO_MASK
+
+
+# --------------------------------------------------------------------------- host: the op's entry
+
+
+def op_entry(stem: str, host: Callable, mutates_args: set[str]):
+    """The family's kernel with the op's arguments, and its ``triton_op`` (``sfron_ops::<op>triton_``).
+
+    ``host`` takes the op's arguments, its optional tensors before the keyword-only numbers (torch.library
+    ops take no keyword-only tensors). Eager calls run it directly; while torch.compile traces, the
+    triton_op records it, so that Inductor sees the kernels.
+    """
+    name = _ops.OP_NAMES[stem]
+    traced = triton_op(f"{_ops.NAMESPACE}::{name}triton_", host, mutates_args=mutates_args)
+
+    @functools.wraps(host)
+    def kernel(*args, **kwargs):
+        return (traced if torch.compiler.is_compiling() else host)(*args, **kwargs)
+
+    kernel.__name__ = kernel.__qualname__ = name
+    kernel.__doc__ = f"``{_ops.qualname(stem)}`` in one Triton launch (per dtype group); see :mod:`{host.__module__}`."
+    return kernel, traced
 
 
 # --------------------------------------------------------------------------- host: element tuples

@@ -14,47 +14,26 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from .. import _ops
-from ._common import (
-    BLOCK,
-    ELEMENT_MASK,
-    FLT_MAX,
-    NO_MASK,
-    NORM_CHUNK,
-    PACKED_MASK,
-    REDUCE_BLOCK,
-    arrive,
-    chunk_extent,
-    chunk_of,
-    column,
-    device_function,
-    direction,
-    execute,
-    launch,
-    load_f32,
-    load_mask,
-    scalar_arg,
-    times_tensor,
-    workspace,
-)
+from . import _common as tc
 
 
-@device_function
+@tc.device_function
 def _norm_of_chunk(g_ptr, m_ptr, start, numel, alpha, MASK_KIND: tl.constexpr, EVEN: tl.constexpr,
                    BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     """(sum of u^2, any u not finite) over one chunk, u = (g * m) * alpha."""
     sq = tl.zeros([BLOCK], tl.float32)
     bad = tl.zeros([BLOCK], tl.int32)
-    for i in range(0, chunk_extent(start, numel, EVEN, CHUNK), BLOCK):
+    for i in range(0, tc.chunk_extent(start, numel, EVEN, CHUNK), BLOCK):
         offs = start + i + tl.arange(0, BLOCK)
-        u = direction(load_f32(g_ptr, offs, numel, EVEN), load_mask(m_ptr, offs, numel, MASK_KIND, EVEN), alpha,
-                      MASK_KIND)
+        u = tc.direction(tc.load_f32(g_ptr, offs, numel, EVEN), tc.load_mask(m_ptr, offs, numel, MASK_KIND, EVEN),
+                         alpha, MASK_KIND)
         if not EVEN:
             u = tl.where(offs < numel, u, 0.0)  # alpha may be infinite: 0 * inf must not count
         sq += u * u
-        bad = tl.maximum(bad, (~(tl.abs(u) <= FLT_MAX)).to(tl.int32))
+        bad = tl.maximum(bad, (~(tl.abs(u) <= tc.FLT_MAX)).to(tl.int32))
     return tl.sum(sq, axis=0), tl.max(bad, axis=0)
 
 
@@ -63,15 +42,11 @@ def _masked_norm_kernel(table, num_chunks, grads, masks, numel, norm_state, part
                         TABLE: tl.constexpr, MASK_KIND: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
                         CHUNK: tl.constexpr, REDUCE_BLOCK: tl.constexpr, HAS_ALPHA_TENSOR: tl.constexpr):
     pid = tl.program_id(0)
-    alpha = times_tensor(alpha, alpha_tensor, HAS_ALPHA_TENSOR)
-    if TABLE:
-        row, start, n = chunk_of(table, num_chunks, 3, CHUNK)  # row: grads, masks, numel
-        g_ptr = column(row, 0, grads, ALIGNED)
-        m_ptr = column(row, 1, masks, ALIGNED)
-    else:
-        g_ptr, m_ptr = grads, masks
-        start = pid.to(tl.int64) * CHUNK
-        n = numel
+    alpha = tc.times_tensor(alpha, alpha_tensor, HAS_ALPHA_TENSOR)
+    # row: grads, masks, numel
+    row, start, n = tc.program_chunk(table if TABLE else None, num_chunks, numel, 3, CHUNK, TABLE)
+    g_ptr = tc.tensor_at(row, 0, grads, ALIGNED, TABLE)
+    m_ptr = tc.tensor_at(row, 1, masks, ALIGNED, TABLE)
     if start + CHUNK <= n:
         sq, bad = _norm_of_chunk(g_ptr, m_ptr, start, n, alpha, MASK_KIND, True, BLOCK, CHUNK)
     else:
@@ -79,7 +54,7 @@ def _masked_norm_kernel(table, num_chunks, grads, masks, numel, norm_state, part
     programs = tl.num_programs(0)
     tl.store(partials + pid, sq)
     tl.store(partials + programs + pid, bad.to(tl.float32))
-    if arrive(counter):
+    if tc.arrive(counter):
         total = tl.zeros([REDUCE_BLOCK], tl.float32)
         flag = tl.zeros([REDUCE_BLOCK], tl.float32)
         for first in range(0, programs, REDUCE_BLOCK):
@@ -95,30 +70,22 @@ def _masked_norm_kernel(table, num_chunks, grads, masks, numel, norm_state, part
 
 def _masked_sq_norm(grads: list[torch.Tensor], masks: list[torch.Tensor], norm_state: torch.Tensor,
                     alpha_tensor: Optional[torch.Tensor] = None, *, alpha: float, packed_masks: bool = False) -> None:
-    kind = PACKED_MASK if packed_masks else ELEMENT_MASK if masks else NO_MASK
+    kind = tc.mask_kind(masks, packed_masks)
 
     def check():
         _ops.check_masked_sq_norm(grads, masks, norm_state, alpha=alpha, packed_masks=packed_masks,
                                   alpha_tensor=alpha_tensor)
 
     def issue(call, witnesses, state, trace):
-        counter, partials = workspace(call.device, 2 * call.grid, trace)
-        launch(wrap_triton(_masked_norm_kernel) if trace else _masked_norm_kernel, call.grid,
-               (call.table, call.num_chunks, *witnesses, call.numel, state[0], partials, counter, float(alpha),
-                scalar_arg(state[1], call.device)),
-               trace=trace, TABLE=call.table_mode, MASK_KIND=kind, ALIGNED=call.aligned, BLOCK=BLOCK,
-               CHUNK=NORM_CHUNK, REDUCE_BLOCK=REDUCE_BLOCK, HAS_ALPHA_TENSOR=state[1] is not None)
+        counter, partials = tc.workspace(call.device, 2 * call.grid, trace)
+        tc.launch(wrap_triton(_masked_norm_kernel) if trace else _masked_norm_kernel, call.grid,
+                  (call.table, call.num_chunks, *witnesses, call.numel, state[0], partials, counter, float(alpha),
+                   tc.optional_arg(state[1], call.device)),
+                  trace=trace, TABLE=call.table_mode, MASK_KIND=kind, ALIGNED=call.aligned, BLOCK=tc.BLOCK,
+                  CHUNK=tc.NORM_CHUNK, REDUCE_BLOCK=tc.REDUCE_BLOCK, HAS_ALPHA_TENSOR=state[1] is not None)
 
-    execute("masked_norm", [grads, masks or None], 2, NORM_CHUNK, check=check, issue=issue, flags=(kind,),
-            state=[(norm_state, True), (alpha_tensor, False)], masks_at=1, packed_masks=packed_masks)
-
-
-masked_sq_norm_triton_ = triton_op("sfron_ops::masked_sq_norm_triton_", _masked_sq_norm, mutates_args={"norm_state"})
+    tc.execute("masked_norm", [grads, masks or None], 2, tc.NORM_CHUNK, check=check, issue=issue, flags=(kind,),
+               state=[(norm_state, True), (alpha_tensor, False)], masks_at=1, packed_masks=packed_masks)
 
 
-def masked_sq_norm_(grads: list[torch.Tensor], masks: list[torch.Tensor], norm_state: torch.Tensor, *,
-                    alpha: float, packed_masks: bool = False, alpha_tensor: Optional[torch.Tensor] = None) -> None:
-    """``sfron_ops::masked_sq_norm_`` in one Triton launch (per dtype group); see the module docstring."""
-    run = masked_sq_norm_triton_ if torch.compiler.is_compiling() else _masked_sq_norm
-    # tensor arguments go before the keyword-only ones: torch.library ops take no keyword-only tensors
-    run(grads, masks, norm_state, alpha_tensor, alpha=alpha, packed_masks=packed_masks)
+masked_sq_norm_, masked_sq_norm_triton_ = tc.op_entry("masked_norm", _masked_sq_norm, {"norm_state"})

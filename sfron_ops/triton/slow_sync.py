@@ -15,42 +15,26 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from .. import _ops
-from ._common import (
-    BLOCK,
-    CHUNK,
-    arrive,
-    chunk_extent,
-    chunk_of,
-    column,
-    device_function,
-    execute,
-    launch,
-    load_f32,
-    placeholder,
-    round_to,
-    scalar_arg,
-    store,
-    workspace,
-)
+from . import _common as tc
 
 
-@device_function
+@tc.device_function
 def _sync_chunk(s_ptr, p_ptr, start, numel, alpha, one_minus_alpha, low_side, reset_fast, EVEN: tl.constexpr,
                 BLOCK: tl.constexpr, CHUNK: tl.constexpr):
-    for i in range(0, chunk_extent(start, numel, EVEN, CHUNK), BLOCK):
+    for i in range(0, tc.chunk_extent(start, numel, EVEN, CHUNK), BLOCK):
         offs = start + i + tl.arange(0, BLOCK)
-        slow = load_f32(s_ptr, offs, numel, EVEN)
-        fast = load_f32(p_ptr, offs, numel, EVEN)
+        slow = tc.load_f32(s_ptr, offs, numel, EVEN)
+        fast = tc.load_f32(p_ptr, offs, numel, EVEN)
         diff = fast - slow
         new = tl.where(low_side != 0, slow + alpha * diff, fast - diff * one_minus_alpha)
         # the fast weights get the slow value as stored, rounded once
-        new = round_to(new, s_ptr.dtype.element_ty)
-        store(s_ptr, offs, new, numel, EVEN)
+        new = tc.round_to(new, s_ptr.dtype.element_ty)
+        tc.store(s_ptr, offs, new, numel, EVEN)
         if reset_fast != 0:
-            store(p_ptr, offs, new, numel, EVEN)
+            tc.store(p_ptr, offs, new, numel, EVEN)
 
 
 @triton.jit(do_not_specialize=["num_chunks", "low_side", "reset_fast", "period"])
@@ -67,20 +51,16 @@ def _slow_sync_kernel(table, num_chunks, slow_params, params, numel, alpha, one_
         reached = counted >= period
         due = due & reached
     if due:
-        if TABLE:
-            row, start, n = chunk_of(table, num_chunks, 3, CHUNK)  # row: slow_params, params, numel
-            s_ptr = column(row, 0, slow_params, ALIGNED)
-            p_ptr = column(row, 1, params, ALIGNED)
-        else:
-            s_ptr, p_ptr = slow_params, params
-            start = tl.program_id(0).to(tl.int64) * CHUNK
-            n = numel
+        # row: slow_params, params, numel
+        row, start, n = tc.program_chunk(table if TABLE else None, num_chunks, numel, 3, CHUNK, TABLE)
+        s_ptr = tc.tensor_at(row, 0, slow_params, ALIGNED, TABLE)
+        p_ptr = tc.tensor_at(row, 1, params, ALIGNED, TABLE)
         if start + CHUNK <= n:
             _sync_chunk(s_ptr, p_ptr, start, n, alpha, one_minus_alpha, low_side, reset_fast, True, BLOCK, CHUNK)
         else:
             _sync_chunk(s_ptr, p_ptr, start, n, alpha, one_minus_alpha, low_side, reset_fast, False, BLOCK, CHUNK)
     if HAS_COUNT and FINAL:
-        if arrive(arrivals):
+        if tc.arrive(arrivals):
             skipped = False
             if HAS_NORM:
                 skipped = tl.load(norm_state + 1) > 0
@@ -96,26 +76,16 @@ def _slow_sync(slow_params: list[torch.Tensor], params: list[torch.Tensor], norm
                              counter=counter, period=period)
 
     def issue(call, witnesses, state, trace):
-        arrivals, _ = workspace(call.device, 0, trace)
-        launch(wrap_triton(_slow_sync_kernel) if trace else _slow_sync_kernel, call.grid,
-               (call.table, call.num_chunks, *witnesses, call.numel, float(alpha), float(1 - alpha),
-                int(alpha < 0.5), int(reset_fast), placeholder(call.device, torch.float32) if state[0] is None
-                else state[0], scalar_arg(state[1], call.device), float(period), arrivals),
-               trace=trace, TABLE=call.table_mode, ALIGNED=call.aligned, BLOCK=BLOCK, CHUNK=CHUNK,
-               HAS_NORM=state[0] is not None, HAS_COUNT=state[1] is not None, FINAL=call.final)
+        arrivals, _ = tc.workspace(call.device, 0, trace)
+        tc.launch(wrap_triton(_slow_sync_kernel) if trace else _slow_sync_kernel, call.grid,
+                  (call.table, call.num_chunks, *witnesses, call.numel, float(alpha), float(1 - alpha),
+                   int(alpha < 0.5), int(reset_fast), tc.optional_arg(state[0], call.device),
+                   tc.optional_arg(state[1], call.device), float(period), arrivals),
+                  trace=trace, TABLE=call.table_mode, ALIGNED=call.aligned, BLOCK=tc.BLOCK, CHUNK=tc.CHUNK,
+                  HAS_NORM=state[0] is not None, HAS_COUNT=state[1] is not None, FINAL=call.final)
 
-    execute("slow_sync", [slow_params, params], 2, CHUNK, check=check, issue=issue,
-            state=[(norm_state, False), (counter, True)], mutated=(0, 1) if reset_fast else (0,))
-
-
-slow_sync_triton_ = triton_op("sfron_ops::slow_sync_triton_", _slow_sync,
-                              mutates_args={"slow_params", "params", "counter"})
+    tc.execute("slow_sync", [slow_params, params], 2, tc.CHUNK, check=check, issue=issue,
+               state=[(norm_state, False), (counter, True)], mutated=(0, 1) if reset_fast else (0,))
 
 
-def slow_sync_(slow_params: list[torch.Tensor], params: list[torch.Tensor], *, alpha: float, reset_fast: bool,
-               norm_state: Optional[torch.Tensor] = None, counter: Optional[torch.Tensor] = None,
-               period: int = 1) -> None:
-    """``sfron_ops::slow_sync_`` in one Triton launch (per dtype); see the module docstring."""
-    run = slow_sync_triton_ if torch.compiler.is_compiling() else _slow_sync
-    # tensor arguments go before the keyword-only ones: torch.library ops take no keyword-only tensors
-    run(slow_params, params, norm_state, counter, alpha=alpha, reset_fast=reset_fast, period=period)
+slow_sync_, slow_sync_triton_ = tc.op_entry("slow_sync", _slow_sync, {"slow_params", "params", "counter"})

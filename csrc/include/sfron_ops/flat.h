@@ -15,6 +15,7 @@
 #include <sfron_ops/kinds.h>
 
 #include <deque>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -31,6 +32,13 @@ inline MaskKind mask_kind_of(const at::Tensor& mask, bool packed) {
     case at::kDouble: return MaskKind::Float64;
     default: TORCH_CHECK(false, "unsupported mask dtype ", mask.scalar_type());
   }
+}
+
+// The MaskKind of each of `count` tensors: None for all when there are no masks.
+inline std::vector<MaskKind> mask_kinds(at::TensorList masks, bool packed, size_t count) {
+  std::vector<MaskKind> kinds(count, MaskKind::None);
+  for (size_t i = 0; i < masks.size(); ++i) kinds[i] = mask_kind_of(masks[i], packed);
+  return kinds;
 }
 
 // What a kernel does with a list.
@@ -63,9 +71,28 @@ class Flattened {
   // Tensor i of list k, ready to be read as consecutive elements.
   const at::Tensor& at(size_t k, size_t i) const { return *tensors_[k][i]; }
   bool present(size_t k) const { return !tensors_[k].empty(); }
+  size_t lists() const { return specs_.size(); }
+  Access access(size_t k) const { return specs_[k].access; }
+
+  // The address of tensor i of list k (mutable data only where the kernel writes the list).
+  void* pointer(size_t k, size_t i) const {
+    const at::Tensor& t = at(k, i);
+    return specs_[k].access == Access::Write ? t.data_ptr() : const_cast<void*>(t.const_data_ptr());
+  }
 
   // A contiguous stand-in for a single tensor (e.g. norm_state).
   const at::Tensor& single(const at::Tensor& t, Access access) { return *working(t, access); }
+
+  // The data of a single tensor (norm_state, a counter) through its stand-in; null for an absent optional one.
+  template <typename T>
+  T* single_data(const at::Tensor& t, Access access) {
+    const at::Tensor& u = single(t, access);
+    return access == Access::Write ? u.data_ptr<T>() : const_cast<T*>(u.const_data_ptr<T>());
+  }
+  template <typename T>
+  T* single_data(const std::optional<at::Tensor>& t, Access access) {
+    return t.has_value() ? single_data<T>(*t, access) : nullptr;
+  }
 
   // Copy the results of mutated working copies back into the caller's tensors.
   void finish() {
