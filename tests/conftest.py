@@ -1,4 +1,5 @@
 import os
+import signal
 from collections import Counter
 
 import torch
@@ -6,6 +7,11 @@ import torch
 # Triton kernels run on CPU tensors through the interpreter; this must be set before triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# A suite started in the background by a script (`cmd &`) inherits SIGINT ignored, and so would every command
+# it starts; the Ctrl-C tests need Python's own handler, as a terminal gives it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import pytest  # noqa: E402
 from helpers import DEVICES, IMPLS_UNDER_TEST, KERNEL_IMPLS_UNDER_TEST, impl_skip_reason  # noqa: E402
