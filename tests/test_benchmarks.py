@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import cases, measure, report, run, suite
+from benchmarks import cases, host_bound, measure, report, run, suite
 from benchmarks.ops import OPS
 
 
@@ -188,6 +188,11 @@ def test_cuda_smoke_run(tmp_path):
     assert results["roofs"]["roof"] == "copy" and results["roofs"]["copy_gbs"] > 0
     assert all(r["memory"]["device_bytes"] is not None for r in results["rows"])
     assert (tmp_path / "cuda-smoke.md").exists() and (tmp_path / "cuda-smoke.png").exists()
+
+
+def test_host_bound_has_resnet18s_tensor_count():
+    _needs_torchvision()
+    assert len(host_bound.shapes()) == len(list(cases.resnet18_cifar().parameters()))
 
 
 def test_resume_keeps_finished_groups_and_measures_the_rest(tmp_path):
