@@ -21,7 +21,7 @@ import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from . import _ops
-from .reference import clip_and_skip, decay_factor, scalar, sync_due, unpack_mask
+from .reference import clip_and_skip, decay_factor, lerp, scalar, sync_due, unpack_mask
 
 
 def _flat32(tensors) -> torch.Tensor:
@@ -159,9 +159,7 @@ def slow_sync_(slow_params, params, *, alpha, reset_fast, norm_state=None, count
     due = sync_due(norm_state, counter, period)
     keep = None if due is None else ~due
     s32, p32 = _flat32(slow_params), _flat32(params)
-    diff = p32 - s32
-    new = s32 + alpha * diff if alpha < 0.5 else p32 - diff * (1 - alpha)  # the reference's two-sided lerp
-    _commit(slow_params, new, keep, s32)
+    _commit(slow_params, lerp(s32, p32, alpha), keep, s32)
     if reset_fast:
         # the slow weights as stored (rounded to their dtype), as the reference copies them
         _commit(params, _flat32(slow_params), keep, p32)

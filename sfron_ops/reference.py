@@ -207,6 +207,12 @@ def sync_due(norm_state, counter, period: int):
     return due
 
 
+def lerp(start: torch.Tensor, end: torch.Tensor, alpha: float) -> torch.Tensor:
+    """start + alpha (end - start) in torch.lerp's two-sided form: exact at alpha = 0 and alpha = 1."""
+    diff = end - start
+    return start + alpha * diff if alpha < 0.5 else end - diff * (1 - alpha)
+
+
 def slow_sync_(slow_params, params, *, alpha, reset_fast, norm_state=None, counter=None, period=1):
     r"""slow \leftarrow slow + a (p - slow), exact at a = 0 and a = 1;  p \leftarrow slow if reset_fast.
 
@@ -219,10 +225,7 @@ def slow_sync_(slow_params, params, *, alpha, reset_fast, norm_state=None, count
     due = sync_due(norm_state, counter, period)
     keep = None if due is None else ~due
     for s, p in zip(slow_params, params):
-        s32, p32 = _f32(s), _f32(p)
-        diff = p32 - s32
-        # two-sided form (torch.lerp's): exact at both ends
-        _commit(s, s32 + alpha * diff if alpha < 0.5 else p32 - diff * (1 - alpha), keep)
+        _commit(s, lerp(_f32(s), _f32(p), alpha), keep)
         if reset_fast:
             _commit(p, s, keep)
 
