@@ -205,3 +205,60 @@ def test_capture_refuses_a_cpu_lr_tensor():
     with pytest.raises(RuntimeError, match="freeze"):
         with torch.cuda.graph(graph):
             opt.step()
+
+
+def test_foreach_layouts_serve_interleaved_lists_and_threads():
+    """The foreach backend's reused per-shape buffers: lists of other shapes in between, more shapes than it
+    keeps, and two threads stepping at once all give the reference's result bitwise."""
+    import threading
+
+    from sfron_ops import foreach, reference
+
+    def case(shapes, seed):
+        g = torch.Generator().manual_seed(seed)
+        params = [torch.randn(s, generator=g) for s in shapes]
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        masks = [torch.rand(s, generator=g) < 0.5 for s in shapes]
+        return params, grads, masks, [torch.zeros(s) for s in shapes], [torch.tensor(float(seed % 2)) for _ in shapes]
+
+    def step(kernels, lists):
+        params, grads, masks, bufs, steps = lists
+        kernels.sgd_update_(params, grads, masks, bufs, steps, torch.zeros(2), lr=0.1, scale=-2.0, momentum=0.9,
+                            dampening=0.1, weight_decay=1e-3, nesterov=False, max_norm=0.0)
+
+    layouts = [[(3, 4), (5,)], [(7,), (2, 2, 2)], [(1,), (0,), (9, 3)]]
+    layouts += [[(n,), (n + 1, 2)] for n in range(foreach._Layout.LIMIT + 1)]
+    for rounds in range(2):  # the second round finds the first layouts evicted
+        for i, shapes in enumerate(layouts):
+            ours, ref = case(shapes, i), case(shapes, i)
+            step(foreach, ours)
+            step(reference, ref)
+            for a, b in zip(ours, ref):
+                for x, y in zip(a, b):
+                    assert torch.equal(x, y)
+    assert len(foreach._Layout._cache.layouts) == foreach._Layout.LIMIT
+
+    shapes, results, errors = [(300, 7), (11,), (5, 5)], {}, []
+
+    def worker(k):
+        try:
+            lists = case(shapes, k)
+            for _ in range(200):
+                step(foreach, lists)
+            results[k] = lists
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in (10, 11)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for k in (10, 11):
+        ref = case(shapes, k)
+        for _ in range(200):
+            step(reference, ref)
+        for a, b in zip(results[k], ref):
+            for x, y in zip(a, b):
+                assert torch.equal(x, y)
