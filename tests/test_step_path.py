@@ -228,7 +228,7 @@ def test_foreach_layouts_serve_interleaved_lists_and_threads():
 
     layouts = [[(3, 4), (5,)], [(7,), (2, 2, 2)], [(1,), (0,), (9, 3)]]
     layouts += [[(n,), (n + 1, 2)] for n in range(foreach._Layout.LIMIT + 1)]
-    for rounds in range(2):  # the second round finds the first layouts evicted
+    for _ in range(2):  # the second round finds the first layouts evicted
         for i, shapes in enumerate(layouts):
             ours, ref = case(shapes, i), case(shapes, i)
             step(foreach, ours)
