@@ -10,6 +10,7 @@ notice: the plan holds that same tensor.
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -175,3 +176,24 @@ def make_missing(state: OptimizerState, group: dict, params, grads, created: lis
             # Note [slow snapshot]: slow weights start as the parameters at their first step
             make(entries, "slow_param", p.detach().clone())
 
+
+
+def slow_weights(state: OptimizerState, params) -> list:
+    """The slow weights of ``params`` (a parameter itself, detached, where it has none)."""
+    return [state[p]["slow_param"] if "slow_param" in state.get(p, {}) else p.detach() for p in params]
+
+
+@contextmanager
+def slow_weights_swapped_in(state: OptimizerState, params):
+    """Within the block, each parameter that has slow weights holds them; afterwards its own values again."""
+    pairs = [(p, state[p]["slow_param"]) for p in params if "slow_param" in state.get(p, {})]
+    with torch.no_grad():
+        backups = [p.detach().clone() for p, _ in pairs]
+        for p, s in pairs:
+            p.copy_(s)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for (p, _), b in zip(pairs, backups):
+                p.copy_(b)

@@ -24,6 +24,18 @@ def canonical_name(name: str) -> str:
     return ".".join(p for p in parts if p not in _WRAPPER_PARTS)
 
 
+def named_params(param_groups) -> list:
+    """``[(canonical name or None, param, label for messages)]`` of an optimizer's parameters in group order."""
+    out = []
+    for gi, group in enumerate(param_groups):
+        names = group.get("param_names")
+        for pi, p in enumerate(group["params"]):
+            name = names[pi] if names is not None else None
+            label = repr(name) if name is not None else f"param_groups[{gi}]['params'][{pi}] (#{len(out)})"
+            out.append((None if name is None else canonical_name(name), p, label))
+    return out
+
+
 def assign(named, mask) -> list:
     """Pair the masks a user gave with the parameters: ``[(param, label, checked mask)]``, nothing stored.
 

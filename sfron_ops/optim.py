@@ -170,16 +170,8 @@ class SFRon(Optimizer):
             name = self._impls[device] = _impl.resolve_impl(self.impl, device)
         return name
 
-    def _named_params(self):
-        """[(canonical name or None, param, label for messages)] in group order."""
-        out = []
-        for gi, group in enumerate(self.param_groups):
-            names = group.get("param_names")
-            for pi, p in enumerate(group["params"]):
-                name = names[pi] if names is not None else None
-                label = repr(name) if name is not None else f"param_groups[{gi}]['params'][{pi}] (#{len(out)})"
-                out.append((None if name is None else _mask.canonical_name(name), p, label))
-        return out
+    def _params(self):
+        return [p for g in self.param_groups for p in g["params"]]
 
     # ------------------------------------------------------------------ masks
     def set_masks(self, mask) -> None:
@@ -188,18 +180,11 @@ class SFRon(Optimizer):
         All masks are checked before any is stored (binary, or floating point with finite values);
         parameters the mask does not mention keep the mask they had (or none).
         """
-        assigned = _mask.assign(self._named_params(), mask)
-        if self.mask_format == "packed":
-            for _, label, m in assigned:
-                if m.is_floating_point():
-                    raise ValueError(f"mask for parameter {label} is floating point (soft saliency); "
-                                     "mask_format='packed' stores binary masks only")
-        for p, _, m in assigned:
-            packing.store(self.state[p], p, m, self.mask_format)
+        packing.store_all(self.state, _mask.assign(_mask.named_params(self.param_groups), mask), self.mask_format)
 
     def masks(self) -> list:
         """The masks aligned with the parameters (``None`` where a parameter has none); packed ones unpacked to bool."""
-        return [packing.dense(self.state.get(p, {}), p) for _, p, _ in self._named_params()]
+        return [packing.dense(self.state.get(p, {}), p) for p in self._params()]
 
     # ------------------------------------------------------------------ phases
     @property
@@ -214,8 +199,7 @@ class SFRon(Optimizer):
     @contextmanager
     def phase(self, phase: str):
         """``with opt.phase("forget"): opt.step()``: steps inside are ``phase`` steps."""
-        previous = self._phase
-        self.current_phase = phase
+        previous, self.current_phase = self._phase, phase
         try:
             yield self
         finally:
@@ -257,7 +241,7 @@ class SFRon(Optimizer):
         groups = _state.step_tensors(self.state, self.param_groups, grads, self._sync_counts)
         try:
             plan = F.StepPlan(groups.tensors, groups.grads, self._impl_for,
-                              [label for _, _, label in self._named_params()])
+                              [label for _, _, label in _mask.named_params(self.param_groups)])
         except Exception:
             groups.undo()  # a refused step leaves no state behind
             raise
@@ -275,24 +259,13 @@ class SFRon(Optimizer):
     # ------------------------------------------------------------------ slow weights
     def slow_weights(self) -> list:
         """The slow weights aligned with the parameters (the parameters themselves where there are none)."""
-        return [self.state[p]["slow_param"] if "slow_param" in self.state.get(p, {}) else p.detach()
-                for _, p, _ in self._named_params()]
+        return _state.slow_weights(self.state, self._params())
 
     @contextmanager
     def use_slow_weights(self):
         """Swap the slow weights into the parameters (for evaluation) and back afterwards."""
-        pairs = [(p, self.state[p]["slow_param"]) for _, p, _ in self._named_params()
-                 if "slow_param" in self.state.get(p, {})]
-        with torch.no_grad():
-            backups = [p.detach().clone() for p, _ in pairs]
-            for p, s in pairs:
-                p.copy_(s)
-        try:
+        with _state.slow_weights_swapped_in(self.state, self._params()):
             yield self
-        finally:
-            with torch.no_grad():
-                for (p, _), b in zip(pairs, backups):
-                    p.copy_(b)
 
     # ------------------------------------------------------------------ saliency
     def accumulate_fisher(self, which: str, scale: float = 1.0, grad_scaler=None) -> bool:
@@ -308,7 +281,7 @@ class SFRon(Optimizer):
     def fisher(self, which: str) -> list:
         """The accumulated Fisher diagonals aligned with the parameters (``None`` where none)."""
         key = fisher.fisher_key(which)
-        return [self.state[p].get(key) if p in self.state else None for _, p, _ in self._named_params()]
+        return [self.state[p].get(key) if p in self.state else None for p in self._params()]
 
     @torch.no_grad()
     def compute_mask(self, gamma: float = 1.0, density: float | None = None) -> tuple[int, int]:
@@ -318,13 +291,12 @@ class SFRon(Optimizer):
         ``ceil(density * N)`` largest ratios over all parameters are kept (ties at the
         cut-off broken by position). A parameter that never had a gradient has Fisher 0.
         """
-        params = [p for _, p, _ in self._named_params()]
+        params = self._params()
         forget = [fisher.stored(self.state.get(p, {}), p, "forget") for p in params]
         remain = [fisher.stored(self.state.get(p, {}), p, "remain") for p in params]
         # under FSDP2 the Fisher diagonals are DTensors and each rank computes its shards
         result = _mask.saliency_mask(forget, remain, gamma=gamma, density=density, impl=self._impl_for)
-        for p, m in zip(params, result.masks):
-            packing.store(self.state[p], p, m, self.mask_format)
+        packing.store_all(self.state, [(p, None, m) for p, m in zip(params, result.masks)], self.mask_format)
         return result.kept, result.total
 
     # ------------------------------------------------------------------ checkpoints
@@ -338,7 +310,7 @@ class SFRon(Optimizer):
 
         A parameter whose saved state holds no mask keeps the mask this optimizer has for it.
         """
-        named = self._named_params()
+        named = _mask.named_params(self.param_groups)
         _checkpoint.check(self, state_dict, named)
         state_dict, skipped, restore, kept = _checkpoint.prepare(self, state_dict, named)
         super().load_state_dict(state_dict)

@@ -88,6 +88,18 @@ def store(state: dict, param, mask, mask_format: str) -> None:
         state["mask"] = mask
 
 
+def store_all(state, assigned, mask_format: str) -> None:
+    """:func:`store` for every ``(param, label, mask)`` of ``assigned`` (``state``: the optimizer's), after
+    checking that each can be kept in ``mask_format`` (a refusal stores none)."""
+    if mask_format == "packed":
+        for _, label, m in assigned:
+            if m.is_floating_point():
+                raise ValueError(f"mask for parameter {label} is floating point (soft saliency); "
+                                 "mask_format='packed' stores binary masks only")
+    for p, _, m in assigned:
+        store(state[p], p, m, mask_format)
+
+
 def dense(state: dict, param):
     """``param``'s mask as it reads (packed ones unpacked to bool), or ``None``."""
     packed = state.get("packed_mask")
