@@ -108,7 +108,7 @@ bench: build
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 lint: $(TEST_STAMP)
-	$(PY) -m ruff check sfron_ops tests benchmarks
+	$(PY) -m ruff check sfron_ops tests benchmarks examples
 
 clean:
 	rm -rf build *.egg-info $(BUILD_STAMP) sfron_ops/_C*.so

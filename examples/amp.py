@@ -13,8 +13,8 @@ import argparse
 import math
 
 import torch
-from toy import batches, pretrained, report, toy_task
 from torch.nn import functional as F
+from toy import batches, pretrained, report, toy_task
 
 import sfron_ops
 

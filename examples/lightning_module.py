@@ -12,8 +12,8 @@ import argparse
 
 import lightning.pytorch as pl
 import torch
-from toy import fisher_and_mask, pretrained, report, toy_task
 from torch.nn import functional as F
+from toy import fisher_and_mask, pretrained, report, toy_task
 
 import sfron_ops
 from sfron_ops.integrations.hf import ForgetRetainDataset

@@ -50,8 +50,8 @@ NAMESPACE = "sfron_ops"
 #: family stem -> schema (without the namespace). The op name is ``stem + "_"``.
 SCHEMAS = {
     "masked_norm": (
-        "masked_sq_norm_(Tensor[] grads, Tensor[] masks, Tensor(a!) norm_state, *, float alpha, bool packed_masks=False, "
-        "Tensor? alpha_tensor=None) -> ()"
+        "masked_sq_norm_(Tensor[] grads, Tensor[] masks, Tensor(a!) norm_state, *, float alpha, "
+        "bool packed_masks=False, Tensor? alpha_tensor=None) -> ()"
     ),
     "sgd_update": (
         "sgd_update_(Tensor(a!)[] params, Tensor[] grads, Tensor[] masks, Tensor(b!)[] momentum_buffers, "
@@ -211,7 +211,8 @@ def check_masked_sq_norm(grads, masks, norm_state, *, alpha, packed_masks=False,
 
 
 def check_sgd_update(params, grads, masks, momentum_buffers, steps, norm_state, *, lr, scale, momentum,
-                     dampening, weight_decay, nesterov, max_norm, packed_masks=False, lr_tensor=None, scale_tensor=None):
+                     dampening, weight_decay, nesterov, max_norm, packed_masks=False, lr_tensor=None,
+                     scale_tensor=None):
     name = OP_NAMES["sgd_update"]
     _check_scalar_tensor(name, "lr_tensor", lr_tensor, params)
     _check_scalar_tensor(name, "scale_tensor", scale_tensor, params)

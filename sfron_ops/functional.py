@@ -156,7 +156,7 @@ class StepPlan:
                     self.devices.append(g.params[i].device)
             start += len(g.params)
         for buckets in (self.forget_buckets, self.remain_buckets):
-            for gi, group_buckets in enumerate(buckets):
+            for group_buckets in buckets:
                 group_buckets[:] = [b._replace(whole=b.index == list(range(len(flat)))) for b in group_buckets]
         self.self_checking = all(name in SELF_CHECKING for name in names.values())
         self.norm_states = {d: torch.zeros(2, dtype=torch.float32, device=d) for d in self.devices}
@@ -265,8 +265,9 @@ class PlanCache:
 
     ``get(groups, version, make)`` returns the plan and the flat gradient list of a step on the param groups
     ``groups``. A plan is made again (``make(grads)``) when ``version.value`` (the state's version, which making a
-    plan may advance as it creates state) or a group's structure changed, or the gradients no longer match; never while a CUDA graph is being captured, where a
-    plan that does not fit is an error, as is one whose step cannot be captured.
+    plan may advance as it creates state) or a group's structure changed, or the gradients no longer match; never
+    while a CUDA graph is being captured, where a plan that does not fit is an error, as is one whose step cannot
+    be captured.
     """
 
     def __init__(self):

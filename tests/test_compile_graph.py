@@ -15,13 +15,13 @@ import math
 
 import pytest
 import torch
+from helpers import impl_skip_reason  # noqa: E402
+from models import batches, random_masks, small_cnn
 from torch import nn
 from torch._dynamo.utils import counters
 from torch.nn import functional as F
 
 import sfron_ops
-from helpers import impl_skip_reason  # noqa: E402
-from models import batches, random_masks, small_cnn
 
 ITERS = 8
 CONFIGS = {
@@ -129,13 +129,14 @@ def test_a_plan_made_while_tracing_serves_later_eager_steps(impl):
         model = mlp()
         opt, sched = make(model, impl, "sgd")
         step = type(opt).step
-        forget_step, remain_step = (lambda: step(opt, phase="forget")), (lambda: step(opt))
+        # each iteration's closures are used only within it
+        forget_step, remain_step = (lambda: step(opt, phase="forget")), (lambda: step(opt))  # noqa: B023
         if compiled_first:
             forget_step, remain_step = torch.compile(forget_step, fullgraph=True), torch.compile(remain_step,
                                                                                                fullgraph=True)
         iteration(0, model, opt, sched, DATA, forget_step, remain_step)
         for i in range(1, 3):
-            iteration(i, model, opt, sched, DATA, lambda: opt.step(phase="forget"), opt.step)
+            iteration(i, model, opt, sched, DATA, lambda: opt.step(phase="forget"), opt.step)  # noqa: B023
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -273,7 +274,8 @@ def test_reduce_overhead_compiles_the_fused_step():
         model = mlp(device)
         opt, sched = make(model, "fused", "sgd", device=device)
         step = type(opt).step
-        forget_step, remain_step = (lambda: step(opt, phase="forget")), (lambda: step(opt))
+        # each iteration's closures are used only within it
+        forget_step, remain_step = (lambda: step(opt, phase="forget")), (lambda: step(opt))  # noqa: B023
         for i in range(ITERS):
             if compiled and i == 1:
                 forget_step = torch.compile(forget_step, mode="reduce-overhead", fullgraph=True)

@@ -177,8 +177,12 @@ def _wrap(mode, model, mesh):
 
 def _rank_run(mode, base, data, part, mesh, ckpt_dir):
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     fmt = "packed" if mode.endswith("_packed") else "dense"
     model = _wrap(mode, make_model(), mesh)

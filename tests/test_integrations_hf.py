@@ -16,8 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 import sfron_ops  # noqa: E402
 from sfron_ops.integrations import unwrap_optimizer  # noqa: E402
-from sfron_ops.integrations.hf import (ForgetRetainCollator, ForgetRetainDataset, SFRonTrainer,  # noqa: E402
-                                       per_sample_loss)
+from sfron_ops.integrations.hf import ForgetRetainCollator, ForgetRetainDataset, SFRonTrainer, per_sample_loss  # noqa: E402
 
 STEPS = 6
 BATCH = 4

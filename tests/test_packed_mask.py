@@ -7,6 +7,7 @@ import io
 
 import pytest
 import torch
+from helpers import impl_skip_reason
 from torch import nn
 from torch.nn import functional as F
 
@@ -14,8 +15,6 @@ import sfron_ops
 from sfron_ops import _impl, _ops, functional
 from sfron_ops.packing import mask_bytes, packed_bytes
 from sfron_ops.reference import pack_mask, unpack_mask
-
-from helpers import impl_skip_reason
 
 IMPLS = ["reference", "foreach", "fused", "triton"]
 CONFIGS = {
