@@ -177,7 +177,6 @@ def make_missing(state: OptimizerState, group: dict, params, grads, created: lis
             make(entries, "slow_param", p.detach().clone())
 
 
-
 def slow_weights(state: OptimizerState, params) -> list:
     """The slow weights of ``params`` (a parameter itself, detached, where it has none)."""
     return [state[p]["slow_param"] if "slow_param" in state.get(p, {}) else p.detach() for p in params]
