@@ -41,11 +41,8 @@ def _flat32(tensors) -> torch.Tensor:
 
 
 class _Layout:
-    """A flat float32 buffer shaped like one list, with a view per tensor and each tensor's size.
-
-    Writing a list from a flat buffer needs a view of it per tensor; making those views costs
-    more than the arithmetic, so they are made once per list shape and the buffer is reused.
-    """
+    """A flat float32 buffer the size of one list, its view per tensor and each tensor's element count
+    (on the list's device), made once per list shape and thread and then reused."""
 
     _cache = threading.local()  # per thread, so that concurrent steps never share a buffer
     LIMIT = 8  # layouts kept per thread
