@@ -183,8 +183,8 @@ DDPM_TRAIN = dict(base="adamw", lr=1e-3, weight_decay=0.0, iterations=1500)
 DDPM_TUNING_SEEDS = (100,)
 _SFRON_DDPM = dict(SFRON_PAPER_GENERATION["ddpm-cifar10-class"])
 # SalUn's DDPM forgetting (a forget and a remain batch every step, relabelled to (c + 1) mod 10, remain weight
-# 1e-3, half the weights by the gradient magnitude of the guided forget loss) and Selective Amnesia at their
-# published learning rate, 1e-4.
+# 1e-3, half the weights by the gradient magnitude of the guided forget loss) and Selective Amnesia, at their
+# published learning rate, 1e-4; DIGITS_DDPM uses the rates DDPM_TUNING_GRIDS picked on tuning seed 100.
 _SALUN_DDPM = dict(method="salun", base="adamw", lr=1e-4, weight_decay=0.0, lr_schedule="constant", labels="next",
                    batch_order="paired", remain_weight=1e-3, density=0.5, mask_guidance=2.0)
 _SA_DDPM = dict(method="sa", lr=1e-4, ewc_weight=10.0, replay_per_class=50, fisher_samples=100)
@@ -192,8 +192,8 @@ _ADAM = dict(base="adamw", weight_decay=0.0, lr_schedule="constant")
 DIGITS_DDPM = {
     "SFR-on": dict(_SFRON_DDPM, lr=1e-3, iterations=50),
     "SFR-on (paper)": dict(_SFRON_DDPM),
-    "SalUn": dict(_SALUN_DDPM, lr=1e-4, iterations=500),
-    "SA": dict(_SA_DDPM, lr=1e-4, iterations=500),
+    "SalUn": dict(_SALUN_DDPM, lr=3e-4, iterations=500),
+    "SA": dict(_SA_DDPM, lr=1e-3, iterations=500),
     "GA": dict(method="ga", **_ADAM, lr=1e-4, iterations=50, max_grad_norm=1.0),
     "FT": dict(method="ft", **_ADAM, lr=1e-4, iterations=50),
 }
