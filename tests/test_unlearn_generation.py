@@ -274,7 +274,9 @@ def test_scenario_end_to_end(tmp_path):
 
 def test_quality_bar_reads_the_cases():
     def row(fa, acc, fid_, at, iters):
-        return {"FA": fa, "kept acc": acc, "FID": fid_, "forget_at": at, "iterations": iters}
+        every = None if math.isnan(iters) else iters // 10
+        trace = [] if every is None else [(every * (k + 1), 0.0) for k in range(10)]
+        return {"FA": fa, "kept acc": acc, "FID": fid_, "forget_at": at, "iterations": iters, "fa_trace": trace}
 
     results = {"per_case": {
         "0/0": {"Original": row(100, 100, 10, math.nan, math.nan), "SFR-on": row(0, 99, 11, 20, 50),
@@ -285,7 +287,7 @@ def test_quality_bar_reads_the_cases():
     assert [ok for ok, _ in checks] == [False, True, True, True, True]
     assert "0/1" in checks[0][1] and "7.0 %" in checks[0][1]
     assert "does not reach it within its 500" in checks[3][1]
-    assert "SFR-on 25, SA 350" in checks[4][1]
+    assert "SFR-on 25, SA 350" in checks[4][1] and "FA measured every 5 and 50 iterations" in checks[4][1]
 
 
 def test_cli_generation(tmp_path, capsys, monkeypatch):
@@ -312,6 +314,8 @@ def test_ddpm_presets_are_valid_and_keep_the_authors_settings():
             paper["fisher_clip"], paper["mask_guidance"]) == ("adamw", 1e-4, 0.0, 50, 1, 10.0, 1.0, 1.0, 1e-8, 1.0, 2.0)
     assert presets.DIGITS_DDPM["SFR-on (paper)"] == paper
     assert not set(presets.DDPM_TUNING_SEEDS) & {0, 1, 2}
+    # every tuned method's preset is one configuration of its grid
+    assert all(presets.DIGITS_DDPM[label] in grid for label, grid in presets.DDPM_TUNING_GRIDS.items())
     sfron, salun, sa = (presets.DIGITS_DDPM[k]["iterations"] for k in ("SFR-on", "SalUn", "SA"))
     assert salun >= 10 * sfron and sa >= 10 * sfron
     assert adaptive_weights(torch.tensor([1.0, 4.0]), 0.5, eps=paper["weight_eps"]).sum() == pytest.approx(2.0)

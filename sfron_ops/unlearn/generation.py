@@ -637,8 +637,15 @@ def quality_bar(results: dict, *, method: str = "SFR-on", baselines=("SalUn", "S
             continue
         ok = math.isfinite(ours_mean) and ours_mean <= iteration_ratio * t_mean and never == 0
         checks.append((ok, f"iterations to FA <= {max_fa:g} %: {method} {ours_mean:.0f}, {b} {t_mean:.0f} "
-                       f"(ratio {ours_mean / t_mean:.2f}; {b} never got there on {never} of {len(theirs)} cases)"))
+                       f"(ratio {ours_mean / t_mean:.2f}; {b} never got there on {never} of {len(theirs)} cases; "
+                       f"FA measured every {_trace_step(cases, method)} and {_trace_step(cases, b)} iterations)"))
     return checks
+
+
+def _trace_step(cases: dict, label: str):
+    """How many iterations apart the FA traces of ``label`` were measured (the first case's), or ``"?"``."""
+    trace = next((r[label].get("fa_trace") or [] for r in cases.values() if label in r), [])
+    return trace[1][0] - trace[0][0] if len(trace) > 1 else "?"
 
 
 def _finite_mean(values):
