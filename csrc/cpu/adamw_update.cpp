@@ -24,12 +24,7 @@ void adamw_update_cpu(const ops::AdamwUpdateArgs& a) {
                       static_cast<float>(a.beta2),        static_cast<float>(1.0 - a.beta1),
                       static_cast<float>(1.0 - a.beta2),  static_cast<float>(a.eps),
                       static_cast<float>(1.0 - lr * a.weight_decay)};
-  Flattened flat({{a.params, Access::Write},
-                  {a.grads, Access::Read},
-                  {a.masks, a.packed_masks ? Access::Packed : Access::Read},
-                  {a.exp_avgs, Access::Write},
-                  {a.exp_avg_sqs, Access::Write}},
-                 a.params.size());
+  Flattened flat = ops::flattened(a);
   const std::vector<MaskKind> kinds = mask_kinds(a.masks, a.packed_masks, a.params.size());
   std::vector<float> bias1, bias2;
   for (const at::Tensor& step : a.steps) {

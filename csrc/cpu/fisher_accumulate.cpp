@@ -10,7 +10,7 @@ namespace sfron_ops::cpu {
 namespace {
 
 void fisher_accumulate_cpu(const ops::FisherAccumulateArgs& a) {
-  Flattened flat({{a.fishers, Access::Write}, {a.grads, Access::Read}}, a.grads.size());
+  Flattened flat = ops::flattened(a);
   const Layout layout(a.grads);
   const TileKernels& math = tile_kernels();
   const float s = static_cast<float>(a.scale);

@@ -16,8 +16,7 @@ namespace sfron_ops::cpu {
 namespace {
 
 void masked_sq_norm_cpu(const ops::MaskedSqNormArgs& a) {
-  Flattened flat({{a.grads, Access::Read}, {a.masks, a.packed_masks ? Access::Packed : Access::Read}},
-                 a.grads.size());
+  Flattened flat = ops::flattened(a);
   const at::Tensor& state = flat.single(a.norm_state, Access::Write);
   const std::vector<MaskKind> kinds = mask_kinds(a.masks, a.packed_masks, a.grads.size());
   const Layout layout(a.grads);

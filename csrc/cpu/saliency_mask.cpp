@@ -14,8 +14,7 @@ namespace sfron_ops::cpu {
 namespace {
 
 void saliency_mask_cpu(const ops::SaliencyMaskArgs& a) {
-  Flattened flat({{a.forget_fishers, Access::Read}, {a.remain_fishers, Access::Read}, {a.masks, Access::Write}},
-                 a.forget_fishers.size());
+  Flattened flat = ops::flattened(a);
   const Layout layout(a.forget_fishers);
   const TileKernels& math = tile_kernels();
   const float threshold = static_cast<float>(a.gamma);

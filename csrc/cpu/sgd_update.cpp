@@ -22,11 +22,7 @@ void sgd_update_cpu(const ops::SgdUpdateArgs& a) {
                      static_cast<float>(1.0 - a.dampening), static_cast<float>(a.weight_decay),
                      a.momentum != 0,                       a.weight_decay != 0,
                      a.nesterov};
-  Flattened flat({{a.params, Access::Write},
-                  {a.grads, Access::Read},
-                  {a.masks, a.packed_masks ? Access::Packed : Access::Read},
-                  {s.use_momentum ? a.momentum_buffers : at::TensorList(), Access::Write}},
-                 a.params.size());
+  Flattened flat = ops::flattened(a);
   const std::vector<MaskKind> kinds = mask_kinds(a.masks, a.packed_masks, a.params.size());
   std::vector<uint8_t> first_step;
   for (const at::Tensor& step : a.steps) first_step.push_back(*step.const_data_ptr<float>() == 0.0f);

@@ -27,8 +27,7 @@ void slow_sync_cpu(const ops::SlowSyncArgs& a) {
     *count = 0.0f;
   }
 
-  Flattened flat({{a.slow_params, Access::Write}, {a.params, a.reset_fast ? Access::Write : Access::Read}},
-                 a.params.size());
+  Flattened flat = ops::flattened(a);
   const Layout layout(a.params);
   const TileKernels& math = tile_kernels();
   const float weight = static_cast<float>(a.alpha);

@@ -74,12 +74,7 @@ struct AdamwFunctor {
 
 void adamw_update_cuda(const ops::AdamwUpdateArgs& a) {
   const c10::cuda::CUDAGuard guard(a.params[0].device());
-  Flattened flat({{a.params, Access::Write},
-                  {a.grads, Access::Read},
-                  {a.masks, a.packed_masks ? Access::Packed : Access::Read},
-                  {a.exp_avgs, Access::Write},
-                  {a.exp_avg_sqs, Access::Write}},
-                 a.params.size());
+  Flattened flat = ops::flattened(a);
   const float* state = flat.single_data<float>(a.norm_state, Access::Read);
   unsigned int* arrivals = arrival_counter(a.params[0]);
   apply_per_dtype<5>(flat, a.params, c10::cuda::getCurrentCUDAStream(), [&](auto zero) {

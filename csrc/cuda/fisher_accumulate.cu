@@ -34,7 +34,7 @@ struct FisherFunctor {
 
 void fisher_accumulate_cuda(const ops::FisherAccumulateArgs& a) {
   const c10::cuda::CUDAGuard guard(a.grads[0].device());
-  Flattened flat({{a.fishers, Access::Write}, {a.grads, Access::Read}}, a.grads.size());
+  Flattened flat = ops::flattened(a);
   apply_per_dtype<2>(flat, a.grads, c10::cuda::getCurrentCUDAStream(), [&](auto zero) {
     return FisherFunctor<decltype(zero)>{static_cast<float>(a.scale)};
   });

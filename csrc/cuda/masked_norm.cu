@@ -84,8 +84,7 @@ struct NormFunctor {
 
 void masked_sq_norm_cuda(const ops::MaskedSqNormArgs& a) {
   const c10::cuda::CUDAGuard guard(a.norm_state.device());
-  Flattened flat({{a.grads, Access::Read}, {a.masks, a.packed_masks ? Access::Packed : Access::Read}},
-                 a.grads.size());
+  Flattened flat = ops::flattened(a);
   const at::Tensor& state = flat.single(a.norm_state, Access::Write);
 
   int64_t total_chunks = 0;

@@ -47,8 +47,7 @@ struct SaliencyFunctor {
 void saliency_mask_cuda(const ops::SaliencyMaskArgs& a) {
   const c10::cuda::CUDAGuard guard(a.kept.device());
   // bool and uint8 masks are both one byte holding 0 or 1
-  Flattened flat({{a.forget_fishers, Access::Read}, {a.remain_fishers, Access::Read}, {a.masks, Access::Write}},
-                 a.forget_fishers.size());
+  Flattened flat = ops::flattened(a);
   // two's complement: adding as unsigned 64-bit is adding to the int64 count
   auto* count = reinterpret_cast<unsigned long long*>(flat.single_data<int64_t>(a.kept, Access::Write));
   multi_tensor_apply<3>(tensor_rows<3>(flat, a.forget_fishers, at::kFloat),

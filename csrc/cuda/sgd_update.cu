@@ -71,11 +71,7 @@ struct SgdFunctor {
 void sgd_update_cuda(const ops::SgdUpdateArgs& a) {
   const c10::cuda::CUDAGuard guard(a.params[0].device());
   const bool use_momentum = a.momentum != 0;
-  Flattened flat({{a.params, Access::Write},
-                  {a.grads, Access::Read},
-                  {a.masks, a.packed_masks ? Access::Packed : Access::Read},
-                  {use_momentum ? a.momentum_buffers : at::TensorList(), Access::Write}},
-                 a.params.size());
+  Flattened flat = ops::flattened(a);
   const float* state = flat.single_data<float>(a.norm_state, Access::Read);
   unsigned int* arrivals = arrival_counter(a.params[0]);
   apply_per_dtype<4>(flat, a.params, c10::cuda::getCurrentCUDAStream(), [&](auto zero) {

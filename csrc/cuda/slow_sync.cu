@@ -61,8 +61,7 @@ struct SlowSyncFunctor {
 
 void slow_sync_cuda(const ops::SlowSyncArgs& a) {
   const c10::cuda::CUDAGuard guard(a.params[0].device());
-  Flattened flat({{a.slow_params, Access::Write}, {a.params, a.reset_fast ? Access::Write : Access::Read}},
-                 a.params.size());
+  Flattened flat = ops::flattened(a);
   const float* state = flat.single_data<float>(a.norm_state, Access::Read);
   float* count = flat.single_data<float>(a.counter, Access::Write);
   unsigned int* arrivals = arrival_counter(a.params[0]);

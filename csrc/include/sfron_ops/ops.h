@@ -15,6 +15,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <sfron_ops/checks.h>
+#include <sfron_ops/flat.h>
 
 #include <optional>
 
@@ -89,6 +90,47 @@ struct SlowSyncArgs {
   OptT norm_state, counter;
   int64_t period;
 };
+
+// ---------------------------------------------------------------- the lists each kernel reads and writes
+// One spec per op for the CPU and the CUDA kernels: Flattened gets each list ready to be used as consecutive elements
+// (working copies of strided tensors, which finish() writes back).
+
+inline Access mask_access(bool packed) { return packed ? Access::Packed : Access::Read; }
+
+inline Flattened flattened(const MaskedSqNormArgs& a) {
+  return Flattened({{a.grads, Access::Read}, {a.masks, mask_access(a.packed_masks)}}, a.grads.size());
+}
+
+inline Flattened flattened(const SgdUpdateArgs& a) {
+  return Flattened({{a.params, Access::Write},
+                    {a.grads, Access::Read},
+                    {a.masks, mask_access(a.packed_masks)},
+                    {a.momentum != 0 ? a.momentum_buffers : at::TensorList(), Access::Write}},
+                   a.params.size());
+}
+
+inline Flattened flattened(const AdamwUpdateArgs& a) {
+  return Flattened({{a.params, Access::Write},
+                    {a.grads, Access::Read},
+                    {a.masks, mask_access(a.packed_masks)},
+                    {a.exp_avgs, Access::Write},
+                    {a.exp_avg_sqs, Access::Write}},
+                   a.params.size());
+}
+
+inline Flattened flattened(const FisherAccumulateArgs& a) {
+  return Flattened({{a.fishers, Access::Write}, {a.grads, Access::Read}}, a.grads.size());
+}
+
+inline Flattened flattened(const SaliencyMaskArgs& a) {
+  return Flattened({{a.forget_fishers, Access::Read}, {a.remain_fishers, Access::Read}, {a.masks, Access::Write}},
+                   a.forget_fishers.size());
+}
+
+inline Flattened flattened(const SlowSyncArgs& a) {
+  return Flattened({{a.slow_params, Access::Write}, {a.params, a.reset_fast ? Access::Write : Access::Read}},
+                   a.params.size());
+}
 
 // ---------------------------------------------------------------- entries
 
