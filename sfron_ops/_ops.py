@@ -286,25 +286,34 @@ CHECKS = {
     "slow_sync": check_slow_sync,
 }
 
-_trust = threading.local()
+_step = threading.local()
 
 
 @contextlib.contextmanager
-def checked_by_caller():
-    """Inside, the Python backends skip their checks: the caller (a step plan) made the same checks on
-    the same tensors when it was built, and the C++ and Triton kernels check on their own."""
-    depth = getattr(_trust, "depth", 0)
-    _trust.depth = depth + 1
+def step_scope():
+    """One optimizer step over lists that its step plan checked when it was built.
+
+    Inside, the Python backends skip their checks (the C++ and Triton kernels check on every call
+    anyway), and, since nothing writes a gradient before the block ends, a backend may keep what it
+    derives from the gradients in :func:`step_memo` for the step's later calls.
+    """
+    outer = getattr(_step, "memo", None)
+    _step.memo = {} if outer is None else outer
     try:
         yield
     finally:
-        _trust.depth = depth
+        _step.memo = outer
+
+
+def step_memo() -> dict | None:
+    """The current :func:`step_scope`'s memo; ``None`` outside one (and while compiling)."""
+    return None if torch.compiler.is_compiling() else getattr(_step, "memo", None)
 
 
 def validate(stem: str, *args, **kwargs) -> None:
-    """Run a family's checks in eager mode (Dynamo cannot trace the message closures; traced calls
-    come from the optimizer, whose lists are consistent by construction)."""
-    if not torch.compiler.is_compiling() and not getattr(_trust, "depth", 0):
+    """Run a family's checks in eager mode outside a step (Dynamo cannot trace the message closures;
+    traced calls come from the optimizer, whose lists are consistent by construction)."""
+    if not torch.compiler.is_compiling() and getattr(_step, "memo", None) is None:
         CHECKS[stem](*args, **kwargs)
 
 

@@ -155,26 +155,64 @@ def make_missing(state: OptimizerState, group: dict, params, grads, created: lis
     """Create the state a group's structure calls for: a step counter for every parameter with a gradient, and
     for every parameter with a counter its base optimizer's buffers and, with slow weights, its slow copy.
     Each entry made is appended to ``created`` as ``(state, key)``, so a refused step can take them back."""
-
-    def make(entries, key, value):
-        entries[key] = value
-        created.append((entries, key))
-
+    keys = (("momentum_buffer",) if group["base"] == "sgd" and group["momentum"] != 0 else ()) + (
+        ("exp_avg", "exp_avg_sq") if group["base"] == "adamw" else ()) + (
+        ("slow_param",) if slow_active(group) else ())
+    wanted = defaultdict(list)  # key -> [(entries, param)]
     for p, g in zip(params, grads):
         entries = state.get(p)
         if entries is None or "step" not in entries:
             if g is None:  # no gradient yet: no state, as in torch's optimizers
                 continue
             entries = state[p]
-            make(entries, "step", torch.zeros((), dtype=torch.float32, device=p.device))
-        if group["base"] == "sgd" and group["momentum"] != 0 and "momentum_buffer" not in entries:
-            make(entries, "momentum_buffer", torch.zeros_like(p, memory_format=torch.preserve_format))
-        if group["base"] == "adamw" and "exp_avg" not in entries:
-            make(entries, "exp_avg", torch.zeros_like(p, memory_format=torch.preserve_format))
-            make(entries, "exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
-        if slow_active(group) and "slow_param" not in entries:
-            # Note [slow snapshot]: slow weights start as the parameters at their first step
-            make(entries, "slow_param", p.detach().clone())
+            wanted["step"].append((entries, p))
+        for key in keys:
+            if key not in entries:
+                wanted[key].append((entries, p))
+    for key, owners in wanted.items():
+        for (entries, _), value in zip(owners, _allocate(key, [p for _, p in owners])):
+            entries[key] = value
+            created.append((entries, key))
+
+
+def _allocate(key: str, params: list) -> list:
+    """New state entries ``key`` for ``params``: a float32 0-dim counter (``"step"``), a copy of the parameter
+    (``"slow_param"``, Note [slow snapshot]: slow weights start as the parameters at their first step) or zeros.
+
+    The entries of plain contiguous tensors are cut, in order, from one 1-D block per device and dtype, which
+    the foreach backend reads and writes whole instead of tensor by tensor. Others (DTensors, other memory
+    formats) get tensors of their own, as does everything made while compiling.
+    """
+
+    def own(p):
+        if key == "step":
+            return torch.zeros((), dtype=torch.float32, device=p.device)
+        if key == "slow_param":
+            return p.detach().clone()
+        return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    if torch.compiler.is_compiling():
+        return [own(p) for p in params]
+    out = [None] * len(params)
+    blocks = defaultdict(list)
+    for i, p in enumerate(params):
+        if type(p) in (torch.Tensor, torch.nn.Parameter) and p.is_contiguous():
+            blocks[(p.device, p.dtype)].append(i)
+        else:
+            out[i] = own(p)
+    for (device, dtype), where in blocks.items():
+        like = [params[i] for i in where]
+        if key == "step":
+            pieces = torch.zeros(len(like), dtype=torch.float32, device=device).unbind()
+        else:
+            if key == "slow_param":
+                block = torch.cat([p.detach().reshape(-1) for p in like])
+            else:
+                block = torch.zeros(sum(p.numel() for p in like), dtype=dtype, device=device)
+            pieces = [piece.view(p.shape) for piece, p in zip(block.split([p.numel() for p in like]), like)]
+        for i, piece in zip(where, pieces):
+            out[i] = piece
+    return out
 
 
 def slow_weights(state: OptimizerState, params) -> list:

@@ -1,19 +1,27 @@
 """``foreach`` kernels: the reference math on one flat float32 buffer per list.
 
-Same signatures and semantics as :mod:`sfron_ops.reference`. A call copies each
-list it reads into one contiguous float32 buffer (``torch._utils``'s
-``_flatten_dense_tensors``: one op for the whole list), does the reference's
-arithmetic on those buffers, operation for operation, and writes each mutated
-list back with one ``torch._foreach_copy_``. So a call costs the same handful of
-ops whatever the number of tensors, with no Python loop over tensors (packed
-masks aside: their padding bits are dropped tensor by tensor) and no host read of
-a device value: a skipped step (non-finite flag set) is a ``torch.where`` between
-the old and the new flat values, and step counters advance by ``1 - flag``.
+Same signatures and semantics as :mod:`sfron_ops.reference`. A call reads each
+list as one contiguous float32 tensor, does the reference's arithmetic on those,
+operation for operation, and writes each mutated list back. So a call costs the
+same handful of ops whatever the number of tensors, with no Python loop over
+tensors (packed masks aside: their padding bits are dropped tensor by tensor) and
+no host read of a device value: a skipped step (non-finite flag set) is a
+``torch.where`` between the old and the new flat values, and step counters
+advance by ``1 - flag``.
 
-Writing back needs a view of the flat values per tensor, and making those views
-costs more than the arithmetic on small tensors; so each thread keeps a float32
-buffer with its views for the last few list shapes it wrote (:class:`_Layout`), the
-size of one list: memory traded for about a third of the host time of a step.
+How a list is read and written depends on its memory:
+
+- a list that is, in order, the consecutive pieces of one 1-D tensor (its
+  *block*: the optimizer allocates its state so, see :mod:`sfron_ops._state`) is
+  read as that tensor and written with one op (:class:`_Blocks`);
+- any other list is copied into a new buffer (``torch._utils``'s
+  ``_flatten_dense_tensors``, one op) and written back with one
+  ``torch._foreach_copy_`` from views of a float32 buffer that each thread keeps
+  for the last few list shapes it wrote (:class:`_Layout`): making the views
+  costs more than the arithmetic on small tensors.
+
+Within an optimizer step (:func:`sfron_ops._ops.step_scope`) the masked
+gradients are made once and shared by the norm and the update.
 
 The updates round exactly as the reference does. The sum of squares of
 ``masked_sq_norm_`` is one sum over the flat buffer, so it agrees with the
@@ -23,6 +31,7 @@ reference's per-tensor sums to float32 rounding.
 from __future__ import annotations
 
 import threading
+import weakref
 
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -38,6 +47,50 @@ def _flat32(tensors) -> torch.Tensor:
         return flat.to(torch.float32)
     # a one-tensor list flattens to a view of that tensor
     return flat.clone() if len(tensors) == 1 else flat
+
+
+class _Blocks:
+    """Finds the block of a list: the 1-D tensor whose consecutive contiguous pieces its tensors are, in order.
+
+    A list's block is found once (remembered by the tensors' identities, without holding anything
+    alive) and checked on every call by the tensors' addresses, in case a tensor got new ``.data``
+    since (which leaves its ``_base`` as it was).
+    """
+
+    _cache = threading.local()
+    LIMIT = 32  # lists remembered per thread
+
+    @classmethod
+    def of(cls, tensors) -> torch.Tensor | None:
+        if torch.compiler.is_compiling() or tensors[0]._base is None:
+            return None
+        cache = cls._cache.__dict__.setdefault("blocks", {})
+        key = tuple(map(id, tensors))
+        found = cache.get(key)
+        block = None if found is None else found[0]()
+        addresses = tuple(map(torch.Tensor.data_ptr, tensors))
+        if block is None:
+            block = cls._find(tensors, addresses)
+            if block is None:
+                return None
+            cache[key] = found = (weakref.ref(block), addresses)
+            while len(cache) > cls.LIMIT:
+                del cache[next(iter(cache))]
+        # while the block lives no other tensor can have its addresses
+        return block if addresses == found[1] else None
+
+    @staticmethod
+    def _find(tensors, addresses) -> torch.Tensor | None:
+        block = tensors[0]._base
+        if block.dim() != 1 or not block.is_contiguous():
+            return None
+        at = block.data_ptr()
+        for t, address in zip(tensors, addresses):
+            # (an empty tensor's address is 0)
+            if t._base is not block or t.dtype != block.dtype or not t.is_contiguous() or (t.numel() and address != at):
+                return None
+            at += t.numel() * t.element_size()
+        return block if at == block.data_ptr() + block.numel() * block.element_size() else None
 
 
 class _Layout:
@@ -63,6 +116,35 @@ class _Layout:
         return layout
 
 
+def _read(tensors) -> torch.Tensor:
+    """A list's elements, in order, as one flat float32 tensor that must not be written (a float32 block
+    is that block itself)."""
+    block = _Blocks.of(tensors)
+    if block is None:
+        return _flat32(tensors)
+    return block if block.dtype == torch.float32 else block.to(torch.float32)
+
+
+def _write(dsts, layout: _Layout, new: torch.Tensor, skip=None, old: torch.Tensor | None = None) -> None:
+    """Write the flat ``new`` into the list ``dsts`` (shaped as ``layout``); where ``skip`` is set, ``old``."""
+    block = _Blocks.of(dsts)
+    out = block if block is not None and block.dtype == new.dtype else layout.flat
+    if skip is None:
+        out.copy_(new)
+    else:
+        torch.where(skip, old, new, out=out)
+    if block is None:
+        torch._foreach_copy_(dsts, layout.views)
+    elif out is not block:
+        block.copy_(out)
+
+
+def _counters(steps) -> torch.Tensor:
+    """The 0-dim float32 step counters as one 1-D tensor that must not be written."""
+    block = _Blocks.of(steps)
+    return torch.stack(steps) if block is None else block
+
+
 def _per_element(values: torch.Tensor, layout: _Layout) -> torch.Tensor:
     """``values`` (one per tensor of the layout's list) repeated over each tensor's elements, as a new flat tensor."""
     # the output size given, an accelerator need not send it back to the host
@@ -72,32 +154,46 @@ def _per_element(values: torch.Tensor, layout: _Layout) -> torch.Tensor:
 def _flat_masks(masks, like, packed: bool) -> torch.Tensor:
     """The masks' factors as a flat float32 buffer aligned with ``like``'s elements."""
     if not packed:
-        return _flat32(masks)
+        return _read(masks)
     # each tensor's last byte holds padding bits: unpacked tensor by tensor
     return _flat32([unpack_mask(m, t) for m, t in zip(masks, like)])
 
 
-def _direction(grads, masks, coef, packed=False, like=None) -> torch.Tensor:
-    """u = (g * m) * coef as a new flat float32 buffer; ``grads`` are only read."""
-    u = _flat32(grads)
+def _masked(grads, masks, packed: bool, like) -> torch.Tensor:
+    """g * m (g itself without masks) as a flat float32 tensor that must not be written.
+
+    Within a step nothing writes the gradients, so it is made once per list there and shared by the
+    norm and the update.
+    """
+    memo = _ops.step_memo()
+    key = memo is not None and (tuple(map(id, grads)), tuple(map(id, masks)))
+    if key and key in memo:
+        return memo[key][0]
+    u = _read(grads)
     if masks:
-        u = u * _flat_masks(masks, grads if like is None else like, packed)
-    return u * coef
+        u = u * _flat_masks(masks, like, packed)
+    if key:
+        memo[key] = (u, grads, masks)  # the lists keep the tensors behind the ids alive
+    return u
 
 
-def _commit(dsts, layout: _Layout, new: torch.Tensor, skip, old: torch.Tensor | None = None) -> None:
-    """Write the flat ``new`` into the list ``dsts`` (shaped as ``layout``); where ``skip`` is set, ``old``."""
-    if skip is None:
-        layout.flat.copy_(new)
-    else:
-        torch.where(skip, old, new, out=layout.flat)
-    torch._foreach_copy_(dsts, layout.views)
+def _direction(grads, masks, coef, packed=False, like=None) -> torch.Tensor:
+    """u = (g * m) * coef as a flat float32 tensor that must not be written; ``grads`` are only read."""
+    u = _masked(grads, masks, packed, grads if like is None else like)
+    # a product with exactly one is the other factor
+    return u if isinstance(coef, (int, float)) and coef == 1 else u * coef
 
 
 def _advance(steps, skip) -> None:
+    step = 1.0 if skip is None else 1.0 - skip.float()
+    block = _Blocks.of(steps)
+    if block is not None:
+        block.add_(step)
+        return
     # the list overload: adding one 0-dim tensor (or a number) to a list of 0-dim counters takes a per-tensor slow
     # path in torch that costs about three times as much
-    step = torch.ones((), device=steps[0].device) if skip is None else 1.0 - skip.float()
+    if skip is None:
+        step = torch.ones((), device=steps[0].device)
     torch._foreach_add_(steps, [step] * len(steps))
 
 
@@ -108,7 +204,8 @@ def masked_sq_norm_(grads, masks, norm_state, *, alpha, packed_masks=False, alph
         return
     u = _direction(grads, masks, scalar(alpha, alpha_tensor), packed_masks)
     norm_state[0] += (u * u).sum()
-    norm_state[1] = torch.maximum(norm_state[1], (~torch.isfinite(u)).any().float())
+    # u * 0 is 0 where u is finite and NaN elsewhere: one sum tells whether any element is not finite
+    norm_state[1] = torch.maximum(norm_state[1], (u * 0).sum().isnan().float())
 
 
 def sgd_update_(params, grads, masks, momentum_buffers, steps, norm_state, *, lr, scale, momentum, dampening,
@@ -121,18 +218,18 @@ def sgd_update_(params, grads, masks, momentum_buffers, steps, norm_state, *, lr
     lr = scalar(lr, lr_tensor)
     coef, skip = clip_and_skip(norm_state, scale, max_norm, params[0].device, scale_tensor)
     layout = _Layout.of(params)
-    p32 = _flat32(params)
+    p32 = _read(params)
     d = _direction(grads, masks, coef, packed_masks, params)
     if weight_decay != 0:
         d = d + weight_decay * p32
     if momentum != 0:
-        buf32 = _flat32(momentum_buffers)
+        buf32 = _read(momentum_buffers)
         # the buffer starts as d itself (torch.optim.SGD clones the first gradient)
-        first = _per_element(torch.stack(steps) == 0, layout)
-        new_buf = torch.where(first, d, momentum * buf32 + (1 - dampening) * d)
+        first = _per_element(_counters(steps) == 0, layout)
+        new_buf = torch.where(first, d, momentum * buf32 + ((1 - dampening) * d if dampening else d))
         d = d + momentum * new_buf if nesterov else new_buf
-        _commit(momentum_buffers, layout, new_buf, skip, buf32)
-    _commit(params, layout, p32 - lr * d, skip, p32)
+        _write(momentum_buffers, layout, new_buf, skip, buf32)
+    _write(params, layout, p32 - lr * d, skip, p32)
     _advance(steps, skip)
 
 
@@ -148,17 +245,17 @@ def adamw_update_(params, grads, masks, exp_avgs, exp_avg_sqs, steps, norm_state
     coef, skip = clip_and_skip(norm_state, scale, max_norm, params[0].device, scale_tensor)
     u = _direction(grads, masks, coef, packed_masks, params)
     layout = _Layout.of(params)
-    m1_old, m2_old, p32 = _flat32(exp_avgs), _flat32(exp_avg_sqs), _flat32(params)
-    t = torch.stack(steps) + 1
+    m1_old, m2_old, p32 = _read(exp_avgs), _read(exp_avg_sqs), _read(params)
+    t = _counters(steps) + 1
     bias1 = _per_element(1 - torch.pow(beta1, t), layout)
     bias2 = _per_element(1 - torch.pow(beta2, t), layout)
     m1 = beta1 * m1_old + (1 - beta1) * u
     m2 = beta2 * m2_old + (1 - beta2) * u * u
     denom = (m2 / bias2).sqrt() + eps
     new_p = p32 * decay - lr * (m1 / bias1) / denom
-    _commit(exp_avgs, layout, m1, skip, m1_old)
-    _commit(exp_avg_sqs, layout, m2, skip, m2_old)
-    _commit(params, layout, new_p, skip, p32)
+    _write(exp_avgs, layout, m1, skip, m1_old)
+    _write(exp_avg_sqs, layout, m2, skip, m2_old)
+    _write(params, layout, new_p, skip, p32)
     _advance(steps, skip)
 
 
@@ -173,9 +270,9 @@ def saliency_mask_(forget_fishers, remain_fishers, masks, kept, *, gamma):
     _ops.validate("saliency_mask", forget_fishers, remain_fishers, masks, kept, gamma=gamma)
     if not masks:
         return
-    ratio = (_flat32(forget_fishers) + _ops.RATIO_EPS) / (_flat32(remain_fishers) + _ops.RATIO_EPS)
+    ratio = (_read(forget_fishers) + _ops.RATIO_EPS) / (_read(remain_fishers) + _ops.RATIO_EPS)
     keep = ratio >= torch.tensor(gamma, dtype=torch.float32, device=ratio.device)
-    _commit(masks, _Layout.of(masks), keep, None)
+    _write(masks, _Layout.of(masks), keep)
     kept += keep.sum()
 
 
@@ -186,10 +283,9 @@ def slow_sync_(slow_params, params, *, alpha, reset_fast, norm_state=None, count
         return
     due = sync_due(norm_state, counter, period)
     keep = None if due is None else ~due
-    s32, p32 = _flat32(slow_params), _flat32(params)
+    s32, p32 = _read(slow_params), _read(params)
     layout = _Layout.of(params)
-    _commit(slow_params, layout, lerp(s32, p32, alpha), keep, s32)
+    _write(slow_params, layout, lerp(s32, p32, alpha), keep, s32)
     if reset_fast:
         # the slow weights as stored (rounded to their dtype), as the reference copies them
-        _commit(params, layout, _flat32(slow_params), keep, p32)
-
+        _write(params, layout, _read(slow_params), keep, p32)

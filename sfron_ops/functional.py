@@ -348,7 +348,7 @@ def run_step(plan: StepPlan, grads: list, hyper: list, *, forget: bool, check_fi
     if plan.self_checking or torch.compiler.is_compiling():
         _run(plan, grads, hyper, forget, check_finite, skipped, loss)
     else:
-        with _ops.checked_by_caller():
+        with _ops.step_scope():
             _run(plan, grads, hyper, forget, check_finite, skipped, loss)
 
 

@@ -65,13 +65,11 @@ def clip_and_skip(norm_state, scale: float, max_norm: float, device, scale_tenso
     c = min(1, max_norm / (sqrt(norm_state[0]) + 1e-6)) when ``max_norm > 0``,
     as ``torch.nn.utils.clip_grad_norm_`` computes it.
     """
-    coef = scalar(scale, scale_tensor, device)
-    if norm_state is None:
-        return coef, None
-    if max_norm > 0:
-        clip = (max_norm / (norm_state[0].sqrt() + CLIP_EPS)).clamp(max=1.0)
-        coef = coef * clip
-    return coef, norm_state[1] > 0
+    if norm_state is None or not max_norm > 0:
+        # a number stays a number: multiplying float32 by it or by its float32 tensor rounds alike
+        return scalar(scale, scale_tensor), None if norm_state is None else norm_state[1] > 0
+    clip = (max_norm / (norm_state[0].sqrt() + CLIP_EPS)).clamp(max=1.0)
+    return scalar(scale, scale_tensor, device) * clip, norm_state[1] > 0
 
 
 def _commit(dst: torch.Tensor, new: torch.Tensor, skip) -> None:

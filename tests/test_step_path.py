@@ -5,7 +5,7 @@ import math
 import cuda_emulation
 import pytest
 import torch
-from helpers import EMULATED_CUDA, impl_skip_reason
+from helpers import EMULATED_CUDA, dtype_id, impl_skip_reason
 from models import batches, random_masks, small_cnn
 from torch.nn import functional as F
 
@@ -262,3 +262,76 @@ def test_foreach_layouts_serve_interleaved_lists_and_threads():
         for a, b in zip(results[k], ref):
             for x, y in zip(a, b):
                 assert torch.equal(x, y)
+
+
+def _block_views(shapes, dtype, generator=None):
+    """Tensors of ``shapes`` cut, in order, from one 1-D block (random values, or zeros without a generator)."""
+    numels = [math.prod(s) for s in shapes]
+    block = torch.zeros(sum(numels)) if generator is None else torch.randn(sum(numels), generator=generator)
+    block = block.to(dtype)
+    return block, [piece.view(s) for piece, s in zip(block.split(numels), shapes)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_foreach_reads_and_writes_blocks_whole_and_falls_back_when_a_list_is_not_one(dtype):
+    """Lists cut from one block (as the optimizer allocates its state) are read and written through the block;
+    a subset of a block, or a block whose tensor got new ``.data``, goes tensor by tensor: the reference's
+    result bitwise in every case, skipped steps included."""
+    from sfron_ops import foreach, reference
+
+    shapes = [(3, 4), (5,), (1,), (0,), (2, 3, 2)]
+
+    def lists(seed):
+        g = torch.Generator().manual_seed(seed)
+        _, params = _block_views(shapes, dtype, g)
+        grads = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+        masks = [torch.rand(s, generator=g) < 0.5 for s in shapes]
+        _, bufs = _block_views(shapes, dtype)
+        steps = list(torch.tensor([0.0, 2.0, 0.0, 1.0, 5.0]).unbind())
+        _, slow = _block_views(shapes, dtype, g)
+        return params, grads, masks, bufs, steps, slow
+
+    def step(kernels, ls, pick, flag):
+        params, grads, masks, bufs, steps, slow = ([x[i] for i in pick] for x in ls)
+        norm_state = torch.tensor([0.0, flag])
+        kernels.sgd_update_(params, grads, masks, bufs, steps, norm_state, lr=0.1, scale=-2.0, momentum=0.9,
+                            dampening=0.0, weight_decay=1e-3, nesterov=False, max_norm=0.0)
+        kernels.slow_sync_(slow, params, alpha=0.5, reset_fast=True, norm_state=norm_state)
+
+    everything, subset = list(range(len(shapes))), [0, 2, 4]
+    ours, ref = lists(0), lists(0)
+    assert all(foreach._Blocks.of(ours[k]) is not None for k in (0, 3, 4, 5))
+    assert foreach._Blocks.of([ours[0][i] for i in subset]) is None
+    for pick, flag in ((everything, 0.0), (everything, 1.0), (subset, 0.0)):
+        step(foreach, ours, pick, flag)
+        step(reference, ref, pick, flag)
+        for a, b in zip(ours, ref):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+    ours[3][1].data = ours[3][1].detach().clone()  # no longer a piece of the block
+    ref[3][1].data = ref[3][1].detach().clone()
+    assert foreach._Blocks.of(ours[3]) is None
+    step(foreach, ours, everything, 0.0)
+    step(reference, ref, everything, 0.0)
+    for a, b in zip(ours, ref):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_state_is_allocated_in_blocks_per_device_and_dtype():
+    """Each state entry of the contiguous parameters of a group is a piece of one block per dtype, in
+    parameter order; a channels-last parameter keeps its own buffer in its memory format."""
+    from sfron_ops import foreach
+
+    conv = torch.nn.Parameter(torch.randn(4, 3, 3, 3).to(memory_format=torch.channels_last))
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3, dtype=torch.bfloat16)),
+              conv, torch.nn.Parameter(torch.randn(7)), torch.nn.Parameter(torch.randn(2, dtype=torch.bfloat16))]
+    opt = SFRon(params, lr=0.1, momentum=0.9, slow_alpha=0.5, impl="foreach")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    for key in ("step", "momentum_buffer", "slow_param"):
+        entries = [opt.state[p][key] for p in params]
+        for dtype_group in ([0, 3], [1, 4]):
+            assert foreach._Blocks.of([entries[i] for i in dtype_group]) is not None, key
+        assert entries[2]._base is None
+    assert opt.state[conv]["momentum_buffer"].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(opt.state[params[0]]["slow_param"], params[0].detach())
