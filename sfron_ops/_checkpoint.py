@@ -16,7 +16,7 @@ import math
 import torch
 
 from . import _dtensor, _groups
-from ._state import BASE_KEYS
+from ._state import BASE_KEYS, into_blocks
 from .mask import validate
 
 FORMAT = "sfron_ops.SFRon/2"
@@ -195,4 +195,5 @@ def restore(opt, restore: dict, kept: dict) -> None:
         for key, value in opt.defaults.items():
             group.setdefault(key, value)
         group.setdefault("remain_steps", 0)
+    into_blocks(opt.state, opt.param_groups)
 

@@ -5,10 +5,16 @@ references to its state tensors, so it must know when an entry is added, replace
 whoever does it: the optimizer itself, ``load_state_dict``, or a user resetting a buffer with
 ``opt.state[p]["momentum_buffer"] = torch.zeros_like(p)``. Changing a tensor in place needs no
 notice: the plan holds that same tensor.
+
+Each state entry of a group's plain contiguous parameters is a piece of one 1-D block per entry,
+device and dtype, in parameter order (:func:`make_missing`, and :func:`into_blocks` after loading), so
+that the ``foreach`` backend reads and writes a whole list as one tensor. A piece is an ordinary tensor;
+replacing one just sends that list back to the per-tensor path.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -175,6 +181,25 @@ def make_missing(state: OptimizerState, group: dict, params, grads, created: lis
             created.append((entries, key))
 
 
+def _plain(t) -> bool:
+    """Whether ``t`` may be a piece of a block: a plain contiguous tensor (not a DTensor, not channels-last)."""
+    return type(t) in (torch.Tensor, torch.nn.Parameter) and t.is_contiguous()
+
+
+def _by_device_and_dtype(params: list) -> list:
+    """The positions in ``params``, grouped by device and dtype (so the groups are the step's buckets)."""
+    groups = defaultdict(list)
+    for i, p in enumerate(params):
+        groups[(p.device, p.dtype)].append(i)
+    return list(groups.values())
+
+
+def _cut(block: torch.Tensor, shapes: list) -> list:
+    """``block`` cut, in order, into views of ``shapes``."""
+    numels = [math.prod(shape) for shape in shapes]
+    return [piece.view(shape) for piece, shape in zip(block.split(numels), shapes)]
+
+
 def _allocate(key: str, params: list) -> list:
     """New state entries ``key`` for ``params``: a float32 0-dim counter (``"step"``), a copy of the parameter
     (``"slow_param"``, Note [slow snapshot]: slow weights start as the parameters at their first step) or zeros.
@@ -183,36 +208,42 @@ def _allocate(key: str, params: list) -> list:
     the foreach backend reads and writes whole instead of tensor by tensor. Others (DTensors, other memory
     formats) get tensors of their own, as does everything made while compiling.
     """
-
-    def own(p):
-        if key == "step":
-            return torch.zeros((), dtype=torch.float32, device=p.device)
-        if key == "slow_param":
-            return p.detach().clone()
-        return torch.zeros_like(p, memory_format=torch.preserve_format)
-
-    if torch.compiler.is_compiling():
-        return [own(p) for p in params]
     out = [None] * len(params)
-    blocks = defaultdict(list)
-    for i, p in enumerate(params):
-        if type(p) in (torch.Tensor, torch.nn.Parameter) and p.is_contiguous():
-            blocks[(p.device, p.dtype)].append(i)
-        else:
-            out[i] = own(p)
-    for (device, dtype), where in blocks.items():
-        like = [params[i] for i in where]
+    plain = [] if torch.compiler.is_compiling() else [i for i, p in enumerate(params) if _plain(p)]
+    for where in _by_device_and_dtype([params[i] for i in plain]):
+        like = [params[plain[j]] for j in where]
         if key == "step":
-            pieces = torch.zeros(len(like), dtype=torch.float32, device=device).unbind()
+            pieces = _cut(torch.zeros(len(like), dtype=torch.float32, device=like[0].device), [()] * len(like))
+        elif key == "slow_param":
+            pieces = _cut(torch.cat([p.detach().reshape(-1) for p in like]), [p.shape for p in like])
         else:
-            if key == "slow_param":
-                block = torch.cat([p.detach().reshape(-1) for p in like])
+            block = torch.zeros(sum(p.numel() for p in like), dtype=like[0].dtype, device=like[0].device)
+            pieces = _cut(block, [p.shape for p in like])
+        for j, piece in zip(where, pieces):
+            out[plain[j]] = piece
+    for i, p in enumerate(params):
+        if out[i] is None:
+            if key == "step":
+                out[i] = torch.zeros((), dtype=torch.float32, device=p.device)
             else:
-                block = torch.zeros(sum(p.numel() for p in like), dtype=dtype, device=device)
-            pieces = [piece.view(p.shape) for piece, p in zip(block.split([p.numel() for p in like]), like)]
-        for i, piece in zip(where, pieces):
-            out[i] = piece
+                out[i] = p.detach().clone() if key == "slow_param" else torch.zeros_like(p)
     return out
+
+
+def into_blocks(state: OptimizerState, param_groups) -> None:
+    """Copy each group's state entries into blocks, as :func:`make_missing` allocates them (loaded state
+    comes tensor by tensor)."""
+    for group in param_groups:
+        for key in ("step", "momentum_buffer", "exp_avg", "exp_avg_sq", "slow_param"):
+            params = [p for p in group["params"] if _plain(p) and key in state.get(p, {})]
+            for where in _by_device_and_dtype(params):
+                owners = [params[i] for i in where]
+                values = [state[p][key] for p in owners]
+                if all(_plain(v) and v.device == p.device and v.dtype == values[0].dtype
+                       for v, p in zip(values, owners)):
+                    block = torch.cat([v.detach().reshape(-1) for v in values])
+                    for p, piece in zip(owners, _cut(block, [v.shape for v in values])):
+                        state[p][key] = piece
 
 
 def slow_weights(state: OptimizerState, params) -> list:

@@ -1,5 +1,6 @@
 """The step path: one functional step on a cached plan, tensor hyperparameters, launches, capture checks."""
 
+import io
 import math
 
 import cuda_emulation
@@ -334,4 +335,15 @@ def test_state_is_allocated_in_blocks_per_device_and_dtype():
             assert foreach._Blocks.of([entries[i] for i in dtype_group]) is not None, key
         assert entries[2]._base is None
     assert opt.state[conv]["momentum_buffer"].is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(opt.state[params[0]]["slow_param"], params[0].detach())
+
+    # a loaded state comes tensor by tensor and is copied into blocks again, values and all
+    saved = io.BytesIO()
+    torch.save(opt.state_dict(), saved)
+    saved.seek(0)
+    before = {key: [opt.state[p][key].clone() for p in params] for key in ("step", "momentum_buffer", "slow_param")}
+    opt.load_state_dict(torch.load(saved))
+    for key, values in before.items():
+        entries = [opt.state[p][key] for p in params]
+        assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(entries, values)), key
+        for dtype_group in ([0, 3], [1, 4]):
+            assert foreach._Blocks.of([entries[i] for i in dtype_group]) is not None, key
