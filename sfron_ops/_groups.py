@@ -17,6 +17,7 @@ import operator
 import torch
 
 BASES = ("sgd", "adamw")
+PHASES = ("forget", "remain")
 
 #: the keys of a param group besides "params" (and "param_names"), with SFRon's defaults
 DEFAULTS = dict(lr=1e-3, base="sgd", momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
@@ -56,6 +57,19 @@ def check_scalar(name, value, where=None, read_tensors=True) -> None:
             raise ValueError(f"Invalid {name}: {number!r} (a tensor){_where(where)}; expected a finite number >= 0")
         return
     check_number(name, value, low=0.0, where=where, expect="a finite number >= 0")
+
+
+def check_phase(phase) -> None:
+    if phase not in PHASES:
+        raise ValueError(f"Invalid phase: {phase!r}; expected 'forget' or 'remain'")
+
+
+def check_options(mask_format, check_finite, formats) -> None:
+    """SFRon's options that are not param-group keys (``impl`` aside)."""
+    if mask_format not in formats:
+        raise ValueError(f"Invalid mask_format: {mask_format!r}; expected one of {formats}")
+    if not isinstance(check_finite, bool):
+        raise ValueError(f"Invalid check_finite: {check_finite!r}")
 
 
 def check_group(group: dict, where: str | None = None, read_tensors: bool = True) -> None:

@@ -169,6 +169,24 @@ def _fused_kernel(stem: str):
     return kernel
 
 
+class PerDevice:
+    """An optimizer's backend choice: ``impl`` (a name, or ``None`` for the default or ``$SFRON_OPS_IMPL``)
+    resolved once per device and then kept, so a run cannot change backend halfway. A call with a device
+    returns the backend's name there."""
+
+    def __init__(self, impl: str | None, devices=()):
+        validate_impl(impl)
+        self.impl, self.names = impl, {}
+        for device in devices:
+            self(device)
+
+    def __call__(self, device: torch.device) -> str:
+        name = self.names.get(device)
+        if name is None:
+            name = self.names[device] = resolve_impl(self.impl, device)
+        return name
+
+
 def resolve_for(impl, device) -> str:
     """:func:`resolve_impl` for an ``impl`` that may also be a callable ``device -> name`` (an optimizer's choice)."""
     return impl(device) if callable(impl) else resolve_impl(impl, device)

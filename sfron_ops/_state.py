@@ -117,6 +117,23 @@ class OptimizerState(_Counted, defaultdict):
         return defaultdict, (dict, {key: dict(value) for key, value in self.items()})
 
 
+class Skipped:
+    """The skipped-step count: a float64 counter on the device the steps run on (counting needs no host
+    read), plus what was counted before it was made or moved."""
+
+    def __init__(self, before: int = 0):
+        self.counter, self.before = None, before
+
+    def on(self, device: torch.device) -> None:
+        """Count on ``device`` from now on."""
+        if self.counter is None or self.counter.device != device:
+            self.before, self.counter = self.total, torch.zeros((), dtype=torch.float64, device=device)
+
+    @property
+    def total(self) -> int:
+        return self.before + (0 if self.counter is None else int(self.counter))
+
+
 class StepTensors(NamedTuple):
     """What a step plan is made from: each group's tensors and gradients, and the state entries made for them."""
 

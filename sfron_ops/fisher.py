@@ -9,6 +9,7 @@ from torch import nn
 from torch.amp.grad_scaler import OptState
 
 from . import functional as F
+from .mask import saliency_mask
 
 #: optimizer state keys of the two Fisher diagonals
 FISHER_KEYS = {"forget": "fisher_forget", "remain": "fisher_remain"}
@@ -120,7 +121,13 @@ def unscale_for_fisher(scaler, optimizer) -> bool:
 
 
 def accumulate_into(optimizer, which: str, scale: float = 1.0, grad_scaler=None, *, impl=None) -> bool:
-    """``F_which += scale * grad^2`` into an optimizer's state (see :meth:`sfron_ops.SFRon.accumulate_fisher`)."""
+    """``F_which += scale * grad^2`` (float32) into ``optimizer.state`` for every parameter with a gradient;
+    call after a backward (:meth:`sfron_ops.SFRon.accumulate_fisher`).
+
+    Squares of scaled gradients would carry the scale squared: with a ``torch.amp.GradScaler`` pass it
+    as ``grad_scaler`` and the gradients are unscaled first, and a batch whose gradients overflowed is
+    left out (call ``grad_scaler.update()`` after each batch). Returns whether the batch was added.
+    """
     key = fisher_key(which)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or math.isnan(scale) or scale < 0:
         raise ValueError(f"Invalid scale: {scale!r}")
@@ -139,3 +146,22 @@ def accumulate_into(optimizer, which: str, scale: float = 1.0, grad_scaler=None,
         F.fisher_accumulate_(fishers, grads, scale=scale, impl=impl)
     return True
 
+
+def diagonals(state, params, which: str) -> list:
+    """The Fisher diagonals accumulated in an optimizer's ``state``, aligned with ``params`` (``None`` where none)."""
+    key = fisher_key(which)
+    return [state[p].get(key) if p in state else None for p in params]
+
+
+def mask_from(state, params, gamma: float = 1.0, density: float | None = None, *, impl=None):
+    """Saliency masks of ``params`` from the Fisher diagonals accumulated in an optimizer's ``state``
+    (:meth:`sfron_ops.SFRon.compute_mask`): a :class:`sfron_ops.mask.SaliencyMask`.
+
+    ``m = [(F_f + eps) / (F_r + eps) >= gamma]``; with ``density`` exactly the ``ceil(density * N)``
+    largest ratios over all parameters are kept (ties at the cut-off broken by position). A parameter
+    that never had a gradient has Fisher 0. Under FSDP2 the diagonals are DTensors and each rank
+    computes its shards.
+    """
+    forget = [stored(state.get(p, {}), p, "forget") for p in params]
+    remain = [stored(state.get(p, {}), p, "remain") for p in params]
+    return saliency_mask(forget, remain, gamma=gamma, density=density, impl=impl)

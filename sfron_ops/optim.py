@@ -13,14 +13,9 @@ from . import _checkpoint, _groups, _impl, _state, fisher, packing
 from . import functional as F
 from . import mask as _mask
 
-PHASES = ("forget", "remain")
+PHASES = _groups.PHASES
 BASES = _groups.BASES
 FISHER_KEYS = fisher.FISHER_KEYS
-
-
-def _check_phase(phase) -> None:
-    if phase not in PHASES:
-        raise ValueError(f"Invalid phase: {phase!r}; expected 'forget' or 'remain'")
 
 
 class SFRon(Optimizer):
@@ -94,10 +89,7 @@ class SFRon(Optimizer):
                  remain_max_grad_norm=None, slow_alpha=1.0, sync_period=1, reset_fast=True, check_finite=True,
                  impl=None, mask_format="dense"):
         _impl.validate_impl(impl)
-        if mask_format not in packing.FORMATS:
-            raise ValueError(f"Invalid mask_format: {mask_format!r}; expected one of {packing.FORMATS}")
-        if not isinstance(check_finite, bool):
-            raise ValueError(f"Invalid check_finite: {check_finite!r}")
+        _groups.check_options(mask_format, check_finite, packing.FORMATS)
         defaults = dict(lr=lr, base=base, momentum=momentum, dampening=dampening, nesterov=nesterov,
                         weight_decay=weight_decay, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         forget_alpha=forget_alpha, max_grad_norm=max_grad_norm,
@@ -108,18 +100,13 @@ class SFRon(Optimizer):
         self._version = _state.Version()
         self._reset_runtime()
         super().__init__(params, defaults)
-        # the backend of each device is chosen once (the env override too): a run cannot change it halfway
-        self._impls = {}
-        for device in {p.device for g in self.param_groups for p in g["params"]}:
-            self._impl_for(device)
+        self._impl_for = _impl.PerDevice(impl, {p.device for p in self._params()})
         if mask is not None:
             self.set_masks(mask)
 
     def _reset_runtime(self, skipped: int = 0) -> None:
         self._phase = "remain"
-        self._plans, self._checked = F.PlanCache(), _groups.Checked()
-        self._skipped = None  # a device counter, made with the first plan
-        self._skipped_base = skipped
+        self._plans, self._checked, self._skipped = F.PlanCache(), _groups.Checked(), _state.Skipped(skipped)
         self._sync_counts = {}  # id(group) -> the group's remain steps since the last sync, on the device
 
     @property
@@ -151,7 +138,8 @@ class SFRon(Optimizer):
         if "_version" not in self.__dict__:  # unpickling: the runtime fields did not travel
             self.__dict__.update(_version=_state.Version(), impl=state.pop("impl", None),
                                  check_finite=state.pop("check_finite", True),
-                                 mask_format=state.pop("mask_format", "dense"), _impls={})
+                                 mask_format=state.pop("mask_format", "dense"))
+            self._impl_for = _impl.PerDevice(self.impl)
             self._reset_runtime()
         super().__setstate__(state)
         if entries is not None:
@@ -163,12 +151,6 @@ class SFRon(Optimizer):
     def __getstate__(self):
         return {"defaults": self.defaults, "state": self.state, "param_groups": self.param_groups, "impl": self.impl,
                 "check_finite": self.check_finite, "mask_format": self.mask_format}
-
-    def _impl_for(self, device: torch.device) -> str:
-        name = self._impls.get(device)
-        if name is None:
-            name = self._impls[device] = _impl.resolve_impl(self.impl, device)
-        return name
 
     def _params(self):
         return [p for g in self.param_groups for p in g["params"]]
@@ -193,7 +175,7 @@ class SFRon(Optimizer):
 
     @current_phase.setter
     def current_phase(self, phase: str) -> None:
-        _check_phase(phase)
+        _groups.check_phase(phase)
         self._phase = phase
 
     @contextmanager
@@ -222,7 +204,7 @@ class SFRon(Optimizer):
     @torch.no_grad()
     def _step(self, closure=None, phase: str | None = None):
         phase = self._phase if phase is None else phase
-        _check_phase(phase)
+        _groups.check_phase(phase)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -231,7 +213,7 @@ class SFRon(Optimizer):
         self._checked(groups)
         plan, grads = self._plans.get(groups, self._version, self._make_plan)
         F.run_step(plan, grads, groups, forget=phase == "forget", check_finite=self.check_finite,
-                   skipped=self._skipped, loss=loss.detach() if torch.is_tensor(loss) else None)
+                   skipped=self._skipped.counter, loss=loss.detach() if torch.is_tensor(loss) else None)
         return loss
 
     _observed_step = Optimizer.profile_hook_step(_step)
@@ -245,16 +227,14 @@ class SFRon(Optimizer):
         except Exception:
             groups.undo()  # a refused step leaves no state behind
             raise
-        if plan.devices and (self._skipped is None or self._skipped.device != plan.devices[0]):
-            total = self.skipped_steps
-            self._skipped = torch.zeros((), dtype=torch.float64, device=plan.devices[0])
-            self._skipped_base = total
+        if plan.devices:
+            self._skipped.on(plan.devices[0])
         return plan
 
     @property
     def skipped_steps(self) -> int:
         """How many steps were skipped (a non-finite direction or tensor hyperparameter); reading it synchronises."""
-        return self._skipped_base + (0 if self._skipped is None else int(self._skipped))
+        return self._skipped.total
 
     # ------------------------------------------------------------------ slow weights
     def slow_weights(self) -> list:
@@ -269,33 +249,20 @@ class SFRon(Optimizer):
 
     # ------------------------------------------------------------------ saliency
     def accumulate_fisher(self, which: str, scale: float = 1.0, grad_scaler=None) -> bool:
-        """``F_which += scale * grad^2`` (float32) for every parameter with a gradient; call after a backward.
-
-        Squares of scaled gradients would carry the scale squared: with a
-        ``torch.amp.GradScaler`` pass it as ``grad_scaler`` and the gradients are
-        unscaled first, and a batch whose gradients overflowed is left out (call
-        ``grad_scaler.update()`` after each batch). Returns whether the batch was added.
-        """
+        """``F_which += scale * grad^2`` for every parameter with a gradient, after a backward; ``False`` if a
+        ``grad_scaler``'s batch overflowed and was left out (:func:`sfron_ops.fisher.accumulate_into`)."""
         return fisher.accumulate_into(self, which, scale, grad_scaler, impl=self._impl_for)
 
     def fisher(self, which: str) -> list:
         """The accumulated Fisher diagonals aligned with the parameters (``None`` where none)."""
-        key = fisher.fisher_key(which)
-        return [self.state[p].get(key) if p in self.state else None for p in self._params()]
+        return fisher.diagonals(self.state, self._params(), which)
 
     @torch.no_grad()
     def compute_mask(self, gamma: float = 1.0, density: float | None = None) -> tuple[int, int]:
-        """Set every parameter's mask from the accumulated Fisher; return ``(kept, total)``.
-
-        ``m = [(F_f + eps) / (F_r + eps) >= gamma]``; with ``density`` exactly the
-        ``ceil(density * N)`` largest ratios over all parameters are kept (ties at the
-        cut-off broken by position). A parameter that never had a gradient has Fisher 0.
-        """
+        """Set every parameter's mask from the accumulated Fisher, ``m = [(F_f + eps) / (F_r + eps) >= gamma]``
+        or the ``density`` share of largest ratios (:func:`sfron_ops.fisher.mask_from`); return ``(kept, total)``."""
         params = self._params()
-        forget = [fisher.stored(self.state.get(p, {}), p, "forget") for p in params]
-        remain = [fisher.stored(self.state.get(p, {}), p, "remain") for p in params]
-        # under FSDP2 the Fisher diagonals are DTensors and each rank computes its shards
-        result = _mask.saliency_mask(forget, remain, gamma=gamma, density=density, impl=self._impl_for)
+        result = fisher.mask_from(self.state, params, gamma, density, impl=self._impl_for)
         packing.store_all(self.state, [(p, None, m) for p, m in zip(params, result.masks)], self.mask_format)
         return result.kept, result.total
 
