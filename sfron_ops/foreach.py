@@ -4,8 +4,7 @@ Same signatures and semantics as :mod:`sfron_ops.reference`. A call reads each
 list as one contiguous float32 tensor, does the reference's arithmetic on those,
 operation for operation, and writes each mutated list back. So a call costs the
 same handful of ops whatever the number of tensors, with no Python loop over
-tensors (packed masks aside: their padding bits are dropped tensor by tensor) and
-no host read of a device value: a skipped step (non-finite flag set) is a
+tensors and no host read of a device value: a skipped step (non-finite flag set) is a
 ``torch.where`` between the old and the new flat values, and step counters
 advance by ``1 - flag``.
 
@@ -30,6 +29,7 @@ reference's per-tensor sums to float32 rounding.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import weakref
 
@@ -37,7 +37,7 @@ import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from . import _ops
-from .reference import clip_and_skip, decay_factor, lerp, scalar, sync_due, unpack_mask
+from .reference import clip_and_skip, decay_factor, lerp, scalar, sync_due
 
 
 def _flat32(tensors) -> torch.Tensor:
@@ -103,7 +103,13 @@ class _Layout:
     def __init__(self, like):
         self.flat = torch.empty(sum(t.numel() for t in like), dtype=torch.float32, device=like[0].device)
         self.views = _unflatten_dense_tensors(self.flat, like)
-        self.numels = torch.tensor([t.numel() for t in like], dtype=torch.int64).to(self.flat.device)
+        numels = [t.numel() for t in like]
+        self.numels = torch.tensor(numels, dtype=torch.int64).to(self.flat.device)
+        # where each tensor's first element sits in its packed mask's bits over the whole list, less its position
+        starts = [0] + list(itertools.accumulate(numels))[:-1]
+        first_bytes = [0] + list(itertools.accumulate((n + 7) // 8 for n in numels))[:-1]
+        self.bit_shifts = torch.tensor([8 * b - e for b, e in zip(first_bytes, starts)],
+                                       dtype=torch.int64).to(self.flat.device)
 
     @classmethod
     def of(cls, like) -> "_Layout":
@@ -155,8 +161,14 @@ def _flat_masks(masks, like, packed: bool) -> torch.Tensor:
     """The masks' factors as a flat float32 buffer aligned with ``like``'s elements."""
     if not packed:
         return _read(masks)
-    # each tensor's last byte holds padding bits: unpacked tensor by tensor
-    return _flat32([unpack_mask(m, t) for m, t in zip(masks, like)])
+    layout = _Layout.of(like)
+    data = _Blocks.of(masks)
+    data = _flatten_dense_tensors(masks) if data is None else data
+    bits = ((data.reshape(-1, 1) >> torch.arange(8, dtype=torch.uint8, device=data.device)) & 1).reshape(-1)
+    # each tensor's bits start on a byte, after the padding bits of the one before: element e of tensor i sits
+    # at bit e + (8 * its first byte - its first element)
+    index = torch.arange(layout.flat.numel(), device=data.device) + _per_element(layout.bit_shifts, layout)
+    return bits[index].to(torch.float32)
 
 
 def _masked(grads, masks, packed: bool, like) -> torch.Tensor:
