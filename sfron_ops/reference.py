@@ -60,10 +60,11 @@ def decay_factor(lr, weight_decay: float):
 
 
 def clip_and_skip(norm_state, scale: float, max_norm: float, device, scale_tensor=None):
-    """The direction coefficient ``scale * c`` and the skip flag, both on the device.
+    """The direction coefficient ``scale * c`` and the skip flag (``None`` without a norm state).
 
     c = min(1, max_norm / (sqrt(norm_state[0]) + 1e-6)) when ``max_norm > 0``,
-    as ``torch.nn.utils.clip_grad_norm_`` computes it.
+    as ``torch.nn.utils.clip_grad_norm_`` computes it. The coefficient is a tensor on the
+    device with a clip or a ``scale_tensor``, and the number ``scale`` otherwise.
     """
     if norm_state is None or not max_norm > 0:
         # a number stays a number: multiplying float32 by it or by its float32 tensor rounds alike
