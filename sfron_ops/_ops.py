@@ -82,9 +82,10 @@ OP_NAMES = {stem: schema.split("(", 1)[0] for stem, schema in SCHEMAS.items()}
 #: saliency ratio guard, as in the official code
 RATIO_EPS = 1e-15
 
-_lib = torch.library.Library(NAMESPACE, "DEF")
+#: the library that defines the ops (reference.py registers their default kernels on it)
+LIBRARY = torch.library.Library(NAMESPACE, "DEF")
 for _schema in SCHEMAS.values():
-    _lib.define(_schema)
+    LIBRARY.define(_schema)
 
 
 def qualname(stem: str) -> str:
@@ -320,4 +321,4 @@ def validate(stem: str, *args, **kwargs) -> None:
 # Fake kernels: the ops return nothing and only mutate, so checking is all
 # torch.compile needs to trace them.
 for _stem, _check in CHECKS.items():
-    torch.library.register_fake(qualname(_stem), _check, lib=_lib)
+    torch.library.register_fake(qualname(_stem), _check, lib=LIBRARY)

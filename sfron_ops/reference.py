@@ -231,4 +231,4 @@ def slow_sync_(slow_params, params, *, alpha, reset_fast, norm_state=None, count
 
 # the default kernel of every op; compiled kernels override it per device
 for _name in _ops.OP_NAMES.values():
-    _ops._lib.impl(_name, globals()[_name], "CompositeExplicitAutograd")
+    _ops.LIBRARY.impl(_name, globals()[_name], "CompositeExplicitAutograd")
