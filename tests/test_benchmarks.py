@@ -205,3 +205,19 @@ def test_resume_keeps_finished_groups_and_measures_the_rest(tmp_path):
     assert {r["op"] for r in second["rows"]} == {"fisher", "slow_sync_1"}
     assert len(second["runs"]) == 2
     assert "Collected over 2 runs" in (tmp_path / "cpu-smoke.md").read_text()
+
+
+def test_diffusion_time_smoke_run_and_the_cifar_denoisers_size(tmp_path):
+    pytest.importorskip("diffusers")
+    from benchmarks import diffusion_time
+
+    cifar = diffusion_time.CIFAR
+    net = diffusion_time.denoiser(cifar["image_shape"], cifar["channels"], cifar["attention"])
+    assert sum(p.numel() for p in net.parameters()) == 35_751_939  # DDPM's CIFAR-10 denoiser, 35.7 M
+    rows = diffusion_time.main(["--smoke", "--device", "cpu", "--out", str(tmp_path)])
+    assert set(rows) == {"SFR-on", "SalUn"}
+    for r in rows.values():
+        assert set(r["seconds"]) == {1, 2} and all(t > 0 for t in r["seconds"].values())
+        assert r["paper_s"] is None or r["paper_s"] > r["preparation_s"]
+    assert "| SalUn | 1,000 |" in (tmp_path / "cpu-diffusion-time-smoke.md").read_text()
+
