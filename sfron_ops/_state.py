@@ -217,6 +217,11 @@ def _cut(block: torch.Tensor, shapes: list) -> list:
     return [piece.view(shape) for piece, shape in zip(block.split(numels), shapes)]
 
 
+def _copied(values: list) -> list:
+    """Copies of ``values`` cut, in order, from one new block (they share a device and a dtype)."""
+    return _cut(torch.cat([v.detach().reshape(-1) for v in values]), [v.shape for v in values])
+
+
 def _allocate(key: str, params: list) -> list:
     """New state entries ``key`` for ``params``: a float32 0-dim counter (``"step"``), a copy of the parameter
     (``"slow_param"``, Note [slow snapshot]: slow weights start as the parameters at their first step) or zeros.
@@ -232,7 +237,7 @@ def _allocate(key: str, params: list) -> list:
         if key == "step":
             pieces = _cut(torch.zeros(len(like), dtype=torch.float32, device=like[0].device), [()] * len(like))
         elif key == "slow_param":
-            pieces = _cut(torch.cat([p.detach().reshape(-1) for p in like]), [p.shape for p in like])
+            pieces = _copied(like)
         else:
             block = torch.zeros(sum(p.numel() for p in like), dtype=like[0].dtype, device=like[0].device)
             pieces = _cut(block, [p.shape for p in like])
@@ -251,15 +256,14 @@ def into_blocks(state: OptimizerState, param_groups) -> None:
     """Copy each group's state entries into blocks, as :func:`make_missing` allocates them (loaded state
     comes tensor by tensor)."""
     for group in param_groups:
-        for key in ("step", "momentum_buffer", "exp_avg", "exp_avg_sq", "slow_param"):
+        for key in ("step", *BASE_KEYS["sgd"], *BASE_KEYS["adamw"], "slow_param"):
             params = [p for p in group["params"] if _plain(p) and key in state.get(p, {})]
             for where in _by_device_and_dtype(params):
                 owners = [params[i] for i in where]
                 values = [state[p][key] for p in owners]
                 if all(_plain(v) and v.device == p.device and v.dtype == values[0].dtype
                        for v, p in zip(values, owners)):
-                    block = torch.cat([v.detach().reshape(-1) for v in values])
-                    for p, piece in zip(owners, _cut(block, [v.shape for v in values])):
+                    for p, piece in zip(owners, _copied(values)):
                         state[p][key] = piece
 
 

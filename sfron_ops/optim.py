@@ -88,7 +88,6 @@ class SFRon(Optimizer):
                  weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, forget_alpha=1.0, max_grad_norm=None,
                  remain_max_grad_norm=None, slow_alpha=1.0, sync_period=1, reset_fast=True, check_finite=True,
                  impl=None, mask_format="dense"):
-        _impl.validate_impl(impl)
         _groups.check_options(mask_format, check_finite, packing.FORMATS)
         defaults = dict(lr=lr, base=base, momentum=momentum, dampening=dampening, nesterov=nesterov,
                         weight_decay=weight_decay, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
