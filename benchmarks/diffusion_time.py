@@ -62,23 +62,29 @@ def denoiser(image_shape, channels, attention: int, num_classes: int = 10) -> Di
     return DiffusersDenoiser(net, num_classes)
 
 
-def data(config: dict, device, seed: int = 0) -> tuple[TensorLoader, TensorLoader]:
-    """Random images in [-1, 1]: class 0 to forget, classes 1-9 to keep."""
+def data(config: dict, device, seed: int = 0) -> tuple:
+    """Random images in [-1, 1] on ``device``: ``(xf, yf, xr, yr)``, class 0 to forget, classes 1-9 to keep."""
     g = torch.Generator().manual_seed(seed)
     shape = config["image_shape"]
     xf = (torch.rand(config["forget"], *shape, generator=g) * 2 - 1).to(device)
     xr = (torch.rand(config["remain"], *shape, generator=g) * 2 - 1).to(device)
     yf = torch.zeros(config["forget"], dtype=torch.long, device=device)
     yr = (torch.arange(config["remain"]) % 9 + 1).to(device)
-    return (TensorLoader(xf, yf, config["batch"], shuffle=True, seed=seed, drop_last=True),
-            TensorLoader(xr, yr, config["batch"], shuffle=True, seed=seed + 1, drop_last=True))
+    return xf, yf, xr, yr
 
 
-def time_run(label: str, iterations: int, config: dict, device) -> float:
+def loaders(tensors: tuple, batch: int, seed: int = 0) -> tuple[TensorLoader, TensorLoader]:
+    """Fresh forget and remain loaders over ``data``'s tensors: every run sees the same batches."""
+    xf, yf, xr, yr = tensors
+    return (TensorLoader(xf, yf, batch, shuffle=True, seed=seed, drop_last=True),
+            TensorLoader(xr, yr, batch, shuffle=True, seed=seed + 1, drop_last=True))
+
+
+def time_run(label: str, iterations: int, config: dict, tensors: tuple, device) -> float:
     """Seconds of one run (preparation and loop, as the runner times them), on a fresh model."""
     torch.manual_seed(0)
     model = denoiser(config["image_shape"], config["channels"], config["attention"]).to(device)
-    forget, remain = data(config, device)
+    forget, remain = loaders(tensors, config["batch"])
     spec = dict(SPECS[label], iterations=iterations)
     name = spec.pop("method")
     result = run(name, model, forget, remain, loss_fn=EpsLoss(10), device=device, seed=0, progress=False,
@@ -86,26 +92,26 @@ def time_run(label: str, iterations: int, config: dict, device) -> float:
     return result.seconds
 
 
-def warm_up(config: dict, device) -> None:
+def warm_up(config: dict, tensors: tuple, device) -> None:
     """One untimed forward and backward pass, so that the first timed run does not pay for the device's
     start (context, libraries' handles, kernel choice)."""
     model = denoiser(config["image_shape"], config["channels"], config["attention"]).to(device)
-    forget, _ = data(config, device)
-    x, y = next(iter(forget))
+    x, y = next(iter(loaders(tensors, config["batch"])[0]))
     EpsLoss(10)(model, x, y).mean().backward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def measure(device, methods, iterations: dict, config: dict, echo=print) -> dict:
-    warm_up(config, device)
+    tensors = data(config, device)
+    warm_up(config, tensors, device)
     rows = {}
     for label in methods:
         low, high = iterations[label]
         seconds = {}
         for n in (low, high):
             start = time.perf_counter()
-            seconds[n] = time_run(label, n, config, device)
+            seconds[n] = time_run(label, n, config, tensors, device)
             echo(f"{label}: {n} iterations in {seconds[n]:.2f} s (run {time.perf_counter() - start:.1f} s in all)")
         per_iteration = (seconds[high] - seconds[low]) / (high - low)
         paper = PAPER_ITERATIONS[label]
